@@ -1,0 +1,45 @@
+"""LoRA for any PyTorch model in one call, through ``torch.nn.utils.parametrize``.
+
+Example:
+    >>> model = add_lora(model, ["fc1", "fc2"], rank=4)   # base frozen, adapters trainable
+    >>> with lora_disabled(model):                         # exactly the pretrained model
+    ...     base_out = model(x)
+    >>> save_lora(model, "adapter.pt"); merge_lora(model)
+"""
+
+from .errors import LoRAError
+from .factored import FACTORED_KINDS
+from .inject import add_lora, find_targets
+from .io import load_base_state_dict, load_lora, lora_state_dict, save_lora
+from .merge import merge_lora, remove_lora
+from .parametrization import LoRAParametrization
+from .registry import active_adapters, adapter_parameters, iter_lora, list_adapters
+from .summary import ParameterCounts, parameter_counts, trainable_summary
+from .toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FACTORED_KINDS",
+    "LoRAError",
+    "LoRAParametrization",
+    "ParameterCounts",
+    "active_adapters",
+    "adapter_parameters",
+    "add_lora",
+    "disable_lora",
+    "enable_lora",
+    "find_targets",
+    "iter_lora",
+    "list_adapters",
+    "load_base_state_dict",
+    "load_lora",
+    "lora_disabled",
+    "lora_state_dict",
+    "merge_lora",
+    "parameter_counts",
+    "remove_lora",
+    "save_lora",
+    "set_active_adapters",
+    "trainable_summary",
+]

@@ -1,0 +1,111 @@
+"""The factored forward: ``base(x) + scale * B(A(dropout(x)))`` without materializing ``W + sBA``.
+
+With ``mode="factored"``, ``add_lora`` sets the forward below on the (private, generated) class
+of Linear, Conv, Embedding and Hugging Face Conv1D layers. The weight stays parametrized, so
+code that reads ``layer.weight`` directly (``nn.MultiheadAttention``'s ``out_proj``, fused
+transformer fast paths) still sees ``W + sBA``. Under ``torch.no_grad()`` the forward uses the
+weight the parametrization caches, which makes evaluation cost what the merged model costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .classes import own_class
+from .parametrization import LoRAParametrization
+
+__all__ = ["FACTORED_KINDS", "install_factored_forward", "remove_factored_forward"]
+
+BaseOp = Callable[[nn.Module, Tensor, Tensor], Tensor]
+BranchOp = Callable[[nn.Module, Tensor, LoRAParametrization, Tensor], Tensor]
+
+
+def _linear_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+    return F.linear(x, w, m.bias)
+
+
+def _linear_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
+    return y.add(F.linear(F.linear(p.dropout(x), p.lora_A), p.lora_B), alpha=p.scale)
+
+
+def _conv_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+    return m._conv_forward(x, w, m.bias)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
+    groups, rank = m.groups, p.rank
+    lora_a = p.lora_A.view(rank, *p.weight_shape[1:])
+    if groups > 1:
+        lora_a = lora_a.repeat(groups, *([1] * (lora_a.dim() - 1)))
+    z = m._conv_forward(p.dropout(x), lora_a, None)
+    lora_b = p.lora_B.view(p.fan_out, rank, *([1] * (lora_a.dim() - 2)))
+    return y.add(_CONV[lora_a.dim() - 2](z, lora_b, None, 1, 0, 1, groups), alpha=p.scale)
+
+
+def _embedding_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+    return F.embedding(
+        x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse
+    )
+
+
+def _embedding_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
+    rows = F.embedding(x, p.lora_B, m.padding_idx)
+    return y.add(rows @ p.lora_A, alpha=p.scale)
+
+
+def _conv1d_hf_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+    return torch.addmm(m.bias, x.reshape(-1, x.shape[-1]), w).view(x.shape[:-1] + (m.nf,))
+
+
+_OPS: dict[str, tuple[BaseOp, BranchOp]] = {
+    "linear": (_linear_base, _linear_branch),
+    "conv": (_conv_base, _conv_branch),
+    "embedding": (_embedding_base, _embedding_branch),
+    "conv1d_hf": (_conv1d_hf_base, _linear_branch),
+}
+FACTORED_KINDS = frozenset(_OPS)
+
+
+def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
+    base, branch = _OPS[self._lora_kind]
+    plist = self.parametrizations["weight"]
+    for p in plist:
+        if not isinstance(p, LoRAParametrization):
+            return base(self, x, self.weight)
+    if self._lora_kind == "embedding" and self.max_norm is not None:
+        return base(self, x, self.weight)
+    weight = plist.original
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        for p in plist:
+            weight = p.forward(weight)
+        return base(self, x, weight)
+    y = base(self, x, weight)
+    for p in plist:
+        if p.enabled:
+            y = branch(self, x, p, y)
+    return y
+
+
+def install_factored_forward(module: nn.Module, kind: str) -> None:
+    """Make a parametrized layer compute its adapters in factored form."""
+    own_class(module)
+    cls = type(module)
+    cls.forward = _factored_forward
+    cls._lora_kind = kind
+
+
+def remove_factored_forward(module: nn.Module) -> None:
+    """Give a layer (still parametrized by something else) its own forward back."""
+    cls = type(module)
+    if "_lora_kind" in cls.__dict__:
+        own_class(module)
+        cls = type(module)
+        del cls.forward
+        del cls._lora_kind

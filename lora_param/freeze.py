@@ -1,0 +1,73 @@
+"""Freezing: only adapter weights, plus what the caller names, stay trainable."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import LoRAError
+from .layers import base_tensor
+from .matching import Targets, as_patterns, is_literal, matches, nearest
+from .registry import iter_lora
+
+__all__ = ["Bias", "freeze_base", "trainable_modules"]
+
+Bias = Literal["none", "all", "lora_only"]
+
+
+def trainable_modules(model: nn.Module, trainable: Targets) -> list[nn.Module]:
+    """Modules matching ``trainable`` patterns; a string pattern that matches nothing is an error."""
+    patterns = as_patterns(trainable, "trainable")
+    named = [(n, m) for n, m in model.named_modules() if n and ".parametrizations" not in f".{n}"]
+    found: dict[int, nn.Module] = {}
+    for pattern in patterns:
+        hits = [m for n, m in named if matches(pattern, n, m)]
+        if not hits and isinstance(pattern, str):
+            names = [n for n, _ in named]
+            hint = nearest(pattern, names)
+            raise LoRAError(
+                f"trainable pattern {pattern!r} matches no module"
+                + (f"; did you mean {hint}?" if hint else "")
+                + ("" if not is_literal(pattern) else " (patterns match full module names)")
+            )
+        found.update((id(m), m) for m in hits)
+    return list(found.values())
+
+
+def _bias(module: nn.Module) -> nn.Parameter | None:
+    if "bias" in module._parameters and module._parameters["bias"] is not None:
+        return module._parameters["bias"]
+    if parametrize.is_parametrized(module, "bias"):
+        bias = base_tensor(module, "bias")
+        return bias if isinstance(bias, nn.Parameter) else None
+    return None
+
+
+def freeze_base(model: nn.Module, keep: list[nn.Module], bias: Bias) -> None:
+    """Freeze every parameter except adapters (which follow ``enabled``), ``keep`` and biases.
+
+    Args:
+        model: The model with adapters.
+        keep: Modules whose parameters stay trainable (a classifier head).
+        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted layers).
+    """
+    lora = {id(t) for *_, p in iter_lora(model) for t in (p.lora_A, p.lora_B)}
+    for param in model.parameters():
+        if id(param) not in lora:
+            param.requires_grad_(False)
+    for module in keep:
+        for param in module.parameters():
+            if id(param) not in lora:
+                param.requires_grad_(True)
+    if bias == "all":
+        modules = list(model.modules())
+    elif bias == "lora_only":
+        modules = list({id(m): m for _, m, _, _ in iter_lora(model)}.values())
+    else:
+        modules = []
+    for module in modules:
+        b = _bias(module)
+        if b is not None:
+            b.requires_grad_(True)

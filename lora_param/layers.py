@@ -1,0 +1,154 @@
+"""Which tensors of which layers can carry LoRA, and how they are seen as matrices."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .errors import LoRAError
+from .parametrization import LayerKind
+
+__all__ = [
+    "AdaptTarget",
+    "SUPPORTED_LAYERS",
+    "base_tensor",
+    "is_hf_conv1d",
+    "layer_kind",
+    "module_targets",
+    "parameter_target",
+    "tensor_names",
+]
+
+SUPPORTED_LAYERS = (
+    "nn.Linear (and subclasses), nn.Conv1d/2d/3d (groups included), nn.Embedding, "
+    "nn.MultiheadAttention (its in-projection weights), Hugging Face Conv1D"
+)
+
+
+@dataclass(frozen=True)
+class AdaptTarget:
+    """One tensor that will carry an adapter, with its matrix view.
+
+    Attributes:
+        path: Qualified tensor name, ``"<module path>.<parameter name>"``.
+        module_name: Qualified name of the module owning the tensor.
+        module: That module.
+        param_name: Name of the tensor inside the module (``"weight"``, ``"in_proj_weight"``).
+        kind: Layer kind, which decides the factored forward.
+        fan_in: Columns of the matrix view.
+        fan_out: Rows of the matrix view.
+        fan_in_fan_out: The tensor is stored transposed, ``(fan_in, fan_out)``.
+        shape: Shape of the tensor.
+    """
+
+    path: str
+    module_name: str
+    module: nn.Module
+    param_name: str
+    kind: LayerKind
+    fan_in: int
+    fan_out: int
+    fan_in_fan_out: bool
+    shape: tuple[int, ...]
+
+
+def join(prefix: str, name: str) -> str:
+    """Join a module path and a child name the way ``named_modules`` does."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's ``Conv1D`` (weight stored (in, out)), without importing transformers."""
+    cls = parametrize.type_before_parametrizations(module)
+    return cls.__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The kind of a layer whose ``weight`` LoRA adapts, or None for other modules."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if is_hf_conv1d(module):
+        return "conv1d_hf"
+    return None
+
+
+def tensor_names(module: nn.Module) -> list[str]:
+    """Names of the module's own parameters, parametrized ones included."""
+    names = [n for n, p in module._parameters.items() if p is not None]
+    if parametrize.is_parametrized(module):
+        names += [n for n in module.parametrizations.keys() if n not in names]
+    return names
+
+
+def base_tensor(module: nn.Module, name: str) -> Tensor:
+    """The tensor under ``name`` before any parametrization (``original`` if parametrized)."""
+    if parametrize.is_parametrized(module, name):
+        plist = module.parametrizations[name]
+        if plist.is_tensor:
+            return plist.original
+        with torch.no_grad():
+            return getattr(module, name)
+    return getattr(module, name)
+
+
+def _check_tensor(path: str, tensor: Tensor | None) -> None:
+    if tensor is None:
+        raise LoRAError(f"'{path}' is None; there is no weight to adapt.")
+    if isinstance(tensor, nn.parameter.UninitializedParameter):
+        raise LoRAError(
+            f"'{path}' is not initialized yet (a lazy module); run one forward pass first."
+        )
+    if not tensor.is_floating_point():
+        raise LoRAError(
+            f"'{path}' has dtype {tensor.dtype}; LoRA needs a floating-point tensor."
+        )
+    if tensor.dim() < 2:
+        raise LoRAError(
+            f"'{path}' is {tensor.dim()}-D with shape {tuple(tensor.shape)}; LoRA needs a tensor "
+            "with at least 2 dimensions (a matrix over its first dimension). "
+            "Mark 1-D parameters such as biases or norms trainable instead (trainable=, bias=)."
+        )
+
+
+def _make(
+    module_name: str, module: nn.Module, name: str, kind: LayerKind, fan_in_fan_out: bool = False
+) -> AdaptTarget:
+    path = join(module_name, name)
+    tensor = base_tensor(module, name)
+    _check_tensor(path, tensor)
+    shape = tuple(tensor.shape)
+    if fan_in_fan_out:
+        fan_in, fan_out = shape[0], math.prod(shape[1:])
+    else:
+        fan_out, fan_in = shape[0], math.prod(shape[1:])
+    return AdaptTarget(path, module_name, module, name, kind, fan_in, fan_out, fan_in_fan_out, shape)
+
+
+def module_targets(module_name: str, module: nn.Module) -> list[AdaptTarget] | None:
+    """The tensors LoRA adapts in a layer, or None when the layer type is not supported."""
+    kind = layer_kind(module)
+    if kind is not None:
+        return [_make(module_name, module, "weight", kind, fan_in_fan_out=kind == "conv1d_hf")]
+    if isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            names = ["in_proj_weight"]
+        else:
+            names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        return [_make(module_name, module, n, "param") for n in names]
+    return None
+
+
+def parameter_target(module_name: str, module: nn.Module, name: str) -> AdaptTarget:
+    """A tensor named explicitly: a supported layer's weight keeps its kind, others are matrices."""
+    kind = layer_kind(module) if name == "weight" else None
+    if kind is not None:
+        return _make(module_name, module, name, kind, fan_in_fan_out=kind == "conv1d_hf")
+    return _make(module_name, module, name, "param")

@@ -1,0 +1,150 @@
+"""Merging adapters into the weights, and removing them; other parametrizations stay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .classes import own_class
+from .errors import LoRAError
+from .factored import remove_factored_forward
+from .parametrization import LoRAParametrization
+from .registry import check_adapters_exist, iter_lora
+
+__all__ = ["drop_adapters", "merge_lora", "remove_lora"]
+
+
+def _has_lora(module: nn.Module, tensor_name: str = "weight") -> bool:
+    return parametrize.is_parametrized(module, tensor_name) and any(
+        isinstance(p, LoRAParametrization) for p in module.parametrizations[tensor_name]
+    )
+
+
+def drop_adapters(
+    module: nn.Module, tensor_name: str, doomed: Callable[[LoRAParametrization], bool]
+) -> Tensor | None:
+    """Remove the LoRA entries ``doomed`` selects from one tensor's parametrizations.
+
+    Returns:
+        The tensor's ``original`` when the whole parametrization was removed (it is the
+        module's parameter again, the very object it was before ``add_lora``), else None.
+    """
+    plist = module.parametrizations[tensor_name]
+    drop = [i for i, p in enumerate(plist) if isinstance(p, LoRAParametrization) and doomed(p)]
+    if not drop:
+        return None
+    own_class(module)
+    restored = None
+    if len(drop) == len(plist):
+        restored = plist.original
+        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+    else:
+        for i in reversed(drop):
+            del plist[i]
+    if not _has_lora(module):
+        remove_factored_forward(module)
+    return restored
+
+
+def _tensors_with_lora(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    seen: dict[tuple[int, str], tuple[nn.Module, str, str]] = {}
+    for path, module, name, _ in iter_lora(model):
+        seen.setdefault((id(module), name), (module, name, path))
+    return list(seen.values())
+
+
+def _chain(entries: list[nn.Module], x: Tensor | tuple[Tensor, ...]) -> Tensor:
+    for p in entries:
+        x = p(*x) if isinstance(x, tuple) else p(x)
+    return x  # type: ignore[return-value]
+
+
+def _merged_originals(module: nn.Module, name: str, path: str) -> Tensor | list[Tensor]:
+    """New value(s) for ``original`` such that the chain without LoRA gives the LoRA-on weight."""
+    plist = module.parametrizations[name]
+    entries = list(plist)
+    last = max(i for i, p in enumerate(entries) if isinstance(p, LoRAParametrization))
+    originals = (
+        plist.original
+        if plist.is_tensor
+        else tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+    )
+    with torch.no_grad():
+        target = _chain(entries[: last + 1], originals)
+        prefix = [p for p in entries[: last + 1] if not isinstance(p, LoRAParametrization)]
+        value: Tensor | tuple[Tensor, ...] = target
+        for p in reversed(prefix):
+            if not hasattr(p, "right_inverse"):
+                raise LoRAError(
+                    f"cannot merge LoRA into '{path}': the parametrization "
+                    f"{type(p).__name__} before it has no right_inverse to absorb the update. "
+                    "Use remove_lora, or remove that parametrization first."
+                )
+            value = p.right_inverse(value)
+        value = tuple(value) if isinstance(value, (list, tuple)) else value
+        check = _chain(prefix, value)
+        if check.shape != target.shape or not torch.allclose(check, target, rtol=1e-4, atol=1e-5):
+            raise LoRAError(
+                f"cannot merge LoRA into '{path}': the parametrizations "
+                f"{[type(p).__name__ for p in prefix]} cannot represent the merged weight "
+                "(their right_inverse does not invert them). Use remove_lora instead."
+            )
+    return value if isinstance(value, Tensor) else list(value)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Bake the enabled adapters into the weights and drop every adapter.
+
+    The result is a plain model (state_dict keys such as ``fc.weight``) whose outputs equal
+    the LoRA-enabled ones to float tolerance. The merged weight is a new parameter: the
+    pretrained tensor is not modified in place. Other parametrizations (weight_norm, a
+    user's own) stay; LoRA is folded into their inputs through their ``right_inverse``.
+    Everything is computed and checked before anything changes.
+
+    Args:
+        model: A model with adapters.
+
+    Returns:
+        The same model object, merged.
+    """
+    plans = []
+    for module, name, path in _tensors_with_lora(model):
+        plist = module.parametrizations[name]
+        if all(isinstance(p, LoRAParametrization) for p in plist):
+            with torch.no_grad():
+                plans.append((module, name, plist(), plist.original.requires_grad))
+        else:
+            plans.append((module, name, _merged_originals(module, name, path), None))
+    for module, name, value, requires_grad in plans:
+        if requires_grad is not None:
+            drop_adapters(module, name, lambda p: True)
+            setattr(module, name, nn.Parameter(value.detach(), requires_grad=requires_grad))
+            continue
+        plist = module.parametrizations[name]
+        values = [value] if isinstance(value, Tensor) else value
+        slots = ["original"] if plist.is_tensor else [f"original{i}" for i in range(len(values))]
+        for slot, v in zip(slots, values):
+            old = getattr(plist, slot)
+            setattr(plist, slot, nn.Parameter(v.detach().clone(), requires_grad=old.requires_grad))
+        drop_adapters(module, name, lambda p: True)
+    return model
+
+
+def remove_lora(model: nn.Module, adapter: str | None = None) -> nn.Module:
+    """Drop adapters (all, or one by name) and give back the original weights bit-for-bit.
+
+    Args:
+        model: A model with adapters.
+        adapter: The adapter to remove; None removes every adapter.
+
+    Returns:
+        The same model object.
+    """
+    if adapter is not None:
+        check_adapters_exist(model, [adapter])
+    for module, name, _ in _tensors_with_lora(model):
+        drop_adapters(module, name, lambda p: adapter is None or p.adapter == adapter)
+    return model

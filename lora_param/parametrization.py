@@ -1,0 +1,153 @@
+"""`LoRAParametrization`: the module registered on a weight by torch.nn.utils.parametrize."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LoRAParametrization", "LayerKind", "Init"]
+
+LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param"]
+Init = Literal["kaiming", "gaussian"]
+
+
+class LoRAParametrization(nn.Module):
+    """Adds a low-rank update ``scale * B @ A`` to the weight it is registered on.
+
+    The weight is seen as a matrix ``(fan_out, fan_in)`` over its first dimension (a conv
+    weight ``(out, in/groups, *k)`` becomes ``(out, in/groups * prod(k))``); with
+    ``fan_in_fan_out`` it is stored transposed, ``(fan_in, fan_out)``, as Hugging Face's
+    ``Conv1D`` does. ``B`` starts at zero, so registering it leaves the model unchanged.
+
+    Under ``torch.no_grad()`` the result is cached and reused until the input weight, ``A``,
+    ``B``, ``scale`` or ``enabled`` change (tensor version counters are checked), so
+    evaluation with LoRA on costs what the merged model costs.
+
+    Args:
+        fan_in: Columns of the weight matrix (``A`` is ``(rank, fan_in)``).
+        fan_out: Rows of the weight matrix (``B`` is ``(fan_out, rank)``).
+        weight_shape: Shape of the weight the update is reshaped to.
+        rank: Rank of the update.
+        alpha: Scaling numerator; ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
+        adapter: Name of the adapter this update belongs to.
+        kind: Layer kind the weight belongs to (decides the factored forward, if any).
+        dropout: Dropout probability on the layer input (factored path) or on the input
+            features of ``A`` (materialized path).
+        init: ``"kaiming"`` (uniform, as loralib/PEFT) or ``"gaussian"`` (A ~ N(0, 1), as the
+            well-known tutorial) for ``A``.
+        use_rslora: Use ``alpha / sqrt(rank)`` as the scale.
+        fan_in_fan_out: The weight is stored ``(fan_in, fan_out)``.
+        device: Device of ``A`` and ``B`` (the weight's).
+        dtype: Dtype of ``A`` and ``B`` (the weight's).
+    """
+
+    def __init__(
+        self,
+        fan_in: int,
+        fan_out: int,
+        weight_shape: tuple[int, ...],
+        *,
+        rank: int = 4,
+        alpha: float | None = None,
+        adapter: str = "default",
+        kind: LayerKind = "param",
+        dropout: float = 0.0,
+        init: Init = "kaiming",
+        use_rslora: bool = False,
+        fan_in_fan_out: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"rank must be positive, got {rank}")
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+        alpha = float(rank if alpha is None else alpha)
+        self.fan_in, self.fan_out, self.rank, self.alpha = fan_in, fan_out, rank, alpha
+        self.weight_shape = tuple(weight_shape)
+        self.adapter, self.kind, self.init = adapter, kind, init
+        self.use_rslora, self.fan_in_fan_out = use_rslora, fan_in_fan_out
+        self.dropout_p = float(dropout)
+        self.scale = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.lora_A = nn.Parameter(torch.empty(rank, fan_in, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(fan_out, rank, device=device, dtype=dtype))
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._enabled = True
+        self._cache: tuple[Tensor, tuple, Tensor] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw ``A`` anew with the chosen init and set ``B`` to zero (the update becomes zero)."""
+        with torch.no_grad():
+            if self.init == "gaussian":
+                nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_B.zero_()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the update is applied; a disabled adapter is also frozen (no gradient)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        self.lora_A.requires_grad_(self._enabled)
+        self.lora_B.requires_grad_(self._enabled)
+        self._cache = None
+
+    def delta(self) -> Tensor:
+        """The update ``scale * B @ A`` in the weight's own layout and shape."""
+        zero = self.lora_B.new_zeros((self.fan_out, self.fan_in))
+        return self._add_update(zero.t() if self.fan_in_fan_out else zero)
+
+    def _add_update(self, weight: Tensor) -> Tensor:
+        lora_a = self.lora_A
+        if self.dropout_p > 0 and self.training:
+            lora_a = lora_a * self.dropout(torch.ones_like(lora_a[:1]))
+        if self.fan_in_fan_out:
+            return torch.addmm(weight, lora_a.t(), self.lora_B.t(), alpha=self.scale)
+        matrix = weight.reshape(self.fan_out, self.fan_in)
+        return torch.addmm(matrix, self.lora_B, lora_a, alpha=self.scale).view(weight.shape)
+
+    def _cache_key(self, weight: Tensor) -> tuple:
+        return (
+            weight._version,
+            weight.data_ptr(),
+            self.lora_A._version,
+            self.lora_B._version,
+            self.lora_A.data_ptr(),
+            self.lora_B.data_ptr(),
+            self.scale,
+        )
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """Return ``weight + scale * B @ A`` (or ``weight`` itself when disabled)."""
+        if not self._enabled:
+            return weight
+        if (
+            torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or (self.training and self.dropout_p > 0)
+        ):
+            self._cache = None
+            return self._add_update(weight)
+        key = self._cache_key(weight)
+        cache = self._cache
+        if cache is not None and cache[0] is weight and cache[1] == key:
+            return cache[2]
+        out = self._add_update(weight)
+        self._cache = (weight, key, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"adapter={self.adapter!r}, kind={self.kind}, fan_in={self.fan_in}, "
+            f"fan_out={self.fan_out}, rank={self.rank}, alpha={self.alpha:g}, "
+            f"scale={self.scale:g}, enabled={self._enabled}"
+        )

@@ -1,0 +1,669 @@
+"""Interchange with Hugging Face PEFT: write and read PEFT's LoRA adapter folders.
+
+A PEFT LoRA adapter is a folder with two files:
+
+* ``adapter_config.json``: ``peft_type: "LORA"``, the default rank ``r`` and ``lora_alpha``,
+  ``target_modules``, per-layer ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``,
+  ``fan_in_fan_out`` ... (a subset of ``peft.LoraConfig``'s fields);
+* ``adapter_model.safetensors``: one pair of tensors per adapted layer, keyed
+  ``base_model.model.<module path>.lora_A.weight`` / ``...lora_B.weight`` (the adapter name is
+  not part of the key).
+
+The layouts per layer type, as PEFT stores them (``r`` is the rank, ``s`` the scale):
+
+=====================  ===============================  ================================
+layer                  ``lora_A``                       ``lora_B``
+=====================  ===============================  ================================
+``nn.Linear``          ``.lora_A.weight`` (r, in)       ``.lora_B.weight`` (out, r)
+HF ``Conv1D``          ``.lora_A.weight`` (r, in)       ``.lora_B.weight`` (out, r)
+``nn.Conv{1,2,3}d``    ``.lora_A.weight`` (r, in, *k)   ``.lora_B.weight`` (out, r, 1..)
+``nn.Embedding``       ``.lora_embedding_A`` (r, num)   ``.lora_embedding_B`` (dim, r)
+2-D ``nn.Parameter``   ``.lora_A.weight`` (r, in)       ``.lora_B.weight`` (out, r)
+=====================  ===============================  ================================
+
+(HF ``Conv1D`` stores its weight ``(in, out)``; PEFT marks it with ``fan_in_fan_out`` and keeps
+``A``/``B`` in the ``nn.Linear`` orientation, which is also lora_param's. A 2-D parameter, such as
+``nn.MultiheadAttention.in_proj_weight``, goes through PEFT's ``target_parameters``; the key is
+the owning module's path.) ``lora_param`` keeps the same ``A``/``B`` for every type except the
+embedding, whose factors PEFT stores transposed and swapped.
+
+Neither function needs ``peft`` itself; both need ``safetensors`` (``pip install
+"lora_param[peft]"``), which is imported only when called.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LoRAError
+from .registry import iter_lora, list_adapters
+
+__all__ = ["export_peft", "import_peft"]
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+_EXTRA_HINT = 'pip install "lora_param[peft]"'
+
+# LoraConfig fields that change what a LoRA adapter computes and that import_peft cannot honour
+# when they are set to anything but these values.
+_UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "use_dora": False,
+    "lora_bias": False,
+    "use_qalora": False,
+    "modules_to_save": None,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+    "alora_invocation_tokens": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+}
+_FIELD_HINT = {
+    "use_dora": "DoRA adapters carry a magnitude vector lora_param does not model",
+    "lora_bias": "a bias on lora_B is not part of lora_param's adapters",
+    "modules_to_save": "fully fine-tuned modules are not LoRA; load them with load_base_state_dict",
+    "trainable_token_indices": "trainable tokens are not LoRA",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "PEFT interchange needs the 'safetensors' package; install it with "
+            f"`{_EXTRA_HINT}` (or `pip install safetensors`)."
+        ) from exc
+    return st
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under torch.compile's and DistributedDataParallel's wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in (
+            "DataParallel",
+            "DistributedDataParallel",
+        ):
+            model = model.module
+            continue
+        return model
+
+
+def _plain_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _module_names(model: nn.Module) -> list[str]:
+    """Module names as a fresh copy of the base model has them (no parametrization modules)."""
+    names = []
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        if "parametrizations" in parts:
+            continue
+        names.append(name)
+    return names
+
+
+def _peft_pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
+    """Which rank_pattern / alpha_pattern entry PEFT picks for a module (peft.utils.other.get_pattern_key)."""
+    for pattern in patterns:
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", key):
+                return pattern
+        except re.error:
+            continue
+    return None
+
+
+def _peft_targets(target_modules: list[str] | str | None, key: str) -> bool:
+    """Whether PEFT's target_modules selects the module ``key`` (tuners_utils.check_target_module_exists)."""
+    if not target_modules:
+        return False
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, key) is not None
+    return key in target_modules or any(key.endswith(f".{t}") for t in target_modules)
+
+
+def _exact_regex(paths: list[str]) -> str:
+    return "(?:" + "|".join(re.escape(p) for p in paths) + ")"
+
+
+def _glob_escape(name: str) -> str:
+    """An fnmatch pattern matching exactly ``name``."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def _peft_tensors(
+    module_path: str, module: nn.Module, tensor_name: str, p: Any
+) -> tuple[str, dict[str, Tensor]]:
+    """PEFT keys and tensors for one adapted tensor, and the target kind ('module'|'param')."""
+    kind = p.kind
+    a, b = p.lora_A.detach(), p.lora_B.detach()
+    where = f"'{module_path}.{tensor_name}'" if module_path else f"'{tensor_name}'"
+    if not module_path:
+        raise LoRAError(
+            f"{where} belongs to the model's root module; PEFT can only adapt submodules. "
+            "Wrap the layer in a container (e.g. nn.Sequential(layer)) before add_lora."
+        )
+    pre = PREFIX + module_path
+    if kind in ("linear", "conv1d_hf", "conv", "embedding") and tensor_name != "weight":
+        kind = "param"
+    if kind in ("linear", "conv1d_hf"):
+        return "module", {f"{pre}.lora_A.weight": a, f"{pre}.lora_B.weight": b}
+    if kind == "conv":
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise LoRAError(f"{where}: PEFT adapts only nn.Conv1d/2d/3d, not {type(module).__name__}.")
+        if module.groups != 1:
+            raise LoRAError(
+                f"{where} is a grouped convolution (groups={module.groups}); PEFT's LoRA for grouped "
+                "convolutions has a different structure, so this adapter cannot be exported. "
+                "Exclude grouped/depthwise convolutions (exclude=... or layer_types=...) to export."
+            )
+        if any(d != 1 for d in module.dilation):
+            raise LoRAError(
+                f"{where} has dilation={tuple(module.dilation)}; PEFT's LoRA convolution ignores "
+                "dilation and would compute something else. Exclude this layer to export."
+            )
+        pads = module.padding if isinstance(module.padding, tuple) else (module.padding,)
+        if module.padding_mode != "zeros" and pads not in ((0,) * len(pads), ("valid",)):
+            raise LoRAError(
+                f"{where} uses padding_mode={module.padding_mode!r}; PEFT's LoRA convolution pads "
+                "with zeros and would compute something else. Exclude this layer to export."
+            )
+        shape = tuple(p.weight_shape)
+        a4 = a.reshape(p.rank, *shape[1:])
+        b4 = b.reshape(p.fan_out, p.rank, *([1] * (len(shape) - 2)))
+        return "module", {f"{pre}.lora_A.weight": a4, f"{pre}.lora_B.weight": b4}
+    if kind == "embedding":
+        # PEFT: delta = (B_peft @ A_peft).T with A_peft (r, num), B_peft (dim, r);
+        # lora_param: delta = B @ A with B (num, r), A (r, dim).
+        return "module", {f"{pre}.lora_embedding_A": b.t(), f"{pre}.lora_embedding_B": a.t()}
+    # a parameter adapted by name: PEFT's target_parameters (ParamWrapper), 2-D only
+    if len(p.weight_shape) != 2 or p.fan_in_fan_out:
+        raise LoRAError(
+            f"{where} has shape {tuple(p.weight_shape)}; PEFT adapts parameters given by name "
+            "(target_parameters) only as 2-D (out, in) matrices (3-D ones are read as experts)."
+        )
+    if getattr(p, "dropout_p", 0.0):
+        raise LoRAError(
+            f"{where}: PEFT refuses lora_dropout on parameters given by name (target_parameters); "
+            "add the adapter with dropout=0 to export it."
+        )
+    return "param", {f"{pre}.lora_A.weight": a, f"{pre}.lora_B.weight": b}
+
+
+def _build_export(
+    model: nn.Module, adapter: str | None, base_model_name_or_path: str | None, task_type: str | None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    model = _unwrap(model)
+    names = list_adapters(model)
+    if not names:
+        raise LoRAError("the model has no LoRA adapter to export (call add_lora first).")
+    if adapter is None:
+        if len(names) > 1:
+            raise LoRAError(
+                f"the model has several adapters {names}; pass adapter=<name> to choose the one to export "
+                "(a PEFT folder holds one adapter)."
+            )
+        adapter = names[0]
+    elif adapter not in names:
+        raise LoRAError(f"no adapter named {adapter!r} in this model; it has {names}.")
+
+    entries = []  # (module path, target kind, parametrization, tensor path)
+    tensors: dict[str, Tensor] = {}
+    owners: dict[str, str] = {}
+    for tensor_path, module, tensor_name, p in iter_lora(model):
+        if p.adapter != adapter:
+            continue
+        module_path = tensor_path[: -len(tensor_name)].rstrip(".")
+        target_kind, pair = _peft_tensors(module_path, module, tensor_name, p)
+        if module_path in owners:
+            raise LoRAError(
+                f"adapter {adapter!r} adapts both '{owners[module_path]}' and '{tensor_path}' of module "
+                f"'{module_path}'; PEFT keys adapters by module, so only one adapted tensor per module "
+                "can be exported."
+            )
+        owners[module_path] = tensor_path
+        entries.append((module_path, target_kind, p, tensor_path))
+        for key, t in pair.items():
+            tensors[key] = t.to("cpu").contiguous().clone()
+
+    # The model's MultiheadAttention never calls out_proj.forward, so PEFT's (forward-replacing)
+    # LoRA on out_proj would be silently ignored by PEFT: refuse rather than write a file that
+    # PEFT would read as something else.
+    mha_out = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    ignored = [path for path, kind, _, _ in entries if kind == "module" and path in mha_out]
+    if ignored:
+        raise LoRAError(
+            f"adapter {adapter!r} adapts {ignored}, the out_proj of nn.MultiheadAttention. lora_param "
+            "applies it (the parametrized weight is what attention reads) but PEFT wraps out_proj's "
+            "forward, which MultiheadAttention never calls, so PEFT would silently drop it. Add the "
+            "adapter without out_proj (exclude='*.out_proj') to export it."
+        )
+
+    ps = [p for _, _, p, _ in entries]
+    rslora_values = {bool(p.use_rslora) for p in ps}
+    use_rslora = rslora_values == {True}
+    if len(rslora_values) == 1:
+        alphas = [float(p.alpha) for p in ps]
+    else:  # mixed: express every layer's scale as alpha / r
+        alphas = [float(p.scale) * p.rank for p in ps]
+    ranks = [int(p.rank) for p in ps]
+    default_r = Counter(ranks).most_common(1)[0][0]
+    default_alpha = Counter(alphas).most_common(1)[0][0]
+
+    module_paths = [path for path, kind, _, _ in entries if kind == "module"]
+    param_paths = [f"{path}.{t.rsplit('.', 1)[1]}" for path, kind, _, t in entries if kind == "param"]
+    all_paths = [path for path, *_ in entries]
+
+    # rank_pattern / alpha_pattern: plain module paths where PEFT resolves them unambiguously,
+    # anchored exact regexes otherwise.
+    def patterns(values: list, default) -> dict[str, Any]:
+        plain = {path: _plain_number(v) for path, v in zip(all_paths, values) if v != default}
+        exact = {f"^{re.escape(k)}": v for k, v in plain.items()}
+        for candidate in (plain, exact):
+            ok = all(
+                candidate.get(_peft_pattern_key(candidate, path), default) == v
+                for path, v in zip(all_paths, values)
+            )
+            if ok:
+                return candidate
+        raise LoRAError("internal error: could not express per-layer ranks/alphas for PEFT")  # pragma: no cover
+
+    rank_pattern = patterns(ranks, default_r)
+    alpha_pattern = patterns(alphas, default_alpha)
+
+    base_names = _module_names(model)
+    target_modules: list[str] | str | None = sorted(module_paths) if module_paths else None
+    if module_paths:
+        wanted = set(module_paths)
+        if {n for n in base_names if _peft_targets(target_modules, n)} != wanted:
+            target_modules = _exact_regex(sorted(module_paths))
+    target_parameters = sorted(param_paths) if param_paths else None
+    if target_parameters:
+        base_params = [
+            f"{n}.{pn}" if n else pn
+            for n, m in model.named_modules()
+            if "parametrizations" not in n.split(".")
+            for pn in _own_tensor_names(m)
+        ]
+        chosen = {k for k in base_params if k in target_parameters or any(k.endswith(f".{t}") for t in target_parameters)}
+        if chosen != set(param_paths):
+            raise LoRAError(
+                f"PEFT's target_parameters matches by name suffix and would also adapt {sorted(chosen - set(param_paths))}; "
+                "this adapter cannot be expressed in PEFT's format."
+            )
+        if target_modules is None:
+            target_modules = []
+
+    conv1d_hf = [p.kind == "conv1d_hf" for p in ps]
+    dropouts = [float(getattr(p, "dropout_p", 0.0)) for p in ps]
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": default_r,
+        "lora_alpha": _plain_number(default_alpha),
+        "lora_dropout": Counter(dropouts).most_common(1)[0][0],
+        "target_modules": target_modules,
+        "fan_in_fan_out": bool(conv1d_hf) and all(conv1d_hf),
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_dora": False,
+    }
+    if target_parameters:
+        config["target_parameters"] = target_parameters
+    return config, tensors
+
+
+def _own_tensor_names(module: nn.Module) -> list[str]:
+    names = [n for n, p in module._parameters.items() if p is not None]
+    if hasattr(module, "parametrizations"):
+        names += [n for n in module.parametrizations.keys() if n not in names]
+    return names
+
+
+def _default_name_or_path(model: nn.Module) -> str | None:
+    cfg = getattr(_unwrap(model), "config", None)
+    name = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def export_peft(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    adapter: str | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write one adapter as a PEFT LoRA folder that ``peft.PeftModel.from_pretrained`` loads.
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``save_directory``
+    (created if needed; each file is replaced atomically). Per-layer ranks and alphas go into
+    ``rank_pattern`` / ``alpha_pattern``; ``use_rslora`` is kept (a mix of rsLoRA and plain layers is
+    written as the equivalent ``alpha`` per layer); HF ``Conv1D`` layers set ``fan_in_fan_out``.
+
+    Args:
+        model: A model with adapters (a ``torch.compile`` or DDP wrapper is looked through).
+        save_directory: Folder to write.
+        adapter: Which adapter to write; may be omitted when the model has only one.
+        base_model_name_or_path: Stored in the config for PEFT (defaults to a Hugging Face
+            model's ``config.name_or_path``, else None).
+        task_type: PEFT task type to store, e.g. ``"CAUSAL_LM"`` (default None: a plain
+            ``PeftModel``).
+
+    Returns:
+        The folder, as a Path.
+
+    Raises:
+        LoRAError: the adapter has a layer PEFT cannot represent the same way (grouped or
+            dilated convolutions, several adapted tensors in one module, the out_proj of an
+            ``nn.MultiheadAttention``, ...); nothing is written.
+        ImportError: safetensors is not installed (``pip install "lora_param[peft]"``).
+    """
+    st = _safetensors()
+    if base_model_name_or_path is None:
+        base_model_name_or_path = _default_name_or_path(model)
+    config, tensors = _build_export(model, adapter, base_model_name_or_path, task_type)
+    out = Path(save_directory)
+    if out.exists() and not out.is_dir():
+        raise LoRAError(f"'{out}' exists and is not a folder; PEFT adapters are folders.")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / SAFETENSORS_NAME, lambda tmp: st.save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    _atomic_write(out / CONFIG_NAME, write_json)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# import
+
+
+def _read_folder(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    if not path.is_dir():
+        raise LoRAError(f"'{path}' is not a folder; a PEFT adapter is a folder with {CONFIG_NAME}.")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise LoRAError(f"'{path}' has no {CONFIG_NAME}; is it a PEFT adapter folder?")
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LoRAError(f"'{cfg_file}' is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise LoRAError(f"'{cfg_file}' does not hold a JSON object.")
+    if (path / SAFETENSORS_NAME).is_file():
+        st = _safetensors()
+        tensors = st.load_file(str(path / SAFETENSORS_NAME), device="cpu")
+    elif (path / BIN_NAME).is_file():
+        tensors = torch.load(path / BIN_NAME, map_location="cpu", weights_only=True)
+    else:
+        raise LoRAError(f"'{path}' has no {SAFETENSORS_NAME} (nor {BIN_NAME}).")
+    return config, tensors
+
+
+def _check_config(config: dict[str, Any], where: Path) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise LoRAError(f"'{where}' holds a PEFT {peft_type!r} adapter; only LORA adapters can be imported.")
+    for field, ok in _UNSUPPORTED_FIELDS.items():
+        value = config.get(field, ok)
+        if value in (ok, None, False, [], {}):
+            continue
+        hint = _FIELD_HINT.get(field, "lora_param does not implement it")
+        raise LoRAError(f"'{where}' sets {field}={value!r}, which import_peft does not support ({hint}).")
+    bias = config.get("bias", "none")
+    if bias not in ("none", None):
+        raise LoRAError(
+            f"'{where}' was trained with bias={bias!r}: its biases are stored with the adapter and "
+            "import_peft reads only the LoRA factors. Load them with load_base_state_dict, or export "
+            "from PEFT with bias='none'."
+        )
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix[1:]
+    return key, ""
+
+
+def import_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter: str = "default",
+    *,
+    freeze: bool = True,
+    mode: str = "factored",
+) -> nn.Module:
+    """Add the LoRA adapter stored in a PEFT folder to ``model`` (the matching base model).
+
+    The adapted layers are read from the tensor keys; each layer's rank from its tensors, its
+    alpha from ``alpha_pattern`` / ``lora_alpha``; ``use_rslora`` and ``lora_dropout`` are kept.
+    Everything is checked (the layers exist, have the right type and shapes) before the model is
+    touched.
+
+    Args:
+        model: The base model the adapter was trained on (without that adapter).
+        directory: A folder written by ``PeftModel.save_pretrained`` or :func:`export_peft`
+            (``adapter_model.safetensors``, or the older ``adapter_model.bin``).
+        adapter: Name to give the adapter in ``model``.
+        freeze: Freeze every base parameter, as ``add_lora`` does.
+        mode: ``"factored"`` or ``"materialized"``, as in ``add_lora``.
+
+    Returns:
+        The model (changed in place).
+
+    Raises:
+        LoRAError: not a LoRA folder, a feature lora_param does not model (DoRA, lora_bias,
+            modules_to_save, trained biases, ...), a layer missing from the model, or shapes that do
+            not match; the model is left unchanged.
+    """
+    from . import add_lora  # late: the package imports this module
+
+    path = Path(directory)
+    config, raw = _read_folder(path)
+    _check_config(config, path)
+    target = _unwrap(model)
+    if adapter in list_adapters(target):
+        raise LoRAError(f"the model already has an adapter named {adapter!r}; pass another adapter=.")
+
+    groups: dict[str, dict[str, Tensor]] = {}
+    unknown = []
+    for key, t in raw.items():
+        stripped = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        module_path, part = _split_key(stripped)
+        if not part:
+            unknown.append(key)
+            continue
+        groups.setdefault(module_path, {})[part] = t
+    if unknown:
+        raise LoRAError(
+            f"'{path}' holds tensors that are not LoRA factors of the supported layer types: "
+            f"{sorted(unknown)[:5]}{' ...' if len(unknown) > 5 else ''}."
+        )
+    if not groups:
+        raise LoRAError(f"'{path}' holds no LoRA tensors.")
+
+    target_params = set(config.get("target_parameters") or [])
+    modules = dict(target.named_modules())
+    r_default = int(config.get("r", 8))
+    alpha_default = float(config.get("lora_alpha", 8))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora", False))
+
+    plan = []  # (tensor path, module path, A (our layout), B (our layout), rank, alpha)
+    for module_path, parts in groups.items():
+        module = modules.get(module_path) if module_path else None
+        if module is None:
+            raise LoRAError(
+                f"'{path}' adapts '{module_path}', which this model does not have; "
+                "is this the base model the adapter was trained on?"
+            )
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        if set(parts) != {a_key, b_key}:
+            raise LoRAError(f"'{path}': layer '{module_path}' has tensors {sorted(parts)}, expected {a_key} and {b_key}.")
+        pa, pb = parts[a_key], parts[b_key]
+        rank = int(pa.shape[0])
+        # which tensor of the module carries the adapter
+        param_names = [
+            t.rsplit(".", 1)[1]
+            for t in target_params
+            if t.rsplit(".", 1)[0] == module_path or module_path.endswith("." + t.rsplit(".", 1)[0])
+        ]
+        param_names = [n for n in param_names if hasattr(module, n)]
+        if embedding:
+            if not isinstance(module, nn.Embedding):
+                raise LoRAError(f"'{path}': '{module_path}' has embedding factors but is a {type(module).__name__}.")
+            tensor_name, expect_a, expect_b = "weight", (rank, module.num_embeddings), (module.embedding_dim, rank)
+            a, b = pb.t(), pa.t()
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
+            type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+        ):
+            if param_names:
+                raise LoRAError(f"'{path}': '{module_path}' is targeted both as a layer and via target_parameters.")
+            tensor_name = "weight"
+            w = _base_weight(module, "weight")
+            if isinstance(module, nn.Linear):
+                out_f, in_f = w.shape
+                expect_a, expect_b = (rank, in_f), (out_f, rank)
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                if module.groups != 1 or any(d != 1 for d in module.dilation):
+                    raise LoRAError(
+                        f"'{path}': '{module_path}' is a grouped or dilated convolution; PEFT's LoRA for it "
+                        "computes something lora_param does not model."
+                    )
+                expect_a = (rank, module.in_channels, *module.kernel_size)
+                expect_b = (module.out_channels, rank, *([1] * len(module.kernel_size)))
+            else:  # HF Conv1D, weight (in, out)
+                in_f, out_f = w.shape
+                expect_a, expect_b = (rank, in_f), (out_f, rank)
+            a, b = pa.reshape(rank, -1), pb.reshape(pb.shape[0], rank)
+        elif len(param_names) == 1:
+            tensor_name = param_names[0]
+            w = _base_weight(module, tensor_name)
+            if w.dim() != 2:
+                raise LoRAError(f"'{path}': '{module_path}.{tensor_name}' is {w.dim()}-D; only 2-D parameters are supported.")
+            expect_a, expect_b = (rank, w.shape[1]), (w.shape[0], rank)
+            a, b = pa, pb
+        else:
+            raise LoRAError(
+                f"'{path}' adapts '{module_path}', a {type(module).__name__}; import_peft supports "
+                "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, HF Conv1D and single 2-D parameters "
+                "(target_parameters)."
+            )
+        if tuple(pa.shape) != tuple(expect_a) or tuple(pb.shape) != tuple(expect_b):
+            raise LoRAError(
+                f"'{path}': '{module_path}' factors have shapes {tuple(pa.shape)} and {tuple(pb.shape)}, "
+                f"expected {tuple(expect_a)} and {tuple(expect_b)} for this model; "
+                "is this the base model the adapter was trained on?"
+            )
+        alpha_key = _peft_pattern_key(alpha_pattern, module_path)
+        alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else alpha_default
+        rank_key = _peft_pattern_key(rank_pattern, module_path)
+        declared = int(rank_pattern[rank_key]) if rank_key is not None else r_default
+        if declared != rank:
+            raise LoRAError(
+                f"'{path}': '{module_path}' has rank {rank} in the tensors but {declared} in the config."
+            )
+        tensor_path = f"{module_path}.{tensor_name}"
+        plan.append((tensor_path, module_path, a, b, rank, alpha))
+
+    wanted = {tp for tp, *_ in plan}
+    by_module = {mp: tp for tp, mp, *_ in plan}
+    targets = [_glob_escape(tp) if tp.rsplit(".", 1)[1] != "weight" else _glob_escape(mp) for tp, mp, *_ in plan]
+    ranks = {t: r for t, (*_, r, _) in zip(targets, plan)}
+    alphas = {t: al for t, (*_, al) in zip(targets, plan)}
+    add_lora(
+        target,
+        targets,
+        rank=ranks,
+        alpha=alphas,
+        adapter=adapter,
+        dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+        use_rslora=use_rslora,
+        freeze=freeze,
+        mode=mode,
+    )
+    loaded = set()
+    factors = {tp: (a, b) for tp, _, a, b, _, _ in plan}
+    with torch.no_grad():
+        for tensor_path, _module, _name, p in iter_lora(target):
+            if p.adapter != adapter or tensor_path not in wanted:
+                continue
+            a, b = factors[tensor_path]
+            p.lora_A.copy_(a.reshape(p.lora_A.shape))
+            p.lora_B.copy_(b.reshape(p.lora_B.shape))
+            loaded.add(tensor_path)
+    missing = wanted - loaded
+    if missing:  # pragma: no cover - add_lora adapts exactly what it was asked to
+        raise LoRAError(f"internal error: no adapter was created on {sorted(missing)} ({by_module}).")
+    return model
+
+
+def _base_weight(module: nn.Module, name: str) -> Tensor:
+    plist = getattr(module, "parametrizations", None)
+    if plist is not None and name in plist:
+        return plist[name].original
+    return getattr(module, name)

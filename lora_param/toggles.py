@@ -1,0 +1,68 @@
+"""Turning adapters on and off, for A/B evaluation and for switching tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from .registry import check_adapters_exist, iter_lora, list_adapters
+
+__all__ = ["disable_lora", "enable_lora", "lora_disabled", "set_active_adapters"]
+
+
+def _select(model: nn.Module, adapter: str | Sequence[str] | None) -> list[str]:
+    if adapter is None:
+        names = list_adapters(model)
+    else:
+        names = [adapter] if isinstance(adapter, str) else list(adapter)
+    check_adapters_exist(model, names)
+    return names
+
+
+def _set(model: nn.Module, adapter: str | Sequence[str] | None, enabled: bool) -> None:
+    names = set(_select(model, adapter))
+    for *_, p in iter_lora(model):
+        if p.adapter in names:
+            p.enabled = enabled
+
+
+def enable_lora(model: nn.Module, adapter: str | Sequence[str] | None = None) -> None:
+    """Apply the named adapters (all by default); an enabled adapter is also trainable."""
+    _set(model, adapter, True)
+
+
+def disable_lora(model: nn.Module, adapter: str | Sequence[str] | None = None) -> None:
+    """Stop applying the named adapters (all by default): outputs equal the base model's.
+
+    A disabled adapter is also frozen, so that it takes no gradient and DDP sees no unused
+    trainable parameter.
+    """
+    _set(model, adapter, False)
+
+
+def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Enable exactly these adapters and disable every other one (W0 + B1A1 -> W0 + B2A2)."""
+    active = set(_select(model, names))
+    for *_, p in iter_lora(model):
+        p.enabled = p.adapter in active
+
+
+@contextmanager
+def lora_disabled(
+    model: nn.Module, adapter: str | Sequence[str] | None = None
+) -> Iterator[nn.Module]:
+    """Disable adapters inside a ``with`` block, then restore each layer's previous state.
+
+    Nested blocks and exceptions restore exactly what each layer had, not "all enabled".
+    """
+    names = set(_select(model, adapter))
+    saved = [(p, p.enabled) for *_, p in iter_lora(model) if p.adapter in names]
+    try:
+        for p, _ in saved:
+            p.enabled = False
+        yield model
+    finally:
+        for p, state in saved:
+            p.enabled = state
