@@ -75,20 +75,21 @@ FACTORED_KINDS = frozenset(_OPS)
 
 def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
     base, branch = _OPS[self._lora_kind]
-    plist = self.parametrizations["weight"]
-    for p in plist:
-        if not isinstance(p, LoRAParametrization):
+    plist = self._modules["parametrizations"]._modules["weight"]
+    entries = plist._modules.values()
+    for p in entries:
+        if type(p) is not LoRAParametrization:
             return base(self, x, self.weight)
     if self._lora_kind == "embedding" and self.max_norm is not None:
         return base(self, x, self.weight)
-    weight = plist.original
+    weight = plist._parameters["original"]
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        for p in plist:
+        for p in entries:
             weight = p.forward(weight)
         return base(self, x, weight)
     y = base(self, x, weight)
-    for p in plist:
-        if p.enabled:
+    for p in entries:
+        if p._enabled:
             y = branch(self, x, p, y)
     return y
 

@@ -50,10 +50,16 @@ def _tensor_paths(modules: list[tuple[str, nn.Module]]) -> dict[str, tuple[str, 
 
 def _unsupported(name: str, module: nn.Module) -> LoRAError:
     cls = parametrize.type_before_parametrizations(module).__name__
+    if next(module.children(), None) is not None:
+        hint = f"To adapt the layers inside it, use the glob '{join(name, '*')}'."
+    else:
+        hint = (
+            "To adapt one of its parameters as a matrix, name it explicitly, e.g. "
+            f"'{join(name, 'weight')}'."
+        )
     return LoRAError(
-        f"'{name}' is a {cls}, which LoRA does not support as a layer. Supported: "
-        f"{SUPPORTED_LAYERS}. To adapt one of its parameters as a matrix, name it "
-        f"explicitly, e.g. '{join(name, 'weight')}'."
+        f"'{name}' is a {cls}, which LoRA does not support as a layer (supported: "
+        f"{SUPPORTED_LAYERS}). {hint}"
     )
 
 

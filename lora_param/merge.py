@@ -57,8 +57,12 @@ def _tensors_with_lora(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 
 def _chain(entries: list[nn.Module], x: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """Apply parametrizations in order; enabled LoRA entries add their update without dropout."""
     for p in entries:
-        x = p(*x) if isinstance(x, tuple) else p(x)
+        if isinstance(p, LoRAParametrization):
+            x = p.add_update(x) if p.enabled else x  # type: ignore[arg-type]
+        else:
+            x = p(*x) if isinstance(x, tuple) else p(x)
     return x  # type: ignore[return-value]
 
 
@@ -115,7 +119,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
         plist = module.parametrizations[name]
         if all(isinstance(p, LoRAParametrization) for p in plist):
             with torch.no_grad():
-                plans.append((module, name, plist(), plist.original.requires_grad))
+                merged = _chain(list(plist), plist.original)
+            plans.append((module, name, merged, plist.original.requires_grad))
         else:
             plans.append((module, name, _merged_originals(module, name, path), None))
     for module, name, value, requires_grad in plans:

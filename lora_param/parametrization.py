@@ -104,27 +104,22 @@ class LoRAParametrization(nn.Module):
     def delta(self) -> Tensor:
         """The update ``scale * B @ A`` in the weight's own layout and shape."""
         zero = self.lora_B.new_zeros((self.fan_out, self.fan_in))
-        return self._add_update(zero.t() if self.fan_in_fan_out else zero)
+        return self.add_update(zero.t() if self.fan_in_fan_out else zero, dropout=False)
 
-    def _add_update(self, weight: Tensor) -> Tensor:
+    def add_update(self, weight: Tensor, dropout: bool = False) -> Tensor:
+        """``weight + scale * B @ A`` whether enabled or not; ``dropout`` masks A's inputs."""
         lora_a = self.lora_A
-        if self.dropout_p > 0 and self.training:
+        if dropout and self.dropout_p > 0 and self.training:
             lora_a = lora_a * self.dropout(torch.ones_like(lora_a[:1]))
         if self.fan_in_fan_out:
             return torch.addmm(weight, lora_a.t(), self.lora_B.t(), alpha=self.scale)
         matrix = weight.reshape(self.fan_out, self.fan_in)
         return torch.addmm(matrix, self.lora_B, lora_a, alpha=self.scale).view(weight.shape)
 
-    def _cache_key(self, weight: Tensor) -> tuple:
-        return (
-            weight._version,
-            weight.data_ptr(),
-            self.lora_A._version,
-            self.lora_B._version,
-            self.lora_A.data_ptr(),
-            self.lora_B.data_ptr(),
-            self.scale,
-        )
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to() / .half() swap tensor data without bumping version counters: drop the cache.
+        self._cache = None
+        return super()._apply(fn, recurse)
 
     def forward(self, weight: Tensor) -> Tensor:
         """Return ``weight + scale * B @ A`` (or ``weight`` itself when disabled)."""
@@ -136,12 +131,13 @@ class LoRAParametrization(nn.Module):
             or (self.training and self.dropout_p > 0)
         ):
             self._cache = None
-            return self._add_update(weight)
-        key = self._cache_key(weight)
+            return self.add_update(weight, dropout=True)
+        params = self._parameters
+        key = (weight._version, params["lora_A"]._version, params["lora_B"]._version, self.scale)
         cache = self._cache
         if cache is not None and cache[0] is weight and cache[1] == key:
             return cache[2]
-        out = self._add_update(weight)
+        out = self.add_update(weight)
         self._cache = (weight, key, out)
         return out
 

@@ -1,0 +1,102 @@
+"""MNIST loading: torchvision's IDX reader, tensors normalised once, a clear offline error."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+MEAN = 0.1307
+STD = 0.3081
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+class MNISTNotFoundError(FileNotFoundError):
+    """MNIST is not under the data root and could not be downloaded."""
+
+    def __init__(self, root: str | os.PathLike[str], reason: str = "") -> None:
+        raw = Path(root).expanduser().resolve() / "MNIST" / "raw"
+        missing = [name for name in IDX_FILES if not (raw / name).is_file()]
+        message = (
+            f"MNIST not found under {raw} and it could not be downloaded"
+            + (f" ({reason})" if reason else "")
+            + ".\nPut the four uncompressed IDX files there:\n"
+            + "".join(f"  {raw / name}\n" for name in IDX_FILES)
+            + f"(missing: {', '.join(missing) or 'none'}), or rerun with network access "
+            "so that torchvision can download them, or point --data-dir at another root."
+        )
+        super().__init__(message)
+        self.root = Path(root)
+        self.raw_folder = raw
+        self.missing = missing
+
+
+@dataclass
+class MNISTTensors:
+    """MNIST as in-memory tensors: images (N, 784) float32 normalised, labels (N,) int64."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+
+    def to(self, device: torch.device | str) -> "MNISTTensors":
+        """Return a copy with every tensor on `device`."""
+        return MNISTTensors(*(t.to(device) for t in (self.train_images, self.train_labels,
+                                                     self.test_images, self.test_labels)))
+
+
+def normalize(images: Tensor) -> Tensor:
+    """Turn uint8 images (N, 28, 28) into float32 (N, 784), as ToTensor + Normalize(0.1307, 0.3081)."""
+    x = images.reshape(images.shape[0], -1).to(torch.float32).div_(255.0)
+    return x.sub_(MEAN).div_(STD)
+
+
+def load_split(root: str | os.PathLike[str], train: bool, download: bool = True) -> tuple[Tensor, Tensor]:
+    """Load one split through torchvision.datasets.MNIST, without per-image PIL conversion.
+
+    Args:
+        root: Data root; the IDX files live in ``<root>/MNIST/raw/``.
+        train: Training split (60,000 images) or test split (10,000).
+        download: Let torchvision download missing files.
+
+    Returns:
+        (images, labels): float32 (N, 784) normalised, int64 (N,).
+
+    Raises:
+        MNISTNotFoundError: The files are absent and could not be downloaded.
+    """
+    try:
+        from torchvision.datasets import MNIST
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the MNIST pipeline needs torchvision: pip install 'lora_param[mnist]'") from exc
+    try:
+        dataset = MNIST(os.fspath(root), train=train, download=download)
+    except (RuntimeError, OSError) as exc:
+        raw = Path(root) / "MNIST" / "raw"
+        if all((raw / name).is_file() for name in IDX_FILES):
+            raise  # the files are there: a different problem, keep its own message
+        reason = "download disabled" if not download else str(exc).strip().splitlines()[0]
+        raise MNISTNotFoundError(root, reason) from exc
+    return normalize(dataset.data), dataset.targets.to(torch.int64)
+
+
+def load_mnist(root: str | os.PathLike[str] = "./data", download: bool = True) -> MNISTTensors:
+    """Load both MNIST splits as normalised tensors (see `load_split`)."""
+    train_x, train_y = load_split(root, train=True, download=download)
+    test_x, test_y = load_split(root, train=False, download=download)
+    return MNISTTensors(train_x, train_y, test_x, test_y)
+
+
+def digit_subset(images: Tensor, labels: Tensor, digit: int) -> tuple[Tensor, Tensor]:
+    """Keep only the examples of one digit."""
+    mask = labels == digit
+    return images[mask], labels[mask]
