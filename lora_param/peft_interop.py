@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LoRAError
+from .layers import is_hf_conv1d
 from .registry import iter_lora, list_adapters
 
 __all__ = ["export_peft", "import_peft"]
@@ -157,10 +158,6 @@ def _glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def _dtype_name(t: Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
-
-
 # --------------------------------------------------------------------------------------------
 # export
 
@@ -258,6 +255,12 @@ def _build_export(
         owners[module_path] = tensor_path
         entries.append((module_path, target_kind, p, tensor_path))
         for key, t in pair.items():
+            if hasattr(t, "full_tensor"):  # a DTensor: FSDP2 / tensor parallel
+                raise LoRAError(
+                    f"'{tensor_path}' is sharded ({type(t).__name__}); gather the adapter first "
+                    "(every rank: {k: v.full_tensor() for k, v in lora_state_dict(model).items()}), "
+                    "copy it into an unsharded copy of the model on rank 0 and export that."
+                )
             tensors[key] = t.to("cpu").contiguous().clone()
 
     # The model's MultiheadAttention never calls out_proj.forward, so PEFT's (forward-replacing)
@@ -578,9 +581,7 @@ def import_peft(
                 raise LoRAError(f"'{path}': '{module_path}' has embedding factors but is a {type(module).__name__}.")
             tensor_name, expect_a, expect_b = "weight", (rank, module.num_embeddings), (module.embedding_dim, rank)
             a, b = pb.t(), pa.t()
-        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
-            type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-        ):
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_hf_conv1d(module):
             if param_names:
                 raise LoRAError(f"'{path}': '{module_path}' is targeted both as a layer and via target_parameters.")
             tensor_name = "weight"
