@@ -13,7 +13,13 @@ from .inject import add_lora, find_targets
 from .io import load_base_state_dict, load_lora, lora_state_dict, save_lora
 from .merge import merge_lora, remove_lora
 from .parametrization import LoRAParametrization
-from .registry import active_adapters, adapter_parameters, iter_lora, list_adapters
+from .registry import (
+    active_adapters,
+    adapter_parameters,
+    clear_lora_cache,
+    iter_lora,
+    list_adapters,
+)
 from .summary import ParameterCounts, parameter_counts, trainable_summary
 from .toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 
@@ -27,6 +33,7 @@ __all__ = [
     "active_adapters",
     "adapter_parameters",
     "add_lora",
+    "clear_lora_cache",
     "disable_lora",
     "enable_lora",
     "find_targets",

@@ -14,11 +14,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .classes import own_class
 from .parametrization import LoRAParametrization
 
-__all__ = ["FACTORED_KINDS", "install_factored_forward", "remove_factored_forward"]
+__all__ = [
+    "FACTORED_KINDS",
+    "factored_forward_applies",
+    "install_factored_forward",
+    "remove_factored_forward",
+]
 
 BaseOp = Callable[[nn.Module, Tensor, Tensor], Tensor]
 BranchOp = Callable[[nn.Module, Tensor, LoRAParametrization, Tensor], Tensor]
@@ -56,7 +62,7 @@ def _embedding_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
 
 
 def _embedding_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
-    rows = F.embedding(x, p.lora_B, m.padding_idx)
+    rows = F.embedding(x, p.lora_B)
     return y.add(rows @ p.lora_A, alpha=p.scale)
 
 
@@ -77,21 +83,57 @@ def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
     base, branch = _OPS[self._lora_kind]
     plist = self._modules["parametrizations"]._modules["weight"]
     entries = plist._modules.values()
+    cached = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     for p in entries:
         if type(p) is not LoRAParametrization:
             return base(self, x, self.weight)
-    if self._lora_kind == "embedding" and self.max_norm is not None:
-        return base(self, x, self.weight)
+        if p.training and p.dropout_p > 0:
+            cached = False
     weight = plist._parameters["original"]
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if cached:
         for p in entries:
             weight = p.forward(weight)
         return base(self, x, weight)
     y = base(self, x, weight)
     for p in entries:
+        if p._cache is not None:
+            p._cache = None
         if p._enabled:
             y = branch(self, x, p, y)
     return y
+
+
+def _embedding_factorable(module: nn.Module) -> bool:
+    # Padding rows, frequency scaling, renormalization and sparse gradients change how the
+    # weight's gradient is formed; the materialized path keeps them exact.
+    return (
+        module.padding_idx is None
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+        and not module.sparse
+    )
+
+
+def factored_forward_applies(module: nn.Module, kind: str) -> bool:
+    """True when the factored forward computes exactly what the layer's own forward does.
+
+    Subclasses that override ``forward`` (timm's ``Conv2dSame``, quantized layers) keep their
+    own forward and the materialized path.
+    """
+    if kind not in _OPS:
+        return False
+    cls = parametrize.type_before_parametrizations(module)
+    if kind == "conv1d_hf":
+        return True
+    canonical = {
+        "linear": nn.Linear,
+        "embedding": nn.Embedding,
+        "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    }[kind]
+    owners = canonical if isinstance(canonical, tuple) else (canonical,)
+    if not any(cls.forward is owner.forward for owner in owners):
+        return False
+    return kind != "embedding" or _embedding_factorable(module)
 
 
 def install_factored_forward(module: nn.Module, kind: str) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .errors import LoRAError
-from .layers import base_tensor
+from .layers import base_tensor, tensor_names
 from .matching import Targets, as_patterns, is_literal, matches, nearest
 from .registry import iter_lora
 
@@ -36,13 +35,15 @@ def trainable_modules(model: nn.Module, trainable: Targets) -> list[nn.Module]:
     return list(found.values())
 
 
-def _bias(module: nn.Module) -> nn.Parameter | None:
-    if "bias" in module._parameters and module._parameters["bias"] is not None:
-        return module._parameters["bias"]
-    if parametrize.is_parametrized(module, "bias"):
-        bias = base_tensor(module, "bias")
-        return bias if isinstance(bias, nn.Parameter) else None
-    return None
+def _biases(module: nn.Module) -> list[nn.Parameter]:
+    """The module's own bias parameters (``bias``, ``in_proj_bias``, ...), parametrized or not."""
+    found = []
+    for name in tensor_names(module):
+        if "bias" in name:
+            tensor = base_tensor(module, name)
+            if isinstance(tensor, nn.Parameter):
+                found.append(tensor)
+    return found
 
 
 def freeze_base(model: nn.Module, keep: list[nn.Module], bias: Bias) -> None:
@@ -51,7 +52,8 @@ def freeze_base(model: nn.Module, keep: list[nn.Module], bias: Bias) -> None:
     Args:
         model: The model with adapters.
         keep: Modules whose parameters stay trainable (a classifier head).
-        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted layers).
+        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted
+            layers); a bias is a parameter with "bias" in its name (``in_proj_bias`` too).
     """
     lora = {id(t) for *_, p in iter_lora(model) for t in (p.lora_A, p.lora_B)}
     for param in model.parameters():
@@ -68,6 +70,5 @@ def freeze_base(model: nn.Module, keep: list[nn.Module], bias: Bias) -> None:
     else:
         modules = []
     for module in modules:
-        b = _bias(module)
-        if b is not None:
+        for b in _biases(module):
             b.requires_grad_(True)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import LoRAError
-from .factored import FACTORED_KINDS, install_factored_forward
+from .factored import factored_forward_applies, install_factored_forward
 from .freeze import Bias, freeze_base, trainable_modules
 from .classes import own_class
 from .layers import (
@@ -127,6 +127,16 @@ def find_targets(
             f"(supported: {SUPPORTED_LAYERS}). Adaptable layers: {_adaptable(modules)[:20]}"
         )
     excluded = as_patterns(exclude, "exclude")
+    for pattern in excluded:
+        if isinstance(pattern, str) and not any(
+            matches(pattern, n) for n in [*by_name, *tensors]
+        ):
+            hint = nearest(pattern, [n for n in by_name if n] + list(tensors))
+            raise LoRAError(
+                f"exclude pattern {pattern!r} matches no module or parameter"
+                + (f"; nearest names: {hint}" if hint else "")
+                + "."
+            )
     return [
         t
         for t in found.values()
@@ -208,9 +218,15 @@ def inject(
                 **options,
             )
             own_class(target.module)
+            # Parameter order matters (optimizer state is positional): remember it once.
+            target.module.__dict__.setdefault("_lora_param_order", list(target.module._parameters))
             parametrize.register_parametrization(target.module, target.param_name, p)
             done.append(target)
-            if mode == "factored" and target.kind in FACTORED_KINDS and target.param_name == "weight":
+            if (
+                mode == "factored"
+                and target.param_name == "weight"
+                and factored_forward_applies(target.module, target.kind)
+            ):
                 install_factored_forward(target.module, target.kind)
     except BaseException:
         for target in reversed(done):

@@ -16,7 +16,8 @@ from torch.nn.utils import parametrize
 from .errors import LoRAError
 from .freeze import freeze_base
 from .inject import Mode, inject
-from .layers import join, parameter_target, tensor_names
+from .merge import remove_lora
+from .layers import base_tensor, join, parameter_target, tensor_names
 from .registry import check_adapters_exist, iter_lora, list_adapters
 
 __all__ = [
@@ -104,34 +105,117 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     return path
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> Path:
+def _trainable_extras(model: nn.Module) -> dict[str, Tensor]:
+    """Trainable parameters that are not adapters (a head, biases), by their plain names."""
+    lora = {id(t) for *_, p in iter_lora(model) for t in (p.lora_A, p.lora_B)}
+    return {
+        name: tensor
+        for name, tensor in _plain_parameters(model).items()
+        if tensor.requires_grad and id(tensor) not in lora
+    }
+
+
+def _plain_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters by the names they have without parametrize (``fc.weight``, not ``...original``)."""
+    out: dict[str, Tensor] = {}
+    for module_name, module in model.named_modules():
+        if ".parametrizations" in f".{module_name}":
+            continue
+        for name in tensor_names(module):
+            tensor = base_tensor(module, name)
+            if isinstance(tensor, nn.Parameter):
+                out.setdefault(join(module_name, name), tensor)
+    return out
+
+
+def save_lora(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter: str | None = None,
+    *,
+    include_trainable: bool = True,
+) -> Path:
     """Save adapters (all, or one) with their config to one file, atomically.
 
     The file holds only tensors, strings and numbers, and is read back with
     ``torch.load(weights_only=True)``: loading a stranger's file runs no code.
 
+    Args:
+        model: A model with adapters.
+        path: Where to write.
+        adapter: Save only this adapter; None saves all of them.
+        include_trainable: Also save the other trainable parameters (a head made trainable
+            with ``trainable=``, biases from ``bias=``), so that ``load_lora`` restores them.
+
     Returns:
         The path written.
     """
+    extras = _trainable_extras(model) if include_trainable else {}
     payload = {
         "format": FORMAT,
         "config": json.dumps({"adapters": adapter_config(model, adapter)}),
         "tensors": {k: v.contiguous().cpu() for k, v in lora_state_dict(model, adapter).items()},
+        "trainable": {k: v.detach().contiguous().cpu() for k, v in extras.items()},
     }
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Read and check a file written by :func:`save_lora`; return (adapters config, tensors)."""
+_LAYER_FIELDS: dict[str, Any] = {
+    "kind": str,
+    "shape": list,
+    "fan_in": int,
+    "fan_out": int,
+    "fan_in_fan_out": bool,
+    "rank": int,
+    "alpha": (int, float),
+    "use_rslora": bool,
+    "dropout": (int, float),
+    "init": str,
+}
+
+
+def _check_config(adapters: Any, path: str) -> None:
+    """Check a file's config field by field, so a forged file fails with a clear message."""
+
+    def bad(what: str) -> LoRAError:
+        return LoRAError(f"adapter file {path!r} has a damaged config: {what}.")
+
+    if not isinstance(adapters, dict) or not adapters:
+        raise bad("no adapters")
+    for name, spec in adapters.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("layers"), dict) or not spec["layers"]:
+            raise bad(f"adapter {name!r} lists no layers")
+        for tpath, layer in spec["layers"].items():
+            if not isinstance(layer, dict):
+                raise bad(f"layer {tpath!r} of {name!r} is not a mapping")
+            for field, kind in _LAYER_FIELDS.items():
+                value = layer.get(field)
+                if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                    raise bad(f"layer {tpath!r} of {name!r} has {field}={value!r}")
+            if min(layer["fan_in"], layer["fan_out"], layer["rank"]) <= 0 or layer["alpha"] <= 0:
+                raise bad(f"layer {tpath!r} of {name!r} has non-positive sizes")
+            if not 0 <= layer["dropout"] < 1 or layer["init"] not in ("kaiming", "gaussian"):
+                raise bad(f"layer {tpath!r} of {name!r} has dropout/init out of range")
+
+
+def read_lora_file(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+    """Read and check a file written by :func:`save_lora`.
+
+    Returns:
+        The adapters' config, the adapter tensors, and the other trainable tensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise LoRAError(f"adapter file {str(path)!r} does not exist.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged files
+        detail = (str(e).strip().splitlines() or ["empty or unreadable file"])[0][:200]
         raise LoRAError(
             f"cannot read adapter file {str(path)!r}: it is corrupt, truncated, or not a "
-            f"lora_param adapter file ({type(e).__name__}: {str(e).splitlines()[0][:200]})."
+            f"lora_param adapter file ({type(e).__name__}: {detail})."
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise LoRAError(
@@ -141,9 +225,13 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, T
     try:
         adapters = json.loads(payload["config"])["adapters"]
         tensors = dict(payload["tensors"])
+        extras = dict(payload.get("trainable", {}))
     except (KeyError, TypeError, ValueError) as e:
-        raise LoRAError(f"adapter file {str(path)!r} has a damaged config: {e}.") from None
-    return adapters, tensors
+        raise LoRAError(f"adapter file {str(path)!r} has a damaged config: {e!r}.") from None
+    _check_config(adapters, str(path))
+    if not all(isinstance(t, Tensor) for t in [*tensors.values(), *extras.values()]):
+        raise LoRAError(f"adapter file {str(path)!r} holds something other than tensors.")
+    return adapters, tensors, extras
 
 
 def _check_file_against_model(
@@ -192,7 +280,15 @@ def load_lora(
     Returns:
         The model.
     """
-    adapters, tensors = read_lora_file(path)
+    adapters, tensors, extras = read_lora_file(path)
+    targets = _plain_parameters(model)
+    for name, value in extras.items():
+        if name not in targets or tuple(targets[name].shape) != tuple(value.shape):
+            have = tuple(targets[name].shape) if name in targets else "nothing"
+            raise LoRAError(
+                f"adapter file {str(path)!r} holds trainable tensor {name!r} of shape "
+                f"{tuple(value.shape)}, but the model has {have} there."
+            )
     if adapter is not None:
         if adapter not in adapters:
             raise LoRAError(f"adapter file {str(path)!r} has no adapter {adapter!r}; it has {list(adapters)}.")
@@ -220,9 +316,16 @@ def load_lora(
                         f"{p.fan_out}x{p.fan_in} in the model, but rank {layer['rank']} and "
                         f"{layer['fan_out']}x{layer['fan_in']} in {str(path)!r}."
                     )
-    for name, plan in plans.items():
-        if plan:
-            inject(model, plan, adapter=name, mode=mode)
+    injected: list[str] = []
+    try:
+        for name, plan in plans.items():
+            if plan:
+                inject(model, plan, adapter=name, mode=mode)
+                injected.append(name)
+    except BaseException:
+        for name in injected:
+            remove_lora(model, name)
+        raise
     loaded = {(p.adapter, tpath): p for tpath, _, _, p in iter_lora(model)}
     with torch.no_grad():
         for name, spec in adapters.items():
@@ -231,8 +334,12 @@ def load_lora(
                 p.lora_A.copy_(tensors[f"{name}.{tpath}.lora_A"])
                 p.lora_B.copy_(tensors[f"{name}.{tpath}.lora_B"])
                 p.enabled = layer.get("enabled", True)
+        for name, value in extras.items():
+            targets[name].copy_(value)
     if freeze:
         freeze_base(model, [], "none")
+        for name in extras:
+            targets[name].requires_grad_(True)
     return model
 
 

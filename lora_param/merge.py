@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -40,13 +41,25 @@ def drop_adapters(
     restored = None
     if len(drop) == len(plist):
         restored = plist.original
+        order = module.__dict__.get("_lora_param_order")
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        if order is not None:
+            _restore_order(module, order)
     else:
         for i in reversed(drop):
             del plist[i]
     if not _has_lora(module):
         remove_factored_forward(module)
     return restored
+
+
+def _restore_order(module: nn.Module, order: list[str]) -> None:
+    """Put parameters back in their original order (optimizer state is positional)."""
+    params = module._parameters
+    keys = [k for k in order if k in params] + [k for k in params if k not in order]
+    items = [(k, params[k]) for k in keys]
+    params.clear()
+    params.update(items)
 
 
 def _tensors_with_lora(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
@@ -66,37 +79,51 @@ def _chain(entries: list[nn.Module], x: Tensor | tuple[Tensor, ...]) -> Tensor:
     return x  # type: ignore[return-value]
 
 
-def _merged_originals(module: nn.Module, name: str, path: str) -> Tensor | list[Tensor]:
-    """New value(s) for ``original`` such that the chain without LoRA gives the LoRA-on weight."""
+def _plan_merge_through(module: nn.Module, name: str, path: str) -> tuple[list, dict]:
+    """Plan a merge where other parametrizations precede LoRA on the tensor.
+
+    Works on copies of those parametrizations (their ``right_inverse`` and power iterations
+    may change their state), so a refusal leaves the model untouched.
+
+    Returns:
+        New values for the originals, and the planned copies by position in the list.
+    """
     plist = module.parametrizations[name]
     entries = list(plist)
     last = max(i for i, p in enumerate(entries) if isinstance(p, LoRAParametrization))
     originals = (
-        plist.original
+        (plist.original,)
         if plist.is_tensor
         else tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
     )
+    planned = {
+        i: copy.deepcopy(p)
+        for i, p in enumerate(entries[: last + 1])
+        if not isinstance(p, LoRAParametrization)
+    }
+    chain = [planned.get(i, p) for i, p in enumerate(entries[: last + 1])]
+    prefix = [planned[i] for i in sorted(planned)]
+    names = [type(p).__name__ for p in prefix]
     with torch.no_grad():
-        target = _chain(entries[: last + 1], originals)
-        prefix = [p for p in entries[: last + 1] if not isinstance(p, LoRAParametrization)]
+        target = _chain(chain, originals if len(originals) > 1 else originals[0])
         value: Tensor | tuple[Tensor, ...] = target
-        for p in reversed(prefix):
-            if not hasattr(p, "right_inverse"):
-                raise LoRAError(
-                    f"cannot merge LoRA into '{path}': the parametrization "
-                    f"{type(p).__name__} before it has no right_inverse to absorb the update. "
-                    "Use remove_lora, or remove that parametrization first."
-                )
-            value = p.right_inverse(value)
-        value = tuple(value) if isinstance(value, (list, tuple)) else value
-        check = _chain(prefix, value)
+        try:
+            for p in reversed(prefix):
+                value = p.right_inverse(value)
+        except (AttributeError, NotImplementedError):
+            raise LoRAError(
+                f"cannot merge LoRA into '{path}': the parametrizations {names} before it have "
+                "no right_inverse to absorb the update. Use remove_lora, or remove them first."
+            ) from None
+        values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        check = _chain(prefix, values if len(values) > 1 else values[0])
         if check.shape != target.shape or not torch.allclose(check, target, rtol=1e-4, atol=1e-5):
             raise LoRAError(
-                f"cannot merge LoRA into '{path}': the parametrizations "
-                f"{[type(p).__name__ for p in prefix]} cannot represent the merged weight "
-                "(their right_inverse does not invert them). Use remove_lora instead."
+                f"cannot merge LoRA into '{path}': the parametrizations {names} cannot "
+                "represent the merged weight (their right_inverse does not invert them). "
+                "Use remove_lora instead."
             )
-    return value if isinstance(value, Tensor) else list(value)
+    return list(values), planned
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -122,14 +149,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 merged = _chain(list(plist), plist.original)
             plans.append((module, name, merged, plist.original.requires_grad))
         else:
-            plans.append((module, name, _merged_originals(module, name, path), None))
+            plans.append((module, name, _plan_merge_through(module, name, path), None))
     for module, name, value, requires_grad in plans:
         if requires_grad is not None:
             drop_adapters(module, name, lambda p: True)
             setattr(module, name, nn.Parameter(value.detach(), requires_grad=requires_grad))
             continue
+        values, planned = value
         plist = module.parametrizations[name]
-        values = [value] if isinstance(value, Tensor) else value
+        for i, p in planned.items():
+            plist[i] = p
         slots = ["original"] if plist.is_tensor else [f"original{i}" for i in range(len(values))]
         for slot, v in zip(slots, values):
             old = getattr(plist, slot)

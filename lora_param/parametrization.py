@@ -77,7 +77,8 @@ class LoRAParametrization(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(fan_out, rank, device=device, dtype=dtype))
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._enabled = True
-        self._cache: tuple[Tensor, tuple, Tensor] | None = None
+        self._requires_grad_when_enabled = (True, True)
+        self._cache: tuple | None = None  # (weight, A, B, stamp, weight + update)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -91,20 +92,31 @@ class LoRAParametrization(nn.Module):
 
     @property
     def enabled(self) -> bool:
-        """Whether the update is applied; a disabled adapter is also frozen (no gradient)."""
+        """Whether the update is applied.
+
+        A disabled adapter is also frozen (no gradient, nothing unused for DDP); enabling it
+        again restores the ``requires_grad`` flags A and B had (a frozen A stays frozen).
+        """
         return self._enabled
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
-        self._enabled = bool(value)
-        self.lora_A.requires_grad_(self._enabled)
-        self.lora_B.requires_grad_(self._enabled)
+        value = bool(value)
+        if value == self._enabled:
+            return
+        if value:
+            grad_a, grad_b = self._requires_grad_when_enabled
+        else:
+            self._requires_grad_when_enabled = (self.lora_A.requires_grad, self.lora_B.requires_grad)
+            grad_a = grad_b = False
+        self.lora_A.requires_grad_(grad_a)
+        self.lora_B.requires_grad_(grad_b)
+        self._enabled = value
         self._cache = None
 
     def delta(self) -> Tensor:
         """The update ``scale * B @ A`` in the weight's own layout and shape."""
-        zero = self.lora_B.new_zeros((self.fan_out, self.fan_in))
-        return self.add_update(zero.t() if self.fan_in_fan_out else zero, dropout=False)
+        return self.add_update(self.lora_B.new_zeros(self.weight_shape), dropout=False)
 
     def add_update(self, weight: Tensor, dropout: bool = False) -> Tensor:
         """``weight + scale * B @ A`` whether enabled or not; ``dropout`` masks A's inputs."""
@@ -116,10 +128,19 @@ class LoRAParametrization(nn.Module):
         matrix = weight.reshape(self.fan_out, self.fan_in)
         return torch.addmm(matrix, self.lora_B, lora_a, alpha=self.scale).view(weight.shape)
 
+    def clear_cache(self) -> None:
+        """Forget the cached weight (needed only after edits through ``.data``)."""
+        self._cache = None
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # .to() / .half() swap tensor data without bumping version counters: drop the cache.
         self._cache = None
         return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> LoRAParametrization:
+        """Set train/eval mode, dropping the cache (``model.eval()`` always starts fresh)."""
+        self._cache = None
+        return super().train(mode)
 
     def forward(self, weight: Tensor) -> Tensor:
         """Return ``weight + scale * B @ A`` (or ``weight`` itself when disabled)."""
@@ -132,13 +153,24 @@ class LoRAParametrization(nn.Module):
         ):
             self._cache = None
             return self.add_update(weight, dropout=True)
-        params = self._parameters
-        key = (weight._version, params["lora_A"]._version, params["lora_B"]._version, self.scale)
+        # The cache holds the tensors themselves, so identity checks are safe (no id reuse);
+        # versions catch in-place updates (optimizer steps, copy_), data_ptr catches `.data =`.
+        a, b = self._parameters["lora_A"], self._parameters["lora_B"]
+        stamp = (
+            weight._version, weight.data_ptr(), a._version, a.data_ptr(),
+            b._version, b.data_ptr(), self.scale,
+        )
         cache = self._cache
-        if cache is not None and cache[0] is weight and cache[1] == key:
-            return cache[2]
+        if (
+            cache is not None
+            and cache[0] is weight
+            and cache[1] is a
+            and cache[2] is b
+            and cache[3] == stamp
+        ):
+            return cache[4]
         out = self.add_update(weight)
-        self._cache = (weight, key, out)
+        self._cache = (weight, a, b, stamp, out)
         return out
 
     def extra_repr(self) -> str:

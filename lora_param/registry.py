@@ -15,6 +15,7 @@ __all__ = [
     "active_adapters",
     "adapter_parameters",
     "check_adapters_exist",
+    "clear_lora_cache",
     "iter_lora",
     "list_adapters",
 ]
@@ -77,3 +78,14 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.
         if adapter is None or p.adapter == adapter
         for t in (p.lora_A, p.lora_B)
     ]
+
+
+def clear_lora_cache(model: nn.Module) -> None:
+    """Drop every adapter's cached weight (the ``torch.no_grad()`` fast path).
+
+    The cache notices optimizer steps, ``copy_``, ``load_state_dict``, ``.to()`` and
+    ``model.train()/eval()`` by itself; only in-place edits through ``.data``
+    (``p.data.mul_(2)``), which no version counter sees, need this call.
+    """
+    for *_, p in iter_lora(model):
+        p.clear_cache()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
 import pytest
 import torch
+from torch import nn
 from torch.nn.utils import parametrize
 
 import lora_param
 from lora_param import (
+    LoRAError,
     active_adapters,
     add_lora,
     disable_lora,
@@ -287,3 +290,35 @@ def test_torch_save_of_lora_model_raises_and_save_lora_works(zoo, h, tmp_path):
     x = case.inputs()
     assert torch.allclose(fresh(*x), model(*x), **TIGHT)
     assert not parametrize.is_parametrized(case.model().attn)
+
+
+def test_save_lora_keeps_trainable_head_and_biases(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    fresh = copy.deepcopy(base)
+    model = add_lora(copy.deepcopy(base), "0", rank=2, trainable="2", bias="lora_only")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    path = save_lora(model, tmp_path / "a.pt")
+    load_lora(fresh, path)
+    x = torch.randn(4, 6)
+    assert torch.equal(fresh(x), model(x))
+    assert fresh[2].weight.requires_grad and fresh[0].bias.requires_grad
+    assert not fresh[0].parametrizations.weight.original.requires_grad
+    # Without the extras, only the adapters travel.
+    lean = save_lora(model, tmp_path / "b.pt", include_trainable=False)
+    other = load_lora(copy.deepcopy(base), lean)
+    assert torch.equal(other[2].weight, base[2].weight)
+
+
+def test_load_refuses_trainable_tensor_that_does_not_fit(tmp_path):
+    model = add_lora(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)), "0", rank=2, trainable="1")
+    path = save_lora(model, tmp_path / "a.pt")
+    wrong = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(LoRAError, match="trainable tensor '1.weight'"):
+        load_lora(wrong, path)
+    assert list(iter_lora(wrong)) == []
+    assert all(torch.equal(v, before[k]) for k, v in wrong.state_dict().items())
