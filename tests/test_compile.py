@@ -100,17 +100,22 @@ def test_no_graph_break(mode):
         assert explained.graph_count == 1
 
 
+def _on_off_references(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager outputs with LoRA on and off, computed on copies (the compiled model stays untouched)."""
+    on_model, off_model = copy.deepcopy(model), copy.deepcopy(model)
+    disable_lora(off_model)
+    with torch.no_grad():
+        return on_model(x), off_model(x)
+
+
 def test_toggling_recompiles_at_most_once():
     model = _zoo("factored").eval()
-    base = copy.deepcopy(model)
-    disable_lora(base)
+    x = _ids()
+    on, off = _on_off_references(model, x)
+    assert not torch.allclose(on, off)
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
-    x = _ids()
     with torch.no_grad():
-        on = model(x)
-        off = base(x)
-        assert not torch.allclose(on, off)
         torch.testing.assert_close(compiled(x), on, rtol=1e-6, atol=1e-6)
         assert counter.frame_count == 1
         disable_lora(model)
@@ -122,6 +127,39 @@ def test_toggling_recompiles_at_most_once():
             with lora_disabled(model):
                 torch.testing.assert_close(compiled(x), off, rtol=1e-6, atol=1e-6)
         assert counter.frame_count <= 2, counter.frame_count
+
+
+def test_switching_adapters_in_training_recompiles_at_most_once():
+    model = _zoo("factored").train()
+    add_lora(model, ["fc", "conv"], rank=2, adapter="other")
+    x = _ids()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    for _ in range(3):
+        for name in ("default", "other"):
+            set_active_adapters(model, [name])
+            compiled(x).sum().backward()
+    assert counter.frame_count <= 2, counter.frame_count
+    assert all(p.grad is not None for p in adapter_parameters(model))
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="core: the compiled factored forward reads LoRAParametrization._cache (to clear it), so "
+    "Dynamo guards on it and an eager no_grad call on the same model (which fills the cache) "
+    "forces a recompile",
+)
+def test_eager_no_grad_calls_in_between_cause_no_recompile():
+    model = _zoo("factored").eval()
+    x = _ids()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(x)
+            model(x)  # eager evaluation of the same model fills the weight cache
+            compiled(x)
+    assert counter.frame_count == 1, counter.frame_count
 
 
 def test_switching_adapters_under_compile():
@@ -177,3 +215,41 @@ def test_compiled_training_matches_eager():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
         with lora_disabled(compiled_model):
             torch.testing.assert_close(compiled(x), base(x), rtol=1e-5, atol=1e-5)
+
+
+def _breaks(model, *args, **kwargs) -> tuple[int, list[str]]:
+    dynamo.reset()
+    explained = dynamo.explain(model)(*args, **kwargs)
+    return explained.graph_break_count, [str(b.reason) for b in explained.break_reasons]
+
+
+def test_vit_with_lora_compiles_without_graph_breaks():
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=48, mlp_dim=96, num_classes=10
+    )
+    add_lora(vit, ["*.self_attention", "*.self_attention.out_proj", "*.mlp.0"], rank=2)
+    x = torch.randn(2, 3, 32, 32)
+    for training in (True, False):
+        vit.train(training)
+        with torch.set_grad_enabled(training):
+            assert _breaks(vit, x) == (0, [])
+    assert torchvision is not None
+
+
+def test_gpt2_lora_adds_no_graph_break():
+    """Hugging Face code has graph breaks of its own: LoRA must not add any."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=50, bos_token_id=0, eos_token_id=0
+    )
+    base = transformers.GPT2LMHeadModel(cfg)
+    model = add_lora(copy.deepcopy(base), ["*.c_attn", "*.c_proj", "*.c_fc", "transformer.wte"], rank=2)
+    ids = torch.randint(0, 50, (2, 6))
+    base_breaks = _breaks(base, input_ids=ids)
+    assert _breaks(model, input_ids=ids) == base_breaks

@@ -140,13 +140,9 @@ def test_fsdp2_fully_shard_trains_like_single_process(dist_run):
         assert r["lora_off_equals_base"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="core: the no_grad weight cache of LoRAParametrization is keyed on tensor version "
-    "counters, which FSDP2's all-gather (like `param.data` writes) does not bump, so a "
-    "no_grad evaluation after training can reuse W + BA from before it",
-)
 def test_fsdp2_no_grad_evaluation_sees_trained_adapter(dist_run):
+    """The no_grad weight cache must not serve W + BA from before training (FSDP2 all-gathers
+    into the same storage without bumping version counters)."""
     _, results = dist_run
     for r in _fsdp2(results):
         assert r["eval_no_grad_max_diff"] < 1e-5
