@@ -13,6 +13,7 @@ from .inject import add_lora, find_targets
 from .io import load_base_state_dict, load_lora, lora_state_dict, save_lora
 from .merge import merge_lora, remove_lora
 from .parametrization import LoRAParametrization
+from .peft_interop import export_peft, import_peft
 from .registry import (
     active_adapters,
     adapter_parameters,
@@ -36,7 +37,9 @@ __all__ = [
     "clear_lora_cache",
     "disable_lora",
     "enable_lora",
+    "export_peft",
     "find_targets",
+    "import_peft",
     "iter_lora",
     "list_adapters",
     "load_base_state_dict",

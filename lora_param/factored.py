@@ -83,7 +83,8 @@ def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
     base, branch = _OPS[self._lora_kind]
     plist = self._modules["parametrizations"]._modules["weight"]
     entries = plist._modules.values()
-    cached = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    compiling = torch.compiler.is_compiling()
+    cached = not compiling and not torch.is_grad_enabled()
     for p in entries:
         if type(p) is not LoRAParametrization:
             return base(self, x, self.weight)
@@ -96,8 +97,8 @@ def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
         return base(self, x, weight)
     y = base(self, x, weight)
     for p in entries:
-        if p._cache is not None:
-            p._cache = None
+        if not compiling and p._cache is not None:
+            p._cache = None  # training moves on; free the eval copy
         if p._enabled:
             y = branch(self, x, p, y)
     return y

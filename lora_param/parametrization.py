@@ -146,11 +146,9 @@ class LoRAParametrization(nn.Module):
         """Return ``weight + scale * B @ A`` (or ``weight`` itself when disabled)."""
         if not self._enabled:
             return weight
-        if (
-            torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-            or (self.training and self.dropout_p > 0)
-        ):
+        if torch.compiler.is_compiling():
+            return self.add_update(weight, dropout=True)
+        if torch.is_grad_enabled() or (self.training and self.dropout_p > 0):
             self._cache = None
             return self.add_update(weight, dropout=True)
         # The cache holds the tensors themselves, so identity checks are safe (no id reuse);

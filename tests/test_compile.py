@@ -143,12 +143,6 @@ def test_switching_adapters_in_training_recompiles_at_most_once():
     assert all(p.grad is not None for p in adapter_parameters(model))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="core: the compiled factored forward reads LoRAParametrization._cache (to clear it), so "
-    "Dynamo guards on it and an eager no_grad call on the same model (which fills the cache) "
-    "forces a recompile",
-)
 def test_eager_no_grad_calls_in_between_cause_no_recompile():
     model = _zoo("factored").eval()
     x = _ids()
