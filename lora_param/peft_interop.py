@@ -34,10 +34,8 @@ Neither function needs ``peft`` itself; both need ``safetensors`` (``pip install
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LoRAError
-from .layers import is_hf_conv1d
+from .io import atomic_write
+from .layers import base_tensor, is_hf_conv1d, tensor_names
 from .registry import iter_lora, list_adapters
 
 __all__ = ["export_peft", "import_peft"]
@@ -320,7 +319,7 @@ def _build_export(
             f"{n}.{pn}" if n else pn
             for n, m in model.named_modules()
             if "parametrizations" not in n.split(".")
-            for pn in _own_tensor_names(m)
+            for pn in tensor_names(m)
         ]
         chosen = {k for k in base_params if k in target_parameters or any(k.endswith(f".{t}") for t in target_parameters)}
         if chosen != set(param_paths):
@@ -359,31 +358,10 @@ def _build_export(
     return config, tensors
 
 
-def _own_tensor_names(module: nn.Module) -> list[str]:
-    names = [n for n, p in module._parameters.items() if p is not None]
-    if hasattr(module, "parametrizations"):
-        names += [n for n in module.parametrizations.keys() if n not in names]
-    return names
-
-
 def _default_name_or_path(model: nn.Module) -> str | None:
     cfg = getattr(_unwrap(model), "config", None)
     name = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
     return str(name) if name else None
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def export_peft(
@@ -427,14 +405,10 @@ def export_peft(
     if out.exists() and not out.is_dir():
         raise LoRAError(f"'{out}' exists and is not a folder; PEFT adapters are folders.")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / SAFETENSORS_NAME, lambda tmp: st.save_file(tensors, tmp, metadata={"format": "pt"}))
+    blob = st.save(tensors, metadata={"format": "pt"})
+    atomic_write(out / SAFETENSORS_NAME, lambda f: f.write(blob))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    _atomic_write(out / CONFIG_NAME, write_json)
+    atomic_write(out / CONFIG_NAME, lambda f: f.write(text.encode("utf-8")))
     return out
 
 
@@ -585,7 +559,7 @@ def import_peft(
             if param_names:
                 raise LoRAError(f"'{path}': '{module_path}' is targeted both as a layer and via target_parameters.")
             tensor_name = "weight"
-            w = _base_weight(module, "weight")
+            w = base_tensor(module, "weight")
             if isinstance(module, nn.Linear):
                 out_f, in_f = w.shape
                 expect_a, expect_b = (rank, in_f), (out_f, rank)
@@ -603,7 +577,7 @@ def import_peft(
             a, b = pa.reshape(rank, -1), pb.reshape(pb.shape[0], rank)
         elif len(param_names) == 1:
             tensor_name = param_names[0]
-            w = _base_weight(module, tensor_name)
+            w = base_tensor(module, tensor_name)
             if w.dim() != 2:
                 raise LoRAError(f"'{path}': '{module_path}.{tensor_name}' is {w.dim()}-D; only 2-D parameters are supported.")
             expect_a, expect_b = (rank, w.shape[1]), (w.shape[0], rank)
@@ -661,10 +635,3 @@ def import_peft(
     if missing:  # pragma: no cover - add_lora adapts exactly what it was asked to
         raise LoRAError(f"internal error: no adapter was created on {sorted(missing)} ({by_module}).")
     return model
-
-
-def _base_weight(module: nn.Module, name: str) -> Tensor:
-    plist = getattr(module, "parametrizations", None)
-    if plist is not None and name in plist:
-        return plist[name].original
-    return getattr(module, name)

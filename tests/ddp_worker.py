@@ -23,7 +23,6 @@ from torch import nn
 from lora_param import (
     adapter_parameters,
     add_lora,
-    iter_lora,
     lora_disabled,
     lora_state_dict,
     save_lora,
