@@ -27,10 +27,10 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_for_core_tests(request):
-    """The core suite's tiny shapes run ~8x faster on one intra-op thread (no oversubscription
-    when several pytest processes share 2 cores); other test modules keep torch's default."""
-    if not request.node.module.__name__.split(".")[-1].startswith("test_core_"):
+def _one_intra_op_thread(request):
+    """Tiny shapes run several times faster on one intra-op thread (no oversubscription on a
+    2-core machine). A module that trains real models sets ``ALL_THREADS = True``."""
+    if getattr(request.module, "ALL_THREADS", False):
         yield
         return
     before = torch.get_num_threads()

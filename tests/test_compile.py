@@ -23,15 +23,6 @@ dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounter  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny shapes: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _hf_conv1d():
     try:
         from transformers.pytorch_utils import Conv1D

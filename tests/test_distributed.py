@@ -28,15 +28,6 @@ WORLD = 2
 TIMEOUT_S = 150
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny shapes: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dist_run(tmp_path_factory):
     import torch.multiprocessing as mp

@@ -30,15 +30,6 @@ from lora_param.peft_interop import export_peft, import_peft
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny shapes: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Net(nn.Module):
     """Embedding, Linear, Conv2d and a nested Linear, all used in forward."""
 
