@@ -25,13 +25,14 @@ class MNISTNotFoundError(FileNotFoundError):
     def __init__(self, root: str | os.PathLike[str], reason: str = "") -> None:
         raw = Path(root).expanduser().resolve() / "MNIST" / "raw"
         missing = [name for name in IDX_FILES if not (raw / name).is_file()]
+        which = "all four" if len(missing) == len(IDX_FILES) else ", ".join(missing)
         message = (
-            f"MNIST not found under {raw} and it could not be downloaded"
+            f"MNIST not found under {raw}, and it could not be downloaded"
             + (f" ({reason})" if reason else "")
-            + ".\nPut the four uncompressed IDX files there:\n"
+            + f".\nPut the four uncompressed IDX files there (missing: {which}):\n"
             + "".join(f"  {raw / name}\n" for name in IDX_FILES)
-            + f"(missing: {', '.join(missing) or 'none'}), or rerun with network access "
-            "so that torchvision can download them, or point --data-dir at another root."
+            + "or run once with network access (torchvision downloads them), "
+            "or point --data-dir at the folder that holds MNIST/raw/."
         )
         super().__init__(message)
         self.root = Path(root)
@@ -48,7 +49,7 @@ class MNISTTensors:
     test_images: Tensor
     test_labels: Tensor
 
-    def to(self, device: torch.device | str) -> "MNISTTensors":
+    def to(self, device: torch.device | str) -> MNISTTensors:
         """Return a copy with every tensor on `device`."""
         return MNISTTensors(*(t.to(device) for t in (self.train_images, self.train_labels,
                                                      self.test_images, self.test_labels)))
@@ -84,7 +85,8 @@ def load_split(root: str | os.PathLike[str], train: bool, download: bool = True)
         raw = Path(root) / "MNIST" / "raw"
         if all((raw / name).is_file() for name in IDX_FILES):
             raise  # the files are there: a different problem, keep its own message
-        reason = "download disabled" if not download else str(exc).strip().splitlines()[0]
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = "download disabled" if not download else " ".join(dict.fromkeys([lines[0], lines[-1]]))
         raise MNISTNotFoundError(root, reason) from exc
     return normalize(dataset.data), dataset.targets.to(torch.int64)
 

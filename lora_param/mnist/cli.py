@@ -1,0 +1,149 @@
+"""Command line: ``lora-param-mnist`` / ``python -m lora_param.mnist``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .data import MNISTNotFoundError
+from .train import RECIPES, PretrainConfig
+
+QUICK_PRETRAIN_STEPS = 1000
+
+
+def _digit(value: str) -> int | str:
+    if value.lower() == "worst":
+        return "worst"
+    try:
+        digit = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a digit 0-9 or 'worst', got {value!r}") from None
+    if not 0 <= digit <= 9:
+        raise argparse.ArgumentTypeError(f"expected a digit 0-9 or 'worst', got {value!r}")
+    return digit
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    p = argparse.ArgumentParser(
+        prog="lora-param-mnist",
+        description="Reference LoRA pipeline: pretrain an MLP on MNIST, then fine-tune a rank-1 LoRA on one "
+                    "digit and measure what it fixes and what it breaks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="./data", help="MNIST root; the IDX files go in <data-dir>/MNIST/raw/")
+    g.add_argument("--no-download", dest="download", action="store_false",
+                   help="never try to download MNIST")
+    g = p.add_argument_group("LoRA and fine-tuning")
+    g.add_argument("--digit", type=_digit,
+                   help="digit to fine-tune on: 0-9, or 'worst' (the most errors) [default: 9, as the tutorial; "
+                        "with --load-adapter, the digit recorded beside the adapter]")
+    g.add_argument("--rank", type=_positive_int, default=1, help="LoRA rank")
+    g.add_argument("--alpha", type=_positive_float, default=1.0, help="LoRA alpha (scale = alpha / rank)")
+    g.add_argument("--ranks", type=_positive_int, nargs="+", metavar="R",
+                   help="rank sweep: one fine-tune per rank from the same pretrained model, e.g. 1 2 4 8")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default="tutorial",
+                   help="tutorial: the target digit only (shows forgetting); balanced: replay other digits too")
+    g.add_argument("--steps", type=_positive_int, help="fine-tuning steps (default: the recipe's)")
+    g.add_argument("--batch-size", type=_positive_int, help="fine-tuning batch size (default: the recipe's)")
+    g.add_argument("--lr", type=_positive_float, help="fine-tuning learning rate (default: the recipe's)")
+    g.add_argument("--distill", type=float,
+                   help="weight of the KL term to the LoRA-off model on replayed images (balanced recipe)")
+    g = p.add_argument_group("pretraining")
+    g.add_argument("--pretrain-epochs", type=_positive_int, default=1, help="pretraining epochs")
+    g.add_argument("--pretrain-steps", type=_positive_int, help="stop pretraining after this many steps")
+    g.add_argument("--quick", action="store_true",
+                   help=f"pretrain for {QUICK_PRETRAIN_STEPS} steps only (a smoke run, lower accuracy)")
+    g.add_argument("--checkpoint", metavar="FILE",
+                   help="pretrained checkpoint: loaded instead of pretraining if it exists, else written after "
+                        "pretraining")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", metavar="DIR", help="write report.json, pretrained.pt, adapter.pt, errors.png here")
+    g.add_argument("--load-adapter", metavar="FILE",
+                   help="evaluate a saved adapter on its pretrained checkpoint (default: pretrained.pt beside "
+                        "it) without training")
+    g.add_argument("--seed", type=int, default=0, help="seed: same seed, same numbers on the same machine")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=_positive_int, help="CPU threads for evaluation (default: every available core)")
+    g.add_argument("--train-threads", type=_positive_int, default=1,
+                   help="CPU threads for the batch-10 training loops (more threads only pay on an idle machine)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=2000, help="test images per batch")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):  # -> PipelineConfig (imported lazily: torch is slow to import)
+    """Turn parsed arguments into a `PipelineConfig`."""
+    from .pipeline import PipelineConfig
+
+    pretrain_steps = args.pretrain_steps or (QUICK_PRETRAIN_STEPS if args.quick else None)
+    return PipelineConfig(
+        data_dir=args.data_dir,
+        download=args.download,
+        digit=args.digit,
+        rank=args.rank,
+        alpha=args.alpha,
+        ranks=args.ranks,
+        recipe=args.recipe,
+        finetune_steps=args.steps,
+        finetune_batch_size=args.batch_size,
+        finetune_lr=args.lr,
+        distill=args.distill,
+        pretrain=PretrainConfig(epochs=args.pretrain_epochs, steps=pretrain_steps),
+        seed=args.seed,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        load_adapter=args.load_adapter,
+        device=args.device,
+        threads=args.threads,
+        train_threads=args.train_threads,
+        eval_batch_size=args.eval_batch_size,
+        progress=args.progress,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the pipeline; exit status 0 when both checks pass, 1 when one fails, 2 on a usage/data error."""
+    args = build_parser().parse_args(argv)
+    if args.load_adapter and args.ranks:
+        build_parser().error("--load-adapter evaluates one saved adapter; it cannot be combined with --ranks")
+    from lora_param import LoRAError
+
+    from .pipeline import run_pipeline
+
+    try:
+        run = run_pipeline(config_from_args(args))
+    except MNISTNotFoundError as exc:
+        print(f"lora-param-mnist: error: {exc}", file=sys.stderr)
+        return 2
+    except (LoRAError, FileNotFoundError) as exc:
+        print(f"lora-param-mnist: error: {exc}", file=sys.stderr)
+        return 2
+    report = run.report
+    return 0 if report["lora_off_identical"] and report["frozen_unchanged"] else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

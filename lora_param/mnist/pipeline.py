@@ -1,0 +1,410 @@
+"""The whole reference run: pretrain, evaluate, add LoRA, fine-tune on one digit, check, report."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lora_param import (
+    __version__ as lora_param_version,
+)
+from lora_param import (
+    add_lora,
+    iter_lora,
+    load_lora,
+    lora_disabled,
+    parameter_counts,
+    save_lora,
+    trainable_summary,
+)
+
+from .data import MNISTTensors, load_mnist
+from .evaluate import EvalResult, evaluate, worst_digit
+from .model import LINEAR_LAYERS, build_model
+from .report import digit_changes, gain_stops_at, plot_errors, summary_text, sweep_table, write_json
+from .train import RECIPES, FinetuneRecipe, PretrainConfig, finetune, pretrain
+
+PRETRAINED_FILE = "pretrained.pt"
+ADAPTER_FILE = "adapter.pt"
+REPORT_FILE = "report.json"
+PLOT_FILE = "errors.png"
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a run depends on (the CLI's options).
+
+    Attributes:
+        data_dir: MNIST root (IDX files in ``<data_dir>/MNIST/raw/``).
+        download: Let torchvision download MNIST when absent.
+        digit: Digit to fine-tune on: 0-9, "worst" (the digit with the most errors before
+            fine-tuning), or None: 9 as in the tutorial, or with `load_adapter` the digit recorded
+            in the report.json beside the adapter.
+        rank: LoRA rank.
+        alpha: LoRA alpha (scale = alpha / rank).
+        ranks: Rank sweep: one fine-tune per rank from the same pretrained model.
+        recipe: Fine-tuning recipe ("tutorial" or "balanced"), see `train.RECIPES`.
+        finetune_steps: Override the recipe's steps.
+        finetune_batch_size: Override the recipe's batch size.
+        finetune_lr: Override the recipe's learning rate.
+        distill: Override the recipe's distillation weight.
+        pretrain: Pretraining settings.
+        seed: Seeds the model init, data order, LoRA init.
+        out: Folder for report.json, pretrained.pt, adapter.pt, errors.png; None writes nothing.
+        checkpoint: Pretrained checkpoint: loaded instead of pretraining when it exists, else written
+            after pretraining (a cache for repeated runs).
+        load_adapter: Evaluate this saved adapter instead of fine-tuning.
+        device: "auto", "cpu", "cuda", ...
+        threads: CPU threads for evaluation; None uses every core this process may run on.
+        train_threads: CPU threads for the batch-10 training loops. One by default: at batch 10
+            each op is too small for intra-op threads to pay (1.4x faster on an idle 2-core
+            machine) and a thread preempted by any other process stalls every op (15x slower
+            when something else runs). Thread count changes float results, so it is fixed.
+        eval_batch_size: Test images per evaluation batch.
+        progress: Show tqdm bars.
+        verbose: Print the summary and phase messages.
+    """
+
+    data_dir: str = "./data"
+    download: bool = True
+    digit: int | str | None = None
+    rank: int = 1
+    alpha: float = 1.0
+    ranks: list[int] | None = None
+    recipe: str = "tutorial"
+    finetune_steps: int | None = None
+    finetune_batch_size: int | None = None
+    finetune_lr: float | None = None
+    distill: float | None = None
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    seed: int = 0
+    out: str | None = None
+    checkpoint: str | None = None
+    load_adapter: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    train_threads: int | None = 1
+    eval_batch_size: int = 2000
+    progress: bool = True
+    verbose: bool = True
+
+    def finetune_recipe(self) -> FinetuneRecipe:
+        """The recipe with this config's overrides applied."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        return RECIPES[self.recipe].with_overrides(steps=self.finetune_steps, batch_size=self.finetune_batch_size,
+                                                   lr=self.finetune_lr, distill=self.distill)
+
+
+def available_cpus() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" means CUDA when there is a GPU, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (None: leave as is), then restore."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+_PARAM_ENTRY = re.compile(r"\.parametrizations\.[^.]+\.\d+\.")
+_ORIGINAL = re.compile(r"\.parametrizations\.([^.]+)\.original$")
+
+
+def base_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's non-LoRA tensors under their plain names (``linear1.weight``), cloned.
+
+    A parametrized weight is stored as ``<m>.parametrizations.weight.original``; the LoRA factors
+    (``<m>.parametrizations.weight.<i>.lora_A``) are left out.
+    """
+    out = {}
+    for key, value in model.state_dict().items():
+        if _PARAM_ENTRY.search(key):
+            continue
+        out[_ORIGINAL.sub(r".\1", key)] = value.detach().clone()
+    return out
+
+
+def same_tensors(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    """Same keys and bit-for-bit equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+
+
+def _say(config: PipelineConfig, message: str) -> None:
+    if config.verbose:
+        print(message, flush=True)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load a plain pretrained state dict (saved by this pipeline) into `model`."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+
+
+def _finetune_once(base: nn.Module, data: MNISTTensors, config: PipelineConfig, rank: int, target: int,
+                   pre: EvalResult, pre_state: dict[str, Tensor], timer: PhaseTimer,
+                   device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """Add LoRA at `rank` to a copy of `base`, fine-tune (or load the adapter), evaluate, check."""
+    model = copy.deepcopy(base)
+    recipe = config.finetune_recipe()
+    with timer("add_lora"):
+        if config.load_adapter:
+            load_lora(model, config.load_adapter)
+        else:
+            torch.manual_seed(config.seed + 1000 * rank + 1)  # LoRA A ~ N(0, 1): same draw for a given seed
+            add_lora(model, list(LINEAR_LAYERS), rank=rank, alpha=config.alpha, init="gaussian")
+        model.to(device)
+    counts = parameter_counts(model)
+    result: dict[str, Any] = {"rank": rank, "alpha": config.alpha}
+    if config.load_adapter:
+        ranks = sorted({p.rank for *_, p in iter_lora(model)})
+        alphas = sorted({p.alpha for *_, p in iter_lora(model)})
+        result["rank"] = ranks[0] if len(ranks) == 1 else ranks
+        result["alpha"] = alphas[0] if len(alphas) == 1 else alphas
+        result["finetune"] = None
+    else:
+        gen = torch.Generator().manual_seed(config.seed + 1)
+        with timer("finetune"), num_threads(config.train_threads):
+            train = finetune(model, data.train_images, data.train_labels, target, recipe,
+                             teacher=lambda: lora_disabled(model), generator=gen, progress=config.progress)
+        result["finetune"] = train.to_dict()
+    with timer("eval_lora_on"):
+        on = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
+                      desc="evaluate LoRA on", progress=config.progress)
+    with timer("eval_lora_off"), lora_disabled(model):
+        off = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
+                       desc="evaluate LoRA off", progress=config.progress)
+    with timer("checks"):
+        assert pre.logits is not None and off.logits is not None
+        identical = torch.equal(off.logits, pre.logits)
+        max_diff = float((off.logits - pre.logits).abs().max())
+        frozen = same_tensors(pre_state, base_state(model))
+    result.update({
+        "lora_on": on.to_dict(),
+        "lora_off": off.to_dict(),
+        "lora_params": counts.lora,
+        "base_params": counts.base,
+        "trainable_params": counts.trainable,
+        "lora_percent_of_base": counts.lora_percent_of_base,
+        "lora_off_identical": identical,
+        "lora_off_max_abs_diff": max_diff,
+        "frozen_unchanged": frozen,
+        "changes": digit_changes(pre.to_dict(), on.to_dict(), target),
+    })
+    return model, result
+
+
+def _sidecar(adapter: str) -> dict[str, Any]:
+    """The report.json written beside an adapter by an earlier run ({} when absent or unreadable)."""
+    try:
+        report = json.loads(Path(adapter).with_name(REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+@dataclass
+class PipelineRun:
+    """What `run_pipeline` returns.
+
+    Attributes:
+        report: The JSON-ready report (what report.json holds).
+        model: The fine-tuned model with its adapter (the first rank of a sweep).
+        base: The pretrained model, without LoRA.
+        data: The MNIST tensors used.
+    """
+
+    report: dict[str, Any]
+    model: nn.Module
+    base: nn.Module
+    data: MNISTTensors
+
+
+def run_pipeline(config: PipelineConfig, data: MNISTTensors | None = None) -> PipelineRun:
+    """Run the reference pipeline: print the summary, write the files asked for, return everything.
+
+    Args:
+        config: The run's settings.
+        data: MNIST tensors already loaded (tests, notebooks); None loads from ``config.data_dir``.
+
+    Returns:
+        The report (results before/with/without LoRA, checks, counts, timings, recipe) and models.
+    """
+    threads = config.threads or available_cpus()
+    with num_threads(threads):
+        return _run(config, data, threads)
+
+
+def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> PipelineRun:
+    total_start = time.perf_counter()
+    timer = PhaseTimer()
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    recipe = config.finetune_recipe()
+
+    with timer("data"):
+        if data is None:
+            _say(config, f"loading MNIST from {Path(config.data_dir).resolve() / 'MNIST' / 'raw'}")
+            data = load_mnist(config.data_dir, download=config.download)
+        data = data.to(device)
+
+    base = build_model(config.seed, device)
+    checkpoint = config.checkpoint
+    if config.load_adapter and checkpoint is None:
+        checkpoint = os.fspath(Path(config.load_adapter).with_name(PRETRAINED_FILE))
+    pretrain_result = None
+    with timer("pretrain"):
+        if checkpoint and Path(checkpoint).is_file():
+            _say(config, f"loading the pretrained model from {checkpoint}")
+            load_checkpoint(base, checkpoint)
+        elif config.load_adapter:
+            raise FileNotFoundError(f"--load-adapter needs the pretrained checkpoint it was trained on: "
+                                    f"{checkpoint} does not exist (pass --checkpoint)")
+        else:
+            gen = torch.Generator().manual_seed(config.seed)
+            with num_threads(config.train_threads):
+                pretrain_result = pretrain(base, data.train_images, data.train_labels, config.pretrain,
+                                           generator=gen, progress=config.progress)
+            if checkpoint:  # a cache: the next run with the same --checkpoint skips pretraining
+                Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+                torch.save(base_state(base), checkpoint)
+    with timer("eval_pretrained"):
+        pre = evaluate(base, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
+                       desc="evaluate pretrained", progress=config.progress)
+    pre_state = base_state(base)
+    worst = worst_digit(pre)
+    sidecar = _sidecar(config.load_adapter) if config.load_adapter else {}
+    if config.digit == "worst":
+        target = worst
+    elif config.digit is not None:
+        target = int(config.digit)
+    elif isinstance(sidecar.get("target_digit"), int):
+        target = sidecar["target_digit"]
+    else:
+        target = 9
+
+    ranks = config.ranks or [config.rank]
+    sweep: list[dict[str, Any]] = []
+    model: nn.Module | None = None
+    first: dict[str, Any] | None = None
+    for rank in ranks:
+        start = time.perf_counter()
+        model_r, row = _finetune_once(base, data, config, rank, target, pre, pre_state, timer, device)
+        row["seconds"] = time.perf_counter() - start
+        sweep.append(row)
+        if first is None:
+            model, first = model_r, row
+            _say(config, trainable_summary(model_r))
+        if config.load_adapter:
+            break
+    assert model is not None and first is not None
+
+    recipe_info: dict[str, Any] = {**recipe.to_dict(), "pretrain": asdict(config.pretrain), "target_digit": target,
+                                   "init": "gaussian", "layers": list(LINEAR_LAYERS)}
+    if config.load_adapter:  # the adapter's own recipe, as recorded beside it (if it was)
+        recipe_info = sidecar.get("recipe") or {"name": "loaded adapter"}
+    report: dict[str, Any] = {
+        "pretrained": pre.to_dict(),
+        "lora_on": first["lora_on"],
+        "lora_off": first["lora_off"],
+        "target_digit": target,
+        "worst_digit": worst,
+        "rank": first["rank"],
+        "alpha": first["alpha"],
+        "lora_params": first["lora_params"],
+        "base_params": first["base_params"],
+        "trainable_params": first["trainable_params"],
+        "lora_percent_of_base": first["lora_percent_of_base"],
+        "lora_off_identical": first["lora_off_identical"],
+        "lora_off_max_abs_diff": first["lora_off_max_abs_diff"],
+        "frozen_unchanged": first["frozen_unchanged"],
+        "changes": first["changes"],
+        "seed": config.seed,
+        "recipe": recipe_info,
+        "pretrain": pretrain_result.to_dict() if pretrain_result else {"loaded_from": checkpoint},
+        "finetune": first["finetune"],
+        "loaded_adapter": config.load_adapter,
+        "seconds": {},
+        "environment": {"device": str(device), "threads": threads, "train_threads": config.train_threads or threads,
+                        "torch": torch.__version__,
+                        "lora_param": lora_param_version, "python": platform.python_version()},
+    }
+    if config.ranks:
+        report["sweep"] = [{k: v for k, v in row.items() if k not in ("lora_off",)} for row in sweep]
+        report["gain_stops_at_rank"] = gain_stops_at(sweep, target)
+
+    if config.out:
+        with timer("save"):
+            out = Path(config.out)
+            out.mkdir(parents=True, exist_ok=True)
+            files = {"report": os.fspath(out / REPORT_FILE)}
+            if not config.load_adapter:
+                torch.save(pre_state, out / PRETRAINED_FILE)
+                save_lora(model, out / ADAPTER_FILE)
+                files.update(pretrained=os.fspath(out / PRETRAINED_FILE), adapter=os.fspath(out / ADAPTER_FILE))
+            fig = plot_errors(pre.wrong_per_digit, first["lora_on"]["wrong_per_digit"], out / PLOT_FILE, target=target,
+                              title=f"Wrong answers per digit: pretrained vs LoRA on digit {target} "
+                                    f"({recipe_info.get('name', 'loaded adapter')})")
+            if fig is None:
+                _say(config, "matplotlib is not installed: skipping errors.png (pip install 'lora_param[plot]')")
+            else:
+                files["plot"] = os.fspath(out / PLOT_FILE)
+            report["files"] = files
+    timer.seconds["total"] = time.perf_counter() - total_start
+    report["seconds"] = dict(timer.seconds)
+    if config.out:
+        write_json(report, Path(config.out) / REPORT_FILE)
+    if config.verbose:
+        print()
+        print(summary_text(report))
+        if config.ranks:
+            print()
+            print(f"rank sweep (same pretrained model, recipe {recipe.name!r}, digit {target}):")
+            print(sweep_table(sweep, target))
+            print(f"gain in digit-{target} errors stops at rank {report['gain_stops_at_rank']}")
+        if config.out:
+            print(f"\nwrote {', '.join(report['files'].values())}")
+    return PipelineRun(report=report, model=model, base=base, data=data)
