@@ -55,9 +55,10 @@ def test_balanced_recipe_keeps_the_other_digits(tutorial) -> None:
     assert bal["pretrained"] == {**tut["pretrained"], "seconds": bal["pretrained"]["seconds"]}  # same base model
     assert bal["lora_off_identical"] and bal["frozen_unchanged"]
     before, after = bal["pretrained"]["wrong_per_digit"][9], bal["lora_on"]["wrong_per_digit"][9]
-    assert after <= before / 2, f"digit-9 errors should fall: {before} -> {after}"
-    # The goal is at most 0.5 points lost (see the runs in the report); 1 point leaves room for other CPUs.
-    assert bal["lora_on"]["accuracy"] >= bal["pretrained"]["accuracy"] - 0.01
+    # The recipe's goal: >= 80% fewer target errors, at most 0.5 points of accuracy lost (seed 0
+    # measured 52 -> 10, +2.2 points); 75% leaves room for another CPU's float rounding.
+    assert after <= 0.25 * before, f"digit-9 errors should fall by 80%: {before} -> {after}"
+    assert bal["lora_on"]["accuracy"] >= bal["pretrained"]["accuracy"] - 0.005
     assert bal["changes"]["others_total_change"] < tut["changes"]["others_total_change"]
 
 

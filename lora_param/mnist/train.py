@@ -84,7 +84,7 @@ class FinetuneRecipe:
 #: The well-known tutorial: 100 steps of 10 images of the target digit only, Adam lr 1e-3.
 TUTORIAL = FinetuneRecipe("tutorial")
 #: Target digit plus replayed other digits in every batch, target examples up-weighted, lr decay.
-BALANCED = FinetuneRecipe("balanced", steps=1000, batch_size=40, lr=2e-3, replay=0.5, target_weight=5.0,
+BALANCED = FinetuneRecipe("balanced", steps=2000, batch_size=40, lr=2e-3, replay=0.6, target_weight=10.0,
                           lr_decay=True)
 RECIPES: dict[str, FinetuneRecipe] = {"tutorial": TUTORIAL, "balanced": BALANCED}
 
