@@ -166,7 +166,8 @@ def test_balanced_without_distill_needs_no_teacher_and_weights_the_target() -> N
              progress=False)
     assert len(spy.batches) == 2
     labels = spy.batches[0][0]
-    assert len(labels) == BALANCED.batch_size and labels.count(3) == BALANCED.batch_size // 2
+    n_replay = round(BALANCED.replay * BALANCED.batch_size)
+    assert len(labels) == BALANCED.batch_size and labels.count(3) == BALANCED.batch_size - n_replay
 
 
 def test_balanced_distill_requires_a_teacher() -> None:
