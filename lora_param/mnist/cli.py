@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .data import MNISTNotFoundError
 from .train import RECIPES, PretrainConfig
