@@ -220,7 +220,9 @@ def inject(
             own_class(target.module)
             # Parameter order matters (optimizer state is positional): remember it once.
             target.module.__dict__.setdefault("_lora_param_order", list(target.module._parameters))
-            parametrize.register_parametrization(target.module, target.param_name, p)
+            # unsafe=True skips parametrize's trial evaluation of W + s*B@A (a weight-sized
+            # temporary per layer); LoRAParametrization keeps shape and dtype by construction.
+            parametrize.register_parametrization(target.module, target.param_name, p, unsafe=True)
             done.append(target)
             if (
                 mode == "factored"
