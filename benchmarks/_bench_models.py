@@ -393,6 +393,24 @@ def others_cpu_share(a, b) -> float | None:
     return max(0.0, others / ((b[0] - a[0]) * (os.cpu_count() or 1)))
 
 
+def wait_until_quiet(threshold: float, max_wait_s: float, window_s: float = 0.5) -> bool:
+    """Sleep until other processes use at most ``threshold`` of the CPU for one window.
+
+    Returns False if that did not happen within ``max_wait_s`` (or cannot be measured).
+    """
+    deadline = time.perf_counter() + max_wait_s
+    while True:
+        a = cpu_snapshot()
+        time.sleep(window_s)
+        share = others_cpu_share(a, cpu_snapshot())
+        if share is None:
+            return False
+        if share <= threshold:
+            return True
+        if time.perf_counter() > deadline:
+            return False
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], Any]],
     *,
@@ -402,6 +420,7 @@ def time_interleaved(
     contexts: dict[str, Callable[[], Any]] | None = None,
     busy_threshold: float = 0.10,
     max_discards: int | None = None,
+    max_wait_s: float = 60.0,
     stats: dict | None = None,
 ) -> dict[str, Timing]:
     """Round-robin timing in one process: every round times one block of each variant.
@@ -411,10 +430,14 @@ def time_interleaved(
     timed block), picked from the median single-call time so a block lasts ~target_block_s.
     A round during which other processes used more than ``busy_threshold`` of the machine's
     CPU (from /proc/stat) is thrown away and run again, at most ``max_discards`` times
-    (default: ``2 * repeats``); counts go to ``stats``.
+    (default: ``2 * repeats``), after waiting (sleeping, up to ``max_wait_s`` each time) for
+    the machine to be quiet; the same wait precedes warm-up. Counts go to ``stats``.
     """
     contexts = contexts or {}
     ctx = lambda n: contexts.get(n, contextlib.nullcontext)()
+    waited = time.perf_counter()
+    wait_until_quiet(busy_threshold, max_wait_s)
+    waited = time.perf_counter() - waited
     max_discards = 2 * repeats if max_discards is None else max_discards
     names = list(fns)
     one = {}
@@ -450,6 +473,9 @@ def time_interleaved(
             share = others_cpu_share(snap0, cpu_snapshot())
             if share is not None and share > busy_threshold and discarded < max_discards:
                 discarded += 1
+                t0 = time.perf_counter()
+                wait_until_quiet(busy_threshold, max_wait_s)
+                waited += time.perf_counter() - t0
                 continue
             shares.append(share or 0.0)
             for n, t in got.items():
@@ -464,6 +490,7 @@ def time_interleaved(
             others_max=max(shares, default=0.0),
             others_mean=statistics.fmean(shares) if shares else 0.0,
             block=block,
+            waited_s=round(waited, 1),
         )
     out = {}
     for n, xs in samples.items():
