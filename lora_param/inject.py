@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import LoRAError
@@ -205,7 +205,7 @@ def inject(
     done: list[AdaptTarget] = []
     try:
         for target, options in plan:
-            like = _weight_like(target)
+            like = base_tensor(target.module, target.param_name)
             p = LoRAParametrization(
                 target.fan_in,
                 target.fan_out,
@@ -234,10 +234,6 @@ def inject(
         for target in reversed(done):
             drop_adapters(target.module, target.param_name, lambda q: q.adapter == adapter)
         raise
-
-
-def _weight_like(target: AdaptTarget) -> Tensor:
-    return base_tensor(target.module, target.param_name)
 
 
 def add_lora(
