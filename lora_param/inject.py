@@ -104,7 +104,7 @@ def find_targets(
         found.update((t.path, t) for t in adapted)
         return True
 
-    patterns: list[Pattern] = as_patterns(targets, "targets") if targets is not None else []
+    patterns: list[Pattern] = as_patterns(targets, "targets")
     if targets is None:
         for name, module in modules:
             add_module(name, module, explicit=False)

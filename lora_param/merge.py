@@ -26,21 +26,18 @@ def _has_lora(module: nn.Module, tensor_name: str = "weight") -> bool:
 
 def drop_adapters(
     module: nn.Module, tensor_name: str, doomed: Callable[[LoRAParametrization], bool]
-) -> Tensor | None:
+) -> None:
     """Remove the LoRA entries ``doomed`` selects from one tensor's parametrizations.
 
-    Returns:
-        The tensor's ``original`` when the whole parametrization was removed (it is the
-        module's parameter again, the very object it was before ``add_lora``), else None.
+    When no parametrization is left, the tensor's ``original`` becomes the module's parameter
+    again: the very object it was before ``add_lora``, in its original position.
     """
     plist = module.parametrizations[tensor_name]
     drop = [i for i, p in enumerate(plist) if isinstance(p, LoRAParametrization) and doomed(p)]
     if not drop:
-        return None
+        return
     own_class(module)
-    restored = None
     if len(drop) == len(plist):
-        restored = plist.original
         order = module.__dict__.get("_lora_param_order")
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         if order is not None:
@@ -50,7 +47,6 @@ def drop_adapters(
             del plist[i]
     if not _has_lora(module):
         remove_factored_forward(module)
-    return restored
 
 
 def _restore_order(module: nn.Module, order: list[str]) -> None:
