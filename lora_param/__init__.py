@@ -7,22 +7,22 @@ Example:
     >>> save_lora(model, "adapter.pt"); merge_lora(model)
 """
 
-from .errors import LoRAError
-from .factored import FACTORED_KINDS
-from .inject import add_lora, find_targets
-from .io import load_base_state_dict, load_lora, lora_state_dict, save_lora
-from .merge import merge_lora, remove_lora
-from .parametrization import LoRAParametrization
-from .peft_interop import export_peft, import_peft
-from .registry import (
+from .core.errors import LoRAError
+from .core.factored import FACTORED_KINDS
+from .core.inject import add_lora, find_targets
+from .core.io import load_base_state_dict, load_lora, lora_state_dict, save_lora
+from .core.merge import merge_lora, remove_lora
+from .core.parametrization import LoRAParametrization
+from .interop.peft import export_peft, import_peft
+from .core.registry import (
     active_adapters,
     adapter_parameters,
     clear_lora_cache,
     iter_lora,
     list_adapters,
 )
-from .summary import ParameterCounts, parameter_counts, trainable_summary
-from .toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
+from .core.summary import ParameterCounts, parameter_counts, trainable_summary
+from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 
 __version__ = "0.1.0"
 

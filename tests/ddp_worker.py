@@ -28,7 +28,7 @@ from lora_param import (
     save_lora,
     set_active_adapters,
 )
-from lora_param.peft_interop import export_peft
+from lora_param.interop.peft import export_peft
 
 STEPS = 4
 LR = 0.5

@@ -386,14 +386,14 @@ def test_plain_state_dict_file(h, tmp_path):
 def test_file_with_code_is_refused(h, tmp_path):
     """A pickle that needs arbitrary classes is refused (weights_only), not executed."""
     path = tmp_path / "evil.pt"
-    torch.save({"format": lora_param.io.FORMAT, "obj": _Holder()}, path)
+    torch.save({"format": lora_param.core.io.FORMAT, "obj": _Holder()}, path)
     model = Net()
     _refuses(model, h, lambda: load_lora(model, path), r"cannot read adapter file")
 
 
 def _forge(path, config, tensors, fmt=None):
     payload = {
-        "format": fmt or lora_param.io.FORMAT,
+        "format": fmt or lora_param.core.io.FORMAT,
         "config": config if isinstance(config, str) else json.dumps(config),
         "tensors": tensors,
     }

@@ -68,7 +68,7 @@ def test_file_format(zoo, h, tmp_path):
     path = save_lora(model, tmp_path / "deep" / "er" / "a.pt")
     assert path == tmp_path / "deep" / "er" / "a.pt" and path.is_file()
     payload = torch.load(path, weights_only=True)
-    assert payload["format"] == lora_param.io.FORMAT
+    assert payload["format"] == lora_param.core.io.FORMAT
     config = json.loads(payload["config"])["adapters"]
     assert list(config) == ["default", "b"]
     layer = config["b"]["layers"]["head.weight"]

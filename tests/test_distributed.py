@@ -99,7 +99,7 @@ def test_ddp_rank0_adapter_loads_into_single_process_model(dist_run):
 
 def test_ddp_rank0_peft_export_loads(dist_run):
     pytest.importorskip("safetensors")
-    from lora_param.peft_interop import import_peft
+    from lora_param.interop.peft import import_peft
 
     out, _ = dist_run
     model = import_peft(ddp_worker.make_base(), out / "ddp_peft").eval()

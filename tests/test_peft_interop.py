@@ -25,7 +25,7 @@ from lora_param import (
     merge_lora,
     set_active_adapters,
 )
-from lora_param.peft_interop import export_peft, import_peft
+from lora_param.interop.peft import export_peft, import_peft
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 

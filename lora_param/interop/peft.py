@@ -44,10 +44,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import LoRAError
-from .io import atomic_write
-from .layers import base_tensor, is_hf_conv1d, tensor_names
-from .registry import iter_lora, list_adapters
+from ..core.errors import LoRAError
+from ..core.inject import add_lora
+from ..core.io import atomic_write
+from ..core.layers import base_tensor, is_hf_conv1d, tensor_names
+from ..core.registry import iter_lora, list_adapters
 
 __all__ = ["export_peft", "import_peft"]
 
@@ -495,7 +496,6 @@ def import_peft(
             modules_to_save, trained biases, ...), a layer missing from the model, or shapes that do
             not match; the model is left unchanged.
     """
-    from . import add_lora  # late: the package imports this module
 
     path = Path(directory)
     config, raw = _read_folder(path)

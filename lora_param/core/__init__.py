@@ -1,0 +1,1 @@
+"""The core: the LoRA parametrization, injection by name, toggles, freezing, merge and files."""

@@ -1,0 +1,1 @@
+"""Interchange with other libraries' formats and workflows (PEFT, ...); optional dependencies."""
