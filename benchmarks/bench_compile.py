@@ -65,9 +65,13 @@ def bench(batch: int, mode: str, repeats: int, steps: int, warmup: int) -> dict:
     compiled_model = copy.deepcopy(eager_model)
     compiled_fn = torch.compile(compiled_model)
     steps_fn = {
-        "eager": make_step(eager_model, eager_model, torch.optim.AdamW(adapter_parameters(eager_model), lr=1e-3)),
+        "eager": make_step(
+            eager_model, eager_model, torch.optim.AdamW(adapter_parameters(eager_model), lr=1e-3)
+        ),
         "compiled": make_step(
-            compiled_model, compiled_fn, torch.optim.AdamW(adapter_parameters(compiled_model), lr=1e-3)
+            compiled_model,
+            compiled_fn,
+            torch.optim.AdamW(adapter_parameters(compiled_model), lr=1e-3),
         ),
     }
     g = torch.Generator().manual_seed(1)
@@ -108,13 +112,21 @@ def bench(batch: int, mode: str, repeats: int, steps: int, warmup: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[10, 256])
-    parser.add_argument("--modes", nargs="+", default=["factored"], choices=["factored", "materialized"])
-    parser.add_argument("--repeats", type=int, default=11, help="timed blocks per variant (median taken)")
+    parser.add_argument(
+        "--modes", nargs="+", default=["factored"], choices=["factored", "materialized"]
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=11, help="timed blocks per variant (median taken)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed block")
     parser.add_argument("--warmup", type=int, default=2, help="untimed blocks per variant")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
     args = parser.parse_args(argv)
     if args.threads:

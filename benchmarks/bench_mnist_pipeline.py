@@ -62,7 +62,9 @@ class TutorialLoRA(nn.Module):
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         if self.enabled:
-            return original + torch.matmul(self.lora_B, self.lora_A).view(original.shape) * self.scale
+            return (
+                original + torch.matmul(self.lora_B, self.lora_A).view(original.shape) * self.scale
+            )
         return original
 
 
@@ -76,7 +78,9 @@ def naive(data_dir: str, pretrain_steps: int | None, seed: int) -> dict[str, Any
     sec: dict[str, float] = {}
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]
+    )
     trainset = datasets.MNIST(root=data_dir, train=True, download=False, transform=transform)
     train_loader = torch.utils.data.DataLoader(trainset, batch_size=10, shuffle=True)
     testset = datasets.MNIST(root=data_dir, train=False, download=False, transform=transform)
@@ -145,21 +149,39 @@ def naive(data_dir: str, pretrain_steps: int | None, seed: int) -> dict[str, Any
     acc_off, wrong_off = test()
     sec["eval_lora_off"] = time.perf_counter() - t
     sec["total"] = time.perf_counter() - t0
-    return {"seconds": sec, "pretrained": {"accuracy": acc_pre, "wrong_per_digit": wrong_pre},
-            "lora_on": {"accuracy": acc_on, "wrong_per_digit": wrong_on},
-            "lora_off": {"accuracy": acc_off, "wrong_per_digit": wrong_off}, "threads": torch.get_num_threads()}
+    return {
+        "seconds": sec,
+        "pretrained": {"accuracy": acc_pre, "wrong_per_digit": wrong_pre},
+        "lora_on": {"accuracy": acc_on, "wrong_per_digit": wrong_on},
+        "lora_off": {"accuracy": acc_off, "wrong_per_digit": wrong_off},
+        "threads": torch.get_num_threads(),
+    }
 
 
 def ours(data_dir: str, pretrain_steps: int | None, seed: int) -> dict[str, Any]:
     """lora_param.mnist's pipeline with its defaults."""
     from lora_param.mnist import PipelineConfig, PretrainConfig, run_pipeline
 
-    report = run_pipeline(PipelineConfig(data_dir=data_dir, download=False, seed=seed,
-                                         pretrain=PretrainConfig(steps=pretrain_steps), verbose=False)).report
-    return {"seconds": report["seconds"], "pretrained": report["pretrained"], "lora_on": report["lora_on"],
-            "lora_off": report["lora_off"], "threads": report["environment"]["train_threads"],
-            "checks": {"lora_off_identical": report["lora_off_identical"],
-                       "frozen_unchanged": report["frozen_unchanged"]}}
+    report = run_pipeline(
+        PipelineConfig(
+            data_dir=data_dir,
+            download=False,
+            seed=seed,
+            pretrain=PretrainConfig(steps=pretrain_steps),
+            verbose=False,
+        )
+    ).report
+    return {
+        "seconds": report["seconds"],
+        "pretrained": report["pretrained"],
+        "lora_on": report["lora_on"],
+        "lora_off": report["lora_off"],
+        "threads": report["environment"]["train_threads"],
+        "checks": {
+            "lora_off_identical": report["lora_off_identical"],
+            "frozen_unchanged": report["frozen_unchanged"],
+        },
+    }
 
 
 def _spin(stop: Any) -> None:
@@ -169,13 +191,28 @@ def _spin(stop: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"), help="MNIST root")
-    p.add_argument("--quick", action="store_true", help=f"pretrain for {QUICK_PRETRAIN_STEPS} steps on both sides")
-    p.add_argument("--pretrain-steps", type=int, help="pretraining steps on both sides (default: 1 epoch = 6,000)")
+    p.add_argument(
+        "--data-dir", default=str(HERE.parent.parent / "shared" / "data"), help="MNIST root"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"pretrain for {QUICK_PRETRAIN_STEPS} steps on both sides",
+    )
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        help="pretraining steps on both sides (default: 1 epoch = 6,000)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=("naive", "ours"), help="run one side only")
-    p.add_argument("--busy", type=int, default=0, metavar="N",
-                   help="run N busy-looping processes alongside (emulates a machine shared with other jobs)")
+    p.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N busy-looping processes alongside (emulates a machine shared with other jobs)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
     import multiprocessing as mp
@@ -207,9 +244,15 @@ def _bench(args: argparse.Namespace) -> int:
 
     phases = ["pretrain", "eval_pretrained", "finetune", "eval_lora_on", "eval_lora_off", "total"]
     what = "1 epoch (6,000 steps)" if steps is None else f"{steps} steps"
-    print(f"\nMNIST digit-9 LoRA recipe, pretraining {what} of batch 10; {platform.processor() or platform.machine()},"
-          f" {os.cpu_count()} CPUs, torch {torch.__version__}, {args.busy} busy process(es) alongside")
-    print(f"{'phase':<16}" + "".join(f"{side:>12}" for side in results) + ("   speed-up" if len(results) == 2 else ""))
+    print(
+        f"\nMNIST digit-9 LoRA recipe, pretraining {what} of batch 10; {platform.processor() or platform.machine()},"
+        f" {os.cpu_count()} CPUs, torch {torch.__version__}, {args.busy} busy process(es) alongside"
+    )
+    print(
+        f"{'phase':<16}"
+        + "".join(f"{side:>12}" for side in results)
+        + ("   speed-up" if len(results) == 2 else "")
+    )
     for ph in phases:
         vals = [results[s]["seconds"].get(ph, float("nan")) for s in results]
         line = f"{ph:<16}" + "".join(f"{v:>11.1f}s" for v in vals)
@@ -219,16 +262,22 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{'threads (train)':<16}" + "".join(f"{results[s]['threads']:>12}" for s in results))
     for side, r in results.items():
         same = r["lora_off"]["wrong_per_digit"] == r["pretrained"]["wrong_per_digit"]
-        print(f"{side}: pretrained accuracy {r['pretrained']['accuracy']:.4f}, "
-              f"9s wrong {r['pretrained']['wrong_per_digit'][9]} -> {r['lora_on']['wrong_per_digit'][9]} with LoRA, "
-              f"accuracy {r['lora_on']['accuracy']:.4f} with LoRA, LoRA off = pretrained: {same}")
+        print(
+            f"{side}: pretrained accuracy {r['pretrained']['accuracy']:.4f}, "
+            f"9s wrong {r['pretrained']['wrong_per_digit'][9]} -> {r['lora_on']['wrong_per_digit'][9]} with LoRA, "
+            f"accuracy {r['lora_on']['accuracy']:.4f} with LoRA, LoRA off = pretrained: {same}"
+        )
     if len(results) == 2:
         ratio = results["naive"]["seconds"]["total"] / results["ours"]["seconds"]["total"]
         results["speedup_total"] = ratio
-        print(f"end to end: ours is {ratio:.1f}x faster ({results['ours']['seconds']['total']:.1f} s vs "
-              f"{results['naive']['seconds']['total']:.1f} s)")
+        print(
+            f"end to end: ours is {ratio:.1f}x faster ({results['ours']['seconds']['total']:.1f} s vs "
+            f"{results['naive']['seconds']['total']:.1f} s)"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"pretrain_steps": steps, "busy": args.busy, **results}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"pretrain_steps": steps, "busy": args.busy, **results}, indent=2) + "\n"
+        )
     return 0
 
 

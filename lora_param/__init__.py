@@ -13,7 +13,6 @@ from .core.inject import add_lora, find_targets
 from .core.io import load_base_state_dict, load_lora, lora_state_dict, save_lora
 from .core.merge import merge_lora, remove_lora
 from .core.parametrization import LoRAParametrization
-from .interop.peft import export_peft, import_peft
 from .core.registry import (
     active_adapters,
     adapter_parameters,
@@ -23,6 +22,7 @@ from .core.registry import (
 )
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
+from .interop.peft import export_peft, import_peft
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same global RNG state."""

@@ -36,7 +36,9 @@ LR = 0.5
 
 def make_base() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
 
 
 def make_lora(base: nn.Module, seed: int) -> nn.Module:
@@ -79,7 +81,9 @@ def ddp_phase(rank: int, world: int, out: Path) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     base = make_base()
-    model = make_lora(base, seed=100 + rank)  # different A on each rank: DDP must broadcast rank 0's
+    model = make_lora(
+        base, seed=100 + rank
+    )  # different A on each rank: DDP must broadcast rank 0's
     ddp = DDP(model)  # find_unused_parameters=False: a disabled adapter must not trip it
     ref = copy.deepcopy(model)  # after the broadcast: the same start as rank 0
     before = _base_snapshot(model)
@@ -103,12 +107,15 @@ def ddp_phase(rank: int, world: int, out: Path) -> dict:
     after = _base_snapshot(model)
     result = {
         "identical_every_step": identical_every_step,
-        "base_unchanged": before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before),
+        "base_unchanged": before.keys() == after.keys()
+        and all(torch.equal(before[k], after[k]) for k in before),
         "spare_unchanged": torch.equal(spare_before, _flat(adapter_parameters(model, "spare"))),
         "trained": not torch.equal(_flat(adapter_parameters(ref, "default")), flat),
     }
     _train_reference(ref, world, STEPS)
-    result["max_diff_vs_single_process"] = float((_flat(adapter_parameters(ref, "default")) - flat).abs().max())
+    result["max_diff_vs_single_process"] = float(
+        (_flat(adapter_parameters(ref, "default")) - flat).abs().max()
+    )
     model.eval()
     x = eval_input()
     with torch.no_grad():
@@ -177,13 +184,18 @@ def fsdp2_phase(rank: int, world: int, out: Path) -> dict:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in lora_state_dict(model).items()}
+    full = {
+        k: v.full_tensor() if hasattr(v, "full_tensor") else v
+        for k, v in lora_state_dict(model).items()
+    }
     _train_reference(ref, world, STEPS)
     expected = lora_state_dict(ref)
     result = {
         "sharded_type": sharded,
         "n_trainable": n_trainable,
-        "max_diff_vs_single_process": max(float((full[k] - expected[k]).abs().max()) for k in expected),
+        "max_diff_vs_single_process": max(
+            float((full[k] - expected[k]).abs().max()) for k in expected
+        ),
     }
     model.eval()
     with torch.enable_grad():
@@ -213,7 +225,10 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world,
             timeout=timedelta(seconds=60),
         )
         results = {"ddp": ddp_phase(rank, world, out)}

@@ -54,7 +54,9 @@ def _sync_buffers(src: nn.Module, dst: nn.Module) -> None:
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert torch.equal(a, b), f"{what}: max abs diff {(a - b).abs().max().item():.3g} (expected bit-identical)"
+    assert torch.equal(a, b), (
+        f"{what}: max abs diff {(a - b).abs().max().item():.3g} (expected bit-identical)"
+    )
 
 
 def run_lora_lifecycle(
@@ -109,7 +111,9 @@ def run_lora_lifecycle(
         value = loss(model, batch)
         value.backward()
         grads = [p.grad for p in params]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads), "missing or non-finite grads"
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), (
+            "missing or non-finite grads"
+        )
         opt.step()
         losses.append(float(value.detach()))
     model.eval()
@@ -137,7 +141,9 @@ def run_lora_lifecycle(
 
         merged = merge_lora(copy.deepcopy(model))
         assert not list(iter_lora(merged)) and not list_adapters(merged)
-        assert set(merged.state_dict()) == set(reference.state_dict()), "merged model keys differ from the base's"
+        assert set(merged.state_dict()) == set(reference.state_dict()), (
+            "merged model keys differ from the base's"
+        )
         torch.testing.assert_close(forward(merged, batch), on, rtol=1e-4, atol=merge_atol)
         _equal(forward(model, batch), on, "original model after merging a deepcopy")
 

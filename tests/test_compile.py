@@ -189,7 +189,9 @@ def test_compiled_training_matches_eager():
             loss.backward()
             opt.step()
             model._last_loss = loss.detach()
-        torch.testing.assert_close(compiled_model._last_loss, eager._last_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            compiled_model._last_loss, eager._last_loss, rtol=1e-5, atol=1e-5
+        )
     for a, b in zip(adapter_parameters(eager), adapter_parameters(compiled_model)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for name, p in compiled_model.named_parameters():
@@ -214,7 +216,13 @@ def test_vit_with_lora_compiles_without_graph_breaks():
 
     torch.manual_seed(0)
     vit = VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=48, mlp_dim=96, num_classes=10
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=48,
+        mlp_dim=96,
+        num_classes=10,
     )
     add_lora(vit, ["*.self_attention", "*.self_attention.out_proj", "*.mlp.0"], rank=2)
     x = torch.randn(2, 3, 32, 32)
@@ -231,10 +239,18 @@ def test_gpt2_lora_adds_no_graph_break():
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=50, bos_token_id=0, eos_token_id=0
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        n_positions=16,
+        vocab_size=50,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     base = transformers.GPT2LMHeadModel(cfg)
-    model = add_lora(copy.deepcopy(base), ["*.c_attn", "*.c_proj", "*.c_fc", "transformer.wte"], rank=2)
+    model = add_lora(
+        copy.deepcopy(base), ["*.c_attn", "*.c_proj", "*.c_fc", "transformer.wte"], rank=2
+    )
     ids = torch.randint(0, 50, (2, 6))
     base_breaks = _breaks(base, input_ids=ids)
     assert _breaks(model, input_ids=ids) == base_breaks

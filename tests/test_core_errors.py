@@ -87,35 +87,87 @@ def _refuses(model, h, call, match):
 
 BAD_ADD = [
     # (id, kwargs, message regex)
-    ("no-match-literal", dict(targets="fc3"), r"'fc3' matches no adaptable layer.*nearest names: \[('fc1', 'fc2'|'fc2', 'fc1')"),
-    ("no-match-glob", dict(targets="decoder.*"), r"matches no adaptable layer.*Adaptable layers in this model"),
+    (
+        "no-match-literal",
+        dict(targets="fc3"),
+        r"'fc3' matches no adaptable layer.*nearest names: \[('fc1', 'fc2'|'fc2', 'fc1')",
+    ),
+    (
+        "no-match-glob",
+        dict(targets="decoder.*"),
+        r"matches no adaptable layer.*Adaptable layers in this model",
+    ),
     ("no-match-in-list", dict(targets=["fc1", "fcX"]), r"'fcX' matches no adaptable layer"),
     ("no-match-regex", dict(targets=re.compile("nothing")), r"match no supported layer"),
     ("no-match-callable", dict(targets=lambda n, m: False), r"match no supported layer"),
-    ("rank-zero", dict(targets="fc1", rank=0), r"rank for 'fc1.weight' must be a positive integer, got 0"),
+    (
+        "rank-zero",
+        dict(targets="fc1", rank=0),
+        r"rank for 'fc1.weight' must be a positive integer, got 0",
+    ),
     ("rank-negative", dict(targets="fc1", rank=-2), r"positive integer, got -2"),
     ("rank-float", dict(targets="fc1", rank=2.5), r"positive integer, got 2.5"),
     ("rank-bool", dict(targets="fc1", rank=True), r"positive integer, got True"),
     ("rank-string", dict(targets="fc1", rank="4"), r"positive integer, got '4'"),
-    ("rank-too-big", dict(targets="fc1", rank=7), r"rank 7 for 'fc1.weight' exceeds min\(fan_in=6, fan_out=8\) = 6"),
-    ("rank-too-big-param", dict(targets="holder.my_param", rank=6), r"exceeds min\(fan_in=7, fan_out=5\)"),
-    ("rank-dict-no-catch-all", dict(targets=["fc1", "fc2"], rank={"fc1": 2}), r'rank has no pattern matching \'fc2\'.*"\*"'),
-    ("alpha-zero", dict(targets="fc1", alpha=0), r"alpha for 'fc1.weight' must be a positive number, got 0"),
+    (
+        "rank-too-big",
+        dict(targets="fc1", rank=7),
+        r"rank 7 for 'fc1.weight' exceeds min\(fan_in=6, fan_out=8\) = 6",
+    ),
+    (
+        "rank-too-big-param",
+        dict(targets="holder.my_param", rank=6),
+        r"exceeds min\(fan_in=7, fan_out=5\)",
+    ),
+    (
+        "rank-dict-no-catch-all",
+        dict(targets=["fc1", "fc2"], rank={"fc1": 2}),
+        r'rank has no pattern matching \'fc2\'.*"\*"',
+    ),
+    (
+        "alpha-zero",
+        dict(targets="fc1", alpha=0),
+        r"alpha for 'fc1.weight' must be a positive number, got 0",
+    ),
     ("alpha-negative", dict(targets="fc1", alpha=-1.0), r"positive number, got -1.0"),
     ("alpha-string", dict(targets="fc1", alpha="8"), r"positive number"),
-    ("alpha-dict-no-catch-all", dict(targets=["fc1", "fc2"], alpha={"fc2": 4}), r"alpha has no pattern matching 'fc1'"),
-    ("unsupported-layer", dict(targets="norm"), r"'norm' is a LayerNorm, which LoRA does not support.*supported: nn.Linear"),
+    (
+        "alpha-dict-no-catch-all",
+        dict(targets=["fc1", "fc2"], alpha={"fc2": 4}),
+        r"alpha has no pattern matching 'fc1'",
+    ),
+    (
+        "unsupported-layer",
+        dict(targets="norm"),
+        r"'norm' is a LayerNorm, which LoRA does not support.*supported: nn.Linear",
+    ),
     ("container", dict(targets="encoder"), r"'encoder' is a Sequential.*'encoder\.\*'"),
-    ("non-float-param", dict(targets="holder.idx"), r"'holder.idx' has dtype torch.int64; LoRA needs a floating-point"),
+    (
+        "non-float-param",
+        dict(targets="holder.idx"),
+        r"'holder.idx' has dtype torch.int64; LoRA needs a floating-point",
+    ),
     ("1d-param", dict(targets="fc1.bias"), r"'fc1.bias' is 1-D.*at least 2 dimensions"),
     ("1d-custom-param", dict(targets="holder.offset"), r"'holder.offset' is 1-D"),
     ("bad-dropout-neg", dict(targets="fc1", dropout=-0.1), r"dropout must be a number in \[0, 1\)"),
     ("bad-dropout-one", dict(targets="fc1", dropout=1.0), r"dropout must be a number in \[0, 1\)"),
     ("bad-dropout-str", dict(targets="fc1", dropout="0.1"), r"dropout must be a number"),
     ("bad-dropout-bool", dict(targets="fc1", dropout=True), r"dropout must be a number"),
-    ("bad-init", dict(targets="fc1", init="xavier"), r"init must be 'kaiming' or 'gaussian', got 'xavier'"),
-    ("bad-mode", dict(targets="fc1", mode="fast"), r"mode must be 'factored' or 'materialized', got 'fast'"),
-    ("bad-bias", dict(targets="fc1", bias="some"), r"bias must be 'none', 'all' or 'lora_only', got 'some'"),
+    (
+        "bad-init",
+        dict(targets="fc1", init="xavier"),
+        r"init must be 'kaiming' or 'gaussian', got 'xavier'",
+    ),
+    (
+        "bad-mode",
+        dict(targets="fc1", mode="fast"),
+        r"mode must be 'factored' or 'materialized', got 'fast'",
+    ),
+    (
+        "bad-bias",
+        dict(targets="fc1", bias="some"),
+        r"bias must be 'none', 'all' or 'lora_only', got 'some'",
+    ),
     ("bad-adapter-dot", dict(targets="fc1", adapter="a.b"), r"adapter name 'a.b' is invalid"),
     ("bad-adapter-empty", dict(targets="fc1", adapter=""), r"adapter name '' is invalid"),
     ("bad-adapter-type", dict(targets="fc1", adapter=3), r"adapter name 3 is invalid"),
@@ -124,9 +176,21 @@ BAD_ADD = [
     ("bad-exclude-type", dict(targets="fc1", exclude=3.5), r"exclude must be a glob string"),
     ("bad-layer-types", dict(layer_types="Linear"), r"layer_types must be classes"),
     ("exclude-everything", dict(targets="fc1", exclude="fc*"), r"removes every layer"),
-    ("exclude-typo", dict(targets="fc*", exclude="fc9"), r"exclude pattern 'fc9' matches no module"),
-    ("layer-types-exclude-all", dict(targets="fc1", layer_types=nn.Conv2d), r"of types \['Conv2d'\]"),
-    ("trainable-no-match", dict(targets="fc1", trainable="head"), r"trainable pattern 'head' matches no module"),
+    (
+        "exclude-typo",
+        dict(targets="fc*", exclude="fc9"),
+        r"exclude pattern 'fc9' matches no module",
+    ),
+    (
+        "layer-types-exclude-all",
+        dict(targets="fc1", layer_types=nn.Conv2d),
+        r"of types \['Conv2d'\]",
+    ),
+    (
+        "trainable-no-match",
+        dict(targets="fc1", trainable="head"),
+        r"trainable pattern 'head' matches no module",
+    ),
 ]
 
 
@@ -161,7 +225,9 @@ def test_not_a_module():
 def test_adapter_name_twice(mode, h):
     model = add_lora(Net(), "fc1", rank=2, mode=mode)
     h.randomize(model)
-    msg = _refuses(model, h, lambda: add_lora(model, "fc2", rank=2, mode=mode), r"'default' already exists")
+    msg = _refuses(
+        model, h, lambda: add_lora(model, "fc2", rank=2, mode=mode), r"'default' already exists"
+    )
     assert "adapter=" in msg
     add_lora(model, "fc2", rank=2, mode=mode, adapter="other")  # another name is fine
     assert list_adapters(model) == ["default", "other"]
@@ -239,7 +305,9 @@ def _fail_on_call(monkeypatch, n, exc=RuntimeError("injected failure")):
 
 
 @pytest.mark.parametrize("nth", [1, 2, -1], ids=["first", "second", "last"])
-@pytest.mark.parametrize("exc", [RuntimeError("injected failure"), KeyboardInterrupt()], ids=["error", "interrupt"])
+@pytest.mark.parametrize(
+    "exc", [RuntimeError("injected failure"), KeyboardInterrupt()], ids=["error", "interrupt"]
+)
 def test_registration_failing_midway_leaves_model_unchanged(case, mode, h, monkeypatch, nth, exc):
     model = case.model()
     nth = len(case.paths) if nth == -1 else nth
@@ -329,13 +397,20 @@ def test_load_into_model_with_same_adapter_of_other_rank_or_layers(mode, h, tmp_
     msg = _refuses(model, h, lambda: load_lora(model, path), r"rank 3")
     assert "rank 2" in msg
     model = add_lora(Net(), ["fc1"], rank=2, mode=mode)
-    _refuses(model, h, lambda: load_lora(model, path), r"already exists in the model on other layers")
+    _refuses(
+        model, h, lambda: load_lora(model, path), r"already exists in the model on other layers"
+    )
 
 
 def test_load_unknown_adapter_from_file(mode, h, tmp_path):
     path = _saved(tmp_path, h)
     model = Net()
-    _refuses(model, h, lambda: load_lora(model, path, adapter="nope"), r"has no adapter 'nope'.*\['default'\]")
+    _refuses(
+        model,
+        h,
+        lambda: load_lora(model, path, adapter="nope"),
+        r"has no adapter 'nope'.*\['default'\]",
+    )
 
 
 @pytest.mark.parametrize(
@@ -352,12 +427,19 @@ def test_truncated_file(h, tmp_path, keep):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     model = Net()
-    _refuses(model, h, lambda: load_lora(model, path), r"corrupt, truncated, or not a lora_param adapter")
+    _refuses(
+        model, h, lambda: load_lora(model, path), r"corrupt, truncated, or not a lora_param adapter"
+    )
 
 
 def test_random_bytes_file(h, tmp_path):
     path = tmp_path / "noise.pt"
-    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1)).to(torch.uint8).numpy().tobytes())
+    path.write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1))
+        .to(torch.uint8)
+        .numpy()
+        .tobytes()
+    )
     model = Net()
     _refuses(model, h, lambda: load_lora(model, path), r"cannot read adapter file")
 
@@ -433,7 +515,9 @@ def test_forged_files(h, tmp_path):
     shape = json.loads(json.dumps(config))
     shape["adapters"]["default"]["layers"]["fc1.weight"]["shape"] = [8, 5]
     p = _forge(tmp_path / "cfgshape.pt", shape, tensors)
-    _refuses(model, h, lambda: load_lora(model, p), r"has shape \[8, 6\] in this model but \[8, 5\]")
+    _refuses(
+        model, h, lambda: load_lora(model, p), r"has shape \[8, 6\] in this model but \[8, 5\]"
+    )
 
 
 @pytest.mark.parametrize("damage", ["no-layers", "no-rank", "layers-list"])
@@ -516,16 +600,25 @@ def test_load_base_state_dict_refuses_bad_checkpoints(mode, h):
     plain = Net().state_dict()
 
     missing = {k: v for k, v in plain.items() if k != "fc2.weight"}
-    msg = _refuses(model, h, lambda: load_base_state_dict(model, missing), r"missing \['fc2.weight'\]")
+    msg = _refuses(
+        model, h, lambda: load_base_state_dict(model, missing), r"missing \['fc2.weight'\]"
+    )
     assert "strict=False" in msg
 
     unexpected = dict(plain, **{"fc3.weight": torch.zeros(2, 2)})
-    _refuses(model, h, lambda: load_base_state_dict(model, unexpected), r"unexpected \['fc3.weight'\]")
+    _refuses(
+        model, h, lambda: load_base_state_dict(model, unexpected), r"unexpected \['fc3.weight'\]"
+    )
 
     # A wrong shape late in the dict: nothing at all is copied (fc1 comes first).
     shaped = dict(plain)
     shaped["encoder.0.weight"] = torch.zeros(7, 8)
-    _refuses(model, h, lambda: load_base_state_dict(model, shaped), r"'encoder.0.weight' has shape \(7, 8\)")
+    _refuses(
+        model,
+        h,
+        lambda: load_base_state_dict(model, shaped),
+        r"'encoder.0.weight' has shape \(7, 8\)",
+    )
     _refuses(model, h, lambda: load_base_state_dict(model, shaped, strict=False), r"has shape")
 
     other = Net(hidden=9).state_dict()

@@ -100,8 +100,20 @@ def test_round_trip_keeps_options_and_enabled_state(zoo, h, tmp_path, mode, load
     assert got.keys() == want.keys()
     for key, p in want.items():
         q = got[key]
-        for attr in ("rank", "alpha", "scale", "use_rslora", "dropout_p", "init", "kind",
-                     "fan_in", "fan_out", "fan_in_fan_out", "weight_shape", "enabled"):
+        for attr in (
+            "rank",
+            "alpha",
+            "scale",
+            "use_rslora",
+            "dropout_p",
+            "init",
+            "kind",
+            "fan_in",
+            "fan_out",
+            "fan_in_fan_out",
+            "weight_shape",
+            "enabled",
+        ):
             assert getattr(q, attr) == getattr(p, attr), (key, attr)
         assert torch.equal(q.lora_A, p.lora_A) and torch.equal(q.lora_B, p.lora_B)
         assert q.lora_A.requires_grad == p.enabled

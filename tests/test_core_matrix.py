@@ -136,7 +136,10 @@ def test_lora_disabled_restores_prior_state(case, mode, h):
             p.enabled = False
 
     def state():
-        return [(path, p.adapter, p.enabled, p.lora_A.requires_grad) for path, _, _, p in iter_lora(model)]
+        return [
+            (path, p.adapter, p.enabled, p.lora_A.requires_grad)
+            for path, _, _, p in iter_lora(model)
+        ]
 
     before = state()
     with lora_disabled(model):
@@ -187,7 +190,8 @@ def test_merge_lora(case, mode, h):
     model.eval()
     enabled = h.run(model, x, grad=False)
     pre_ids = {
-        path: id(module.parametrizations[name].original) for path, module, name, _ in iter_lora(model)
+        path: id(module.parametrizations[name].original)
+        for path, module, name, _ in iter_lora(model)
     }
     pre_objs = {
         path: module.parametrizations[name].original for path, module, name, _ in iter_lora(model)
@@ -297,7 +301,9 @@ def test_save_load_round_trip(case, mode, h, tmp_path):
     expected = h.run(model, x, grad=False)
 
     sd = lora_state_dict(model)
-    assert sorted(sd) == sorted(f"default.{p}.{t}" for p in case.paths for t in ("lora_A", "lora_B"))
+    assert sorted(sd) == sorted(
+        f"default.{p}.{t}" for p in case.paths for t in ("lora_A", "lora_B")
+    )
 
     path = save_lora(model, tmp_path / "adapter.pt")
     payload = torch.load(path, weights_only=True)
@@ -328,9 +334,7 @@ def test_training_changes_only_adapters(case, mode, h, optim):
     lora_ids = {id(t) for t in adapter_parameters(model)}
     for n, p in model.named_parameters():
         assert p.requires_grad == (id(p) in lora_ids), n
-    lora_keys = {
-        k for k, v in model.named_parameters(remove_duplicate=False) if id(v) in lora_ids
-    }
+    lora_keys = {k for k, v in model.named_parameters(remove_duplicate=False) if id(v) in lora_ids}
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = list(model.parameters())  # all of them, as users do: frozen ones get no grad
     opt = (
@@ -833,7 +837,12 @@ def _merge_or_refuse(model, x, h):
         {"use_trivialization": False},
         {"orthogonal_map": "householder", "use_trivialization": False},
     ],
-    ids=["matrix_exp", "householder", "matrix_exp-no-trivialization", "householder-no-trivialization"],
+    ids=[
+        "matrix_exp",
+        "householder",
+        "matrix_exp-no-trivialization",
+        "householder-no-trivialization",
+    ],
 )
 def test_orthogonal_merge_works_or_refuses_cleanly(mode, h, kwargs):
     from torch.nn.utils.parametrizations import orthogonal
@@ -890,8 +899,11 @@ ALL_TOWER = ["conv.weight", "enc.0.weight", "enc.2.weight", "fc1.weight", "fc2.w
         ("fc1", None, ["fc1.weight"]),
         (["fc1", "enc.*"], None, ["enc.0.weight", "enc.2.weight", "fc1.weight"]),
         (re.compile(r"enc\.\d"), None, ["enc.0.weight", "enc.2.weight"]),
-        (lambda n, m: isinstance(m, nn.Linear) and m.out_features == 8, None,
-         ["enc.0.weight", "enc.2.weight", "fc1.weight"]),
+        (
+            lambda n, m: isinstance(m, nn.Linear) and m.out_features == 8,
+            None,
+            ["enc.0.weight", "enc.2.weight", "fc1.weight"],
+        ),
         ("enc.2.weight", None, ["enc.2.weight"]),
         (["enc.0.weight", "fc2"], None, ["enc.0.weight", "fc2.weight"]),
         (None, "enc.*", ["conv.weight", "fc1.weight", "fc2.weight"]),
@@ -921,8 +933,11 @@ def test_layer_types(mode):
 
 def test_rank_and_alpha_dicts(mode, h):
     model = add_lora(
-        _Tower(), ["fc1", "fc2", "enc.0"], rank={"fc1": 8, "*": 2},
-        alpha={"enc.*": 16, "*": 1.0}, mode=mode,
+        _Tower(),
+        ["fc1", "fc2", "enc.0"],
+        rank={"fc1": 8, "*": 2},
+        alpha={"enc.*": 16, "*": 1.0},
+        mode=mode,
     )
     got = {path: (p.rank, p.alpha, p.scale) for path, _, _, p in iter_lora(model)}
     assert got == {
@@ -932,7 +947,10 @@ def test_rank_and_alpha_dicts(mode, h):
     }
     # The first matching key wins, keys may be tensor paths.
     model = add_lora(_Tower(), "fc*", rank={"fc2.weight": 3, "fc*": 5}, mode=mode)
-    assert {path: p.rank for path, _, _, p in iter_lora(model)} == {"fc1.weight": 5, "fc2.weight": 3}
+    assert {path: p.rank for path, _, _, p in iter_lora(model)} == {
+        "fc1.weight": 5,
+        "fc2.weight": 3,
+    }
 
 
 def test_alpha_defaults_and_rslora(mode):
@@ -1062,8 +1080,13 @@ def _assign_load_twice(model, h):
         (_vector_to_parameters, False),
         (_assign_load_twice, False),
     ],
-    ids=["lora_B.data.mul_", "lora_B.data=", "original.data.mul_", "vector_to_parameters",
-         "load_state_dict-assign-twice"],
+    ids=[
+        "lora_B.data.mul_",
+        "lora_B.data=",
+        "original.data.mul_",
+        "vector_to_parameters",
+        "load_state_dict-assign-twice",
+    ],
 )
 def test_no_grad_cache_sees_untracked_edits(zoo, mode, h, edit, needs_clear):
     """Edits are seen, except in-place edits through ``.data`` (no version counter moves):

@@ -40,8 +40,16 @@ def linear_specs(draw):
     alpha = draw(st.sampled_from([None, 0.5, 3.0]))
     rslora = draw(st.booleans())
     seed = draw(st.integers(0, 2**16))
-    return dict(fan_in=fan_in, fan_out=fan_out, rank=rank, batch=batch, bias=bias,
-                alpha=alpha, rslora=rslora, seed=seed)
+    return dict(
+        fan_in=fan_in,
+        fan_out=fan_out,
+        rank=rank,
+        batch=batch,
+        bias=bias,
+        alpha=alpha,
+        rslora=rslora,
+        seed=seed,
+    )
 
 
 @st.composite
@@ -59,9 +67,19 @@ def conv_specs(draw):
     rank = draw(st.integers(1, min(fan_in, fan_out)))
     batch = draw(st.integers(1, 3))
     seed = draw(st.integers(0, 2**16))
-    return dict(groups=groups, cin=in_per_group * groups, cout=fan_out, k=k, size=size,
-                padding=padding, padding_mode=padding_mode, stride=stride, rank=rank,
-                batch=batch, seed=seed)
+    return dict(
+        groups=groups,
+        cin=in_per_group * groups,
+        cout=fan_out,
+        k=k,
+        size=size,
+        padding=padding,
+        padding_mode=padding_mode,
+        stride=stride,
+        rank=rank,
+        batch=batch,
+        seed=seed,
+    )
 
 
 def _linear(spec):
@@ -75,9 +93,15 @@ def _linear(spec):
 def _conv(spec):
     torch.manual_seed(spec["seed"])
     layer = nn.Sequential(
-        nn.Conv2d(spec["cin"], spec["cout"], spec["k"], stride=spec["stride"],
-                  padding=spec["padding"], padding_mode=spec["padding_mode"],
-                  groups=spec["groups"])
+        nn.Conv2d(
+            spec["cin"],
+            spec["cout"],
+            spec["k"],
+            stride=spec["stride"],
+            padding=spec["padding"],
+            padding_mode=spec["padding_mode"],
+            groups=spec["groups"],
+        )
     )
     x = torch.randn(spec["batch"], spec["cin"], spec["size"], spec["size"])
     return layer, x, dict(rank=spec["rank"])

@@ -35,7 +35,11 @@ def dist_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     init_file = out / "rendezvous"
     ctx = mp.start_processes(
-        ddp_worker.run, args=(WORLD, str(init_file), str(out)), nprocs=WORLD, join=False, start_method="spawn"
+        ddp_worker.run,
+        args=(WORLD, str(init_file), str(out)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -124,7 +128,9 @@ def _fsdp2(results):
 def test_fsdp2_fully_shard_trains_like_single_process(dist_run):
     _, results = dist_run
     for r in _fsdp2(results):
-        assert r["sharded_type"] == "DTensor"  # the base weight under the parametrization is sharded
+        assert (
+            r["sharded_type"] == "DTensor"
+        )  # the base weight under the parametrization is sharded
         assert r["n_trainable"] == 6  # lora_A/B of the 3 enabled layers; base and "spare" frozen
         assert r["max_diff_vs_single_process"] < 1e-5
         assert r["eval_grad_enabled_max_diff"] < 1e-5

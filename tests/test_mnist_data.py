@@ -26,11 +26,15 @@ from lora_param.mnist.data import (
 def write_idx(path: Path, data: torch.Tensor) -> None:
     """Write a uint8 tensor as an IDX file: magic (0, 0, 0x08 = ubyte, ndim), big-endian sizes, bytes."""
     assert data.dtype == torch.uint8
-    header = struct.pack(">BBBB", 0, 0, 0x08, data.dim()) + struct.pack(f">{data.dim()}I", *data.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, data.dim()) + struct.pack(
+        f">{data.dim()}I", *data.shape
+    )
     path.write_bytes(header + data.contiguous().numpy().tobytes())
 
 
-def write_mnist(root: Path, n_train: int = 30, n_test: int = 20, seed: int = 0) -> dict[str, torch.Tensor]:
+def write_mnist(
+    root: Path, n_train: int = 30, n_test: int = 20, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """A tiny MNIST in <root>/MNIST/raw/: random images, labels cycling 0-9."""
     g = torch.Generator().manual_seed(seed)
     raw = root / "MNIST" / "raw"
@@ -85,14 +89,18 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     def fail(self) -> None:  # what torchvision raises when every mirror fails
         calls.append(self.root)
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://..., got:\n"
-                           "<urlopen error [Errno -2] Name or service not known>")
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried https://..., got:\n"
+            "<urlopen error [Errno -2] Name or service not known>"
+        )
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", fail)
     return calls
 
 
-def test_offline_error_says_where_to_put_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_error_says_where_to_put_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = _no_network(monkeypatch)
     with pytest.raises(MNISTNotFoundError) as info:
         load_mnist(tmp_path / "nowhere")
@@ -122,14 +130,17 @@ def test_partial_files_are_listed(tmp_path: Path) -> None:
 
 def test_damaged_files_keep_their_own_error(tmp_path: Path) -> None:
     write_mnist(tmp_path)
-    (tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    (tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte").write_bytes(
+        b"\x00\x00\x0d\x01" + b"\x00" * 8
+    )
     with pytest.raises(Exception) as info:
         load_mnist(tmp_path, download=False)
     assert not isinstance(info.value, MNISTNotFoundError)
 
 
-def test_cli_offline_error_is_one_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_offline_error_is_one_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     _no_network(monkeypatch)
     code = main(["--data-dir", str(tmp_path / "empty"), "--no-progress"])
     captured = capsys.readouterr()

@@ -23,8 +23,11 @@ pytestmark = pytest.mark.skipif(
 def tutorial(tmp_path_factory: pytest.TempPathFactory):
     """The whole default pipeline once (pretraining included): ~45 s on 2 CPU cores."""
     out = tmp_path_factory.mktemp("mnist_e2e")
-    run = run_pipeline(PipelineConfig(data_dir=str(DATA), download=False, out=str(out), progress=False,
-                                      verbose=False))
+    run = run_pipeline(
+        PipelineConfig(
+            data_dir=str(DATA), download=False, out=str(out), progress=False, verbose=False
+        )
+    )
     return run, out
 
 
@@ -36,8 +39,13 @@ def test_tutorial_recipe_checks_and_counts(tutorial) -> None:
     assert report["base_params"] == 2_807_010 and report["lora_params"] == 6_794
     assert f"{100 * report['lora_params'] / report['base_params']:.3f}" == "0.242"
     assert report["pretrained"]["accuracy"] > 0.9  # one epoch of the tutorial's recipe
-    assert sum(report["pretrained"]["wrong_per_digit"]) == round((1 - report["pretrained"]["accuracy"]) * 10_000)
-    before, after = report["pretrained"]["wrong_per_digit"][9], report["lora_on"]["wrong_per_digit"][9]
+    assert sum(report["pretrained"]["wrong_per_digit"]) == round(
+        (1 - report["pretrained"]["accuracy"]) * 10_000
+    )
+    before, after = (
+        report["pretrained"]["wrong_per_digit"][9],
+        report["lora_on"]["wrong_per_digit"][9],
+    )
     assert after <= before / 2, f"digit-9 errors should fall: {before} -> {after}"
     assert report["lora_off"]["wrong_per_digit"] == report["pretrained"]["wrong_per_digit"]
     assert report["recipe"]["steps"] == 100 and report["recipe"]["batch_size"] == 10
@@ -50,9 +58,20 @@ def test_tutorial_recipe_checks_and_counts(tutorial) -> None:
 def test_balanced_recipe_keeps_the_other_digits(tutorial) -> None:
     run, out = tutorial
     tut = run.report
-    bal = run_pipeline(PipelineConfig(data_dir=str(DATA), recipe="balanced", checkpoint=str(out / "pretrained.pt"),
-                                      progress=False, verbose=False), data=run.data).report
-    assert bal["pretrained"] == {**tut["pretrained"], "seconds": bal["pretrained"]["seconds"]}  # same base model
+    bal = run_pipeline(
+        PipelineConfig(
+            data_dir=str(DATA),
+            recipe="balanced",
+            checkpoint=str(out / "pretrained.pt"),
+            progress=False,
+            verbose=False,
+        ),
+        data=run.data,
+    ).report
+    assert bal["pretrained"] == {
+        **tut["pretrained"],
+        "seconds": bal["pretrained"]["seconds"],
+    }  # same base model
     assert bal["lora_off_identical"] and bal["frozen_unchanged"]
     before, after = bal["pretrained"]["wrong_per_digit"][9], bal["lora_on"]["wrong_per_digit"][9]
     # The recipe's goal: >= 80% fewer target errors, at most 0.5 points of accuracy lost (seed 0
@@ -64,8 +83,19 @@ def test_balanced_recipe_keeps_the_other_digits(tutorial) -> None:
 
 def test_load_adapter_on_real_data(tutorial, capsys: pytest.CaptureFixture[str]) -> None:
     run, out = tutorial
-    assert main(["--data-dir", str(DATA), "--no-download", "--no-progress", "--load-adapter",
-                 str(out / "adapter.pt")]) == 0
+    assert (
+        main(
+            [
+                "--data-dir",
+                str(DATA),
+                "--no-download",
+                "--no-progress",
+                "--load-adapter",
+                str(out / "adapter.pt"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "LoRA off reproduces the pretrained logits exactly: PASS" in text
     lora_on = run.report["lora_on"]

@@ -32,13 +32,28 @@ from lora_param.mnist.pipeline import base_state, same_tensors
 from lora_param.mnist.report import digit_changes, gain_stops_at, plot_errors, summary_text
 
 REPORT_KEYS = {
-    "pretrained", "lora_on", "lora_off", "target_digit", "worst_digit", "rank", "alpha", "lora_params",
-    "base_params", "lora_off_identical", "frozen_unchanged", "seconds", "seed", "recipe", "changes",
+    "pretrained",
+    "lora_on",
+    "lora_off",
+    "target_digit",
+    "worst_digit",
+    "rank",
+    "alpha",
+    "lora_params",
+    "base_params",
+    "lora_off_identical",
+    "frozen_unchanged",
+    "seconds",
+    "seed",
+    "recipe",
+    "changes",
 }
 
 
 def _write_idx(path: Path, data: torch.Tensor) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, data.dim()) + struct.pack(f">{data.dim()}I", *data.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, data.dim()) + struct.pack(
+        f">{data.dim()}I", *data.shape
+    )
     path.write_bytes(header + data.contiguous().numpy().tobytes())
 
 
@@ -60,8 +75,15 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(root: Path, **kw: Any) -> PipelineConfig:
-    base: dict[str, Any] = {"data_dir": str(root), "download": False, "pretrain": PretrainConfig(steps=20),
-                            "finetune_steps": 5, "progress": False, "verbose": False, "seed": 0}
+    base: dict[str, Any] = {
+        "data_dir": str(root),
+        "download": False,
+        "pretrain": PretrainConfig(steps=20),
+        "finetune_steps": 5,
+        "progress": False,
+        "verbose": False,
+        "seed": 0,
+    }
     base.update(kw)
     return PipelineConfig(**base)
 
@@ -74,6 +96,7 @@ def tiny_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
 # --- batching and training loops -------------------------------------------------------------
 
+
 def test_shuffled_batches_cover_each_epoch_and_reproduce() -> None:
     batches = list(shuffled_batches(25, 10, torch.Generator().manual_seed(3)))
     assert [len(b) for b in batches] == [10, 10, 5]
@@ -82,7 +105,9 @@ def test_shuffled_batches_cover_each_epoch_and_reproduce() -> None:
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
     long = list(shuffled_batches(25, 10, torch.Generator().manual_seed(3), steps=7))
     assert len(long) == 7 and all(torch.equal(a, b) for a, b in zip(long[:3], batches))
-    assert sorted(torch.cat(long[3:6]).tolist()) == list(range(25))  # second epoch: a new permutation
+    assert sorted(torch.cat(long[3:6]).tolist()) == list(
+        range(25)
+    )  # second epoch: a new permutation
     assert list(shuffled_batches(25, 10, torch.Generator(), steps=0)) == []
 
 
@@ -101,8 +126,14 @@ def test_pretrain_is_reproducible() -> None:
     states = []
     for _ in range(2):
         model = _small_model()
-        result = pretrain(model, x, y, PretrainConfig(steps=15), generator=torch.Generator().manual_seed(5),
-                          progress=False)
+        result = pretrain(
+            model,
+            x,
+            y,
+            PretrainConfig(steps=15),
+            generator=torch.Generator().manual_seed(5),
+            progress=False,
+        )
         states.append(model.state_dict())
     assert result.steps == 15 and result.seconds >= 0
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -132,10 +163,19 @@ def _indexed_data(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_tutorial_recipe_sees_only_the_target_digit() -> None:
     x, y = _indexed_data()
-    model = add_lora(_small_model(), ["linear1", "linear2", "linear3"], rank=1, alpha=1, init="gaussian")
+    model = add_lora(
+        _small_model(), ["linear1", "linear2", "linear3"], rank=1, alpha=1, init="gaussian"
+    )
     spy = LabelSpy(model, y)
-    result = finetune(model, x, y, 9, TUTORIAL.with_overrides(steps=4), generator=torch.Generator().manual_seed(0),
-                      progress=False)
+    result = finetune(
+        model,
+        x,
+        y,
+        9,
+        TUTORIAL.with_overrides(steps=4),
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     assert result.steps == 4 and len(spy.batches) == 4
     assert all(set(labels) == {9} and len(labels) == 10 for labels, _ in spy.batches[:1])
     assert all(set(labels) == {9} for labels, _ in spy.batches)
@@ -143,11 +183,23 @@ def test_tutorial_recipe_sees_only_the_target_digit() -> None:
 
 def test_balanced_recipe_replays_other_digits_and_distils_with_lora_off() -> None:
     x, y = _indexed_data()
-    model = add_lora(_small_model(), ["linear1", "linear2", "linear3"], rank=1, alpha=1, init="gaussian")
+    model = add_lora(
+        _small_model(), ["linear1", "linear2", "linear3"], rank=1, alpha=1, init="gaussian"
+    )
     spy = LabelSpy(model, y)
-    recipe = FinetuneRecipe("balanced", steps=3, batch_size=10, replay=0.4, target_weight=3.0, distill=1.0)
-    finetune(model, x, y, 9, recipe, teacher=lambda: lora_disabled(model), generator=torch.Generator().manual_seed(0),
-             progress=False)
+    recipe = FinetuneRecipe(
+        "balanced", steps=3, batch_size=10, replay=0.4, target_weight=3.0, distill=1.0
+    )
+    finetune(
+        model,
+        x,
+        y,
+        9,
+        recipe,
+        teacher=lambda: lora_disabled(model),
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     assert len(spy.batches) == 6  # per step: the teacher (LoRA off), then the student (LoRA on)
     for teacher, student in zip(spy.batches[0::2], spy.batches[1::2]):
         t_labels, t_enabled = teacher
@@ -160,10 +212,19 @@ def test_balanced_recipe_replays_other_digits_and_distils_with_lora_off() -> Non
 
 def test_balanced_without_distill_needs_no_teacher_and_weights_the_target() -> None:
     x, y = _indexed_data()
-    model = add_lora(_small_model(), ["linear1", "linear2", "linear3"], rank=1, alpha=1, init="gaussian")
+    model = add_lora(
+        _small_model(), ["linear1", "linear2", "linear3"], rank=1, alpha=1, init="gaussian"
+    )
     spy = LabelSpy(model, y)
-    finetune(model, x, y, 3, BALANCED.with_overrides(steps=2, distill=0.0), generator=torch.Generator().manual_seed(0),
-             progress=False)
+    finetune(
+        model,
+        x,
+        y,
+        3,
+        BALANCED.with_overrides(steps=2, distill=0.0),
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     assert len(spy.batches) == 2
     labels = spy.batches[0][0]
     n_replay = round(BALANCED.replay * BALANCED.batch_size)
@@ -191,19 +252,35 @@ def test_finetune_trains_only_lora_and_needs_it() -> None:
 
 # --- the whole pipeline on tiny data ---------------------------------------------------------------
 
+
 def test_report_has_the_promised_keys_and_files(tiny_run) -> None:
     run, out = tiny_run
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= report.keys()
     for key in ("pretrained", "lora_on", "lora_off"):
-        assert set(report[key]) >= {"accuracy", "wrong_per_digit"} and len(report[key]["wrong_per_digit"]) == 10
+        assert (
+            set(report[key]) >= {"accuracy", "wrong_per_digit"}
+            and len(report[key]["wrong_per_digit"]) == 10
+        )
     assert report["lora_off_identical"] is True and report["frozen_unchanged"] is True
     assert report["lora_params"] == 6794 and report["base_params"] == 2_807_010
-    assert report["rank"] == 1 and report["alpha"] == 1.0 and report["target_digit"] == 9 and report["seed"] == 0
+    assert (
+        report["rank"] == 1
+        and report["alpha"] == 1.0
+        and report["target_digit"] == 9
+        and report["seed"] == 0
+    )
     assert report["recipe"]["name"] == "tutorial" and report["recipe"]["steps"] == 5
     assert report["recipe"]["pretrain"]["steps"] == 20
-    assert {"data", "pretrain", "eval_pretrained", "finetune", "eval_lora_on", "eval_lora_off", "total"} \
-        <= report["seconds"].keys()
+    assert {
+        "data",
+        "pretrain",
+        "eval_pretrained",
+        "finetune",
+        "eval_lora_on",
+        "eval_lora_off",
+        "total",
+    } <= report["seconds"].keys()
     assert report["lora_off"] == {**report["pretrained"], "seconds": report["lora_off"]["seconds"]}
     for name in ("adapter.pt", "pretrained.pt", "errors.png"):
         assert (out / name).is_file()
@@ -213,9 +290,18 @@ def test_report_has_the_promised_keys_and_files(tiny_run) -> None:
 
 def test_summary_shows_table_changes_and_checks(tiny_run) -> None:
     text = summary_text(tiny_run[0].report)
-    for needle in ("pretrained", "LoRA on", "LoRA off", "change vs pretrained", "target digit 9",
-                   "other digits", "most hurt", "LoRA off reproduces the pretrained logits exactly: PASS",
-                   "no frozen weight changed during fine-tuning: PASS", "2,807,010 base, 6,794 LoRA (0.242% of base)"):
+    for needle in (
+        "pretrained",
+        "LoRA on",
+        "LoRA off",
+        "change vs pretrained",
+        "target digit 9",
+        "other digits",
+        "most hurt",
+        "LoRA off reproduces the pretrained logits exactly: PASS",
+        "no frozen weight changed during fine-tuning: PASS",
+        "2,807,010 base, 6,794 LoRA (0.242% of base)",
+    ):
         assert needle in text
 
 
@@ -223,14 +309,25 @@ def test_same_seed_same_numbers(tiny_root: Path, tiny_run) -> None:
     again = run_pipeline(tiny_config(tiny_root)).report
     first = tiny_run[0].report
     for key in ("pretrained", "lora_on", "lora_off"):
-        assert {k: v for k, v in again[key].items() if k != "seconds"} == \
-            {k: v for k, v in first[key].items() if k != "seconds"}
+        assert {k: v for k, v in again[key].items() if k != "seconds"} == {
+            k: v for k, v in first[key].items() if k != "seconds"
+        }
 
 
 def test_load_adapter_reproduces_the_run(tiny_root: Path, tiny_run, tmp_path: Path) -> None:
     _, out = tiny_run
-    code = main(["--data-dir", str(tiny_root), "--no-download", "--no-progress", "--load-adapter",
-                 str(out / "adapter.pt"), "--out", str(tmp_path)])
+    code = main(
+        [
+            "--data-dir",
+            str(tiny_root),
+            "--no-download",
+            "--no-progress",
+            "--load-adapter",
+            str(out / "adapter.pt"),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     first = json.loads((out / "report.json").read_text())
     loaded = json.loads((tmp_path / "report.json").read_text())
@@ -249,7 +346,9 @@ def test_worst_digit_and_sidecar_digit(tiny_root: Path, tmp_path: Path) -> None:
     wrong = report["pretrained"]["wrong_per_digit"]
     assert wrong[report["worst_digit"]] == max(wrong)
     loaded = run_pipeline(tiny_config(tiny_root, load_adapter=str(tmp_path / "adapter.pt"))).report
-    assert loaded["target_digit"] == report["target_digit"]  # read from the report.json beside the adapter
+    assert (
+        loaded["target_digit"] == report["target_digit"]
+    )  # read from the report.json beside the adapter
     assert loaded["recipe"] == report["recipe"]
     assert loaded["lora_on"]["wrong_per_digit"] == report["lora_on"]["wrong_per_digit"]
 
@@ -270,8 +369,9 @@ def test_pipeline_restores_the_thread_count(tiny_root: Path) -> None:
     assert torch.get_num_threads() == before
 
 
-def test_load_adapter_without_checkpoint_is_a_clear_error(tiny_root: Path, tiny_run, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_load_adapter_without_checkpoint_is_a_clear_error(
+    tiny_root: Path, tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, out = tiny_run
     lone = tmp_path / "adapter.pt"
     lone.write_bytes((out / "adapter.pt").read_bytes())
@@ -291,13 +391,19 @@ def test_rank_sweep_one_row_per_rank(tiny_root: Path, capsys: pytest.CaptureFixt
 
 
 def test_balanced_pipeline_runs(tiny_root: Path) -> None:
-    report = run_pipeline(tiny_config(tiny_root, recipe="balanced", finetune_steps=4, distill=0.5)).report
+    report = run_pipeline(
+        tiny_config(tiny_root, recipe="balanced", finetune_steps=4, distill=0.5)
+    ).report
     assert report["recipe"]["name"] == "balanced" and report["recipe"]["distill"] == 0.5
     assert report["lora_off_identical"] and report["frozen_unchanged"]
 
 
-def test_without_matplotlib_the_plot_is_skipped(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_without_matplotlib_the_plot_is_skipped(
+    tiny_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert plot_errors([1] * 10, [2] * 10, tmp_path / "x.png") is None
@@ -313,11 +419,16 @@ def test_digit_changes_and_gain_stop() -> None:
     assert ch["target"] == {"digit": 9, "before": 50, "after": 10, "change": -40, "reduction": 0.8}
     assert ch["worst_other"]["digit"] == 4 and ch["others_total_change"] == 86
     assert ch["accuracy_change_points"] == pytest.approx(-10.0)
-    rows = [{"rank": r, "lora_on": {"wrong_per_digit": [0] * 9 + [w]}} for r, w in ((1, 30), (2, 20), (4, 20), (8, 5))]
+    rows = [
+        {"rank": r, "lora_on": {"wrong_per_digit": [0] * 9 + [w]}}
+        for r, w in ((1, 30), (2, 20), (4, 20), (8, 5))
+    ]
     assert gain_stops_at(rows, 9) == 2
 
 
-def test_benchmark_script_runs_both_sides(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_benchmark_script_runs_both_sides(
+    tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """benchmarks/bench_mnist_pipeline.py on tiny data: both sides run and the table prints (timings not checked)."""
     import importlib.util
 
@@ -327,10 +438,25 @@ def test_benchmark_script_runs_both_sides(tiny_root: Path, tmp_path: Path, capsy
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     before = torch.get_num_threads()
-    assert bench.main(["--data-dir", str(tiny_root), "--pretrain-steps", "5", "--json", str(tmp_path / "b.json")]) == 0
+    assert (
+        bench.main(
+            [
+                "--data-dir",
+                str(tiny_root),
+                "--pretrain-steps",
+                "5",
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     assert torch.get_num_threads() == before
     out = capsys.readouterr().out
     assert "speed-up" in out and "end to end: ours is" in out
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["pretrain_steps"] == 5 and result["ours"]["checks"]["lora_off_identical"]
-    assert result["naive"]["lora_off"]["wrong_per_digit"] == result["naive"]["pretrained"]["wrong_per_digit"]
+    assert (
+        result["naive"]["lora_off"]["wrong_per_digit"]
+        == result["naive"]["pretrained"]["wrong_per_digit"]
+    )

@@ -52,7 +52,13 @@ def test_resnet18_conv_and_linear(tmp_path):
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=10)
     report = run_lora_lifecycle(
-        base, ["layer*.*.conv*", "fc"], _images(), _classify, _ce, tmp_path, rank=4,
+        base,
+        ["layer*.*.conv*", "fc"],
+        _images(),
+        _classify,
+        _ce,
+        tmp_path,
+        rank=4,
         expect_kinds=["conv", "linear"],
     )
     assert "fc.weight" in report.adapted and "layer4.1.conv2.weight" in report.adapted
@@ -65,13 +71,25 @@ def test_vit_multihead_attention(tmp_path):
     from torchvision.models.vision_transformer import VisionTransformer
 
     base = VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=48, mlp_dim=96, num_classes=10
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=48,
+        mlp_dim=96,
+        num_classes=10,
     )
     # torchvision zero-initialises the classifier, which would hide the encoder from the output
     nn.init.normal_(base.heads.head.weight, std=0.2)
     report = run_lora_lifecycle(
-        base, ["*.self_attention", "*.self_attention.out_proj"], _images(), _classify, _ce, tmp_path,
-        rank=4, expect_kinds=["param", "linear"],
+        base,
+        ["*.self_attention", "*.self_attention.out_proj"],
+        _images(),
+        _classify,
+        _ce,
+        tmp_path,
+        rank=4,
+        expect_kinds=["param", "linear"],
     )
     assert sorted(report.adapted) == sorted(
         f"encoder.layers.encoder_layer_{i}.self_attention.{t}"
@@ -138,17 +156,31 @@ def test_gpt2_conv1d(tmp_path):
     _quiet(transformers)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=2, n_positions=32, vocab_size=128, bos_token_id=0, eos_token_id=0
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        n_positions=32,
+        vocab_size=128,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     base = transformers.GPT2LMHeadModel(cfg)
     report = run_lora_lifecycle(
-        base, "*.attn.c_attn", _lm_batch(128), _logits, _lm_loss, tmp_path, rank=4,
+        base,
+        "*.attn.c_attn",
+        _lm_batch(128),
+        _logits,
+        _lm_loss,
+        tmp_path,
+        rank=4,
         expect_kinds=["conv1d_hf"],
     )
     assert report.adapted == [f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)]
     for _, module, _, p in iter_lora(report.model):
         # Conv1D stores its weight (in, out): the update is transposed to match
-        assert p.fan_in_fan_out and module.weight.shape == (64, 192) and p.delta().shape == (64, 192)
+        assert (
+            p.fan_in_fan_out and module.weight.shape == (64, 192) and p.delta().shape == (64, 192)
+        )
 
 
 def test_llama_q_v_proj(tmp_path):
@@ -156,12 +188,25 @@ def test_llama_q_v_proj(tmp_path):
     _quiet(transformers)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     base = transformers.LlamaForCausalLM(cfg)
     report = run_lora_lifecycle(
-        base, ["*q_proj", "*v_proj"], _lm_batch(128), _logits, _lm_loss, tmp_path, rank=4,
+        base,
+        ["*q_proj", "*v_proj"],
+        _lm_batch(128),
+        _logits,
+        _lm_loss,
+        tmp_path,
+        rank=4,
         expect_kinds=["linear"],
     )
     assert len(report.adapted) == 4
@@ -172,15 +217,27 @@ def test_bert_query_value(tmp_path):
     _quiet(transformers)
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
-        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     base = transformers.BertForSequenceClassification(cfg)  # classifier head: randomly initialised
     batch = {"input_ids": torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))}
     labels = torch.tensor([0, 1, 0, 1])
     report = run_lora_lifecycle(
-        base, ["*.attention.self.query", "*.attention.self.value"], batch, _logits,
-        lambda m, b: m(**b, labels=labels).loss, tmp_path, rank=4, expect_kinds=["linear"],
+        base,
+        ["*.attention.self.query", "*.attention.self.value"],
+        batch,
+        _logits,
+        lambda m, b: m(**b, labels=labels).loss,
+        tmp_path,
+        rank=4,
+        expect_kinds=["linear"],
     )
     assert len(report.adapted) == 4
 
@@ -264,7 +321,13 @@ def test_gpt2_tied_lm_head(tmp_path):
     _quiet(transformers)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=50, bos_token_id=0, eos_token_id=0
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        n_positions=16,
+        vocab_size=50,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     base = transformers.GPT2LMHeadModel(cfg).eval()
     assert base.lm_head.weight is base.transformer.wte.weight

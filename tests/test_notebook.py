@@ -34,17 +34,22 @@ def test_install_cell_is_first_and_guarded() -> None:
     assert 'find_spec("lora_param") is None' in first.source
 
 
-@pytest.mark.skipif(not (DATA / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file(),
-                    reason=f"real MNIST is not in {DATA / 'MNIST' / 'raw'}")
+@pytest.mark.skipif(
+    not (DATA / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file(),
+    reason=f"real MNIST is not in {DATA / 'MNIST' / 'raw'}",
+)
 def test_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_PARAM_DATA", str(DATA))
     monkeypatch.setenv("LORA_PARAM_QUICK", "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    )
     monkeypatch.setenv("TQDM_DISABLE", "1")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # kernel "python3": jupyter_client runs it with this interpreter (sys.executable), i.e. the venv's
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError on the first failing cell
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert _text(code[0]) == "", "the install cell must do nothing when lora_param is importable"

@@ -78,9 +78,17 @@ def _peft_load(base: nn.Module, folder) -> nn.Module:
 
 def test_export_writes_peft_layout(tmp_path):
     torch.manual_seed(0)
-    model = add_lora(Net(), ["emb", "fc", "block.*", "conv"], rank={"fc": 3, "*": 2}, alpha={"block.2": 5, "*": 4})
+    model = add_lora(
+        Net(),
+        ["emb", "fc", "block.*", "conv"],
+        rank={"fc": 3, "*": 2},
+        alpha={"block.2": 5, "*": 4},
+    )
     out = export_peft(model, tmp_path / "ad")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 4
     assert cfg["rank_pattern"] == {"fc": 3} and cfg["alpha_pattern"] == {"block.2": 5}
@@ -256,8 +264,14 @@ def _tiny_gpt2():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=50, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=16,
+        vocab_size=50,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
@@ -280,7 +294,11 @@ def test_gpt2_conv1d_both_directions(tmp_path):
 
     # PEFT -> lora_param
     pcfg = peft.LoraConfig(
-        r=3, lora_alpha=6, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=False
+        r=3,
+        lora_alpha=6,
+        target_modules=["c_attn", "c_proj"],
+        fan_in_fan_out=True,
+        init_lora_weights=False,
     )
     trained = peft.get_peft_model(copy.deepcopy(base), pcfg).eval()
     trained.save_pretrained(str(tmp_path / "peft"))
@@ -338,8 +356,13 @@ def test_export_overwrites_atomically(tmp_path):
     _randomize_B(model)
     export_peft(model, tmp_path)
     sd = safetensors_torch.load_file(str(tmp_path / "adapter_model.safetensors"))
-    torch.testing.assert_close(sd["base_model.model.0.lora_B.weight"], model[0].parametrizations.weight[0].lora_B.detach())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    torch.testing.assert_close(
+        sd["base_model.model.0.lora_B.weight"], model[0].parametrizations.weight[0].lora_B.detach()
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
 
 def test_export_looks_through_compile_wrapper(tmp_path):
@@ -373,7 +396,10 @@ def _state(model):
 def test_import_refuses_unsupported_configs(tmp_path, config, match):
     model = nn.Sequential(nn.Linear(4, 3))
     before = _state(model)
-    tensors = {"base_model.model.0.lora_A.weight": torch.zeros(2, 4), "base_model.model.0.lora_B.weight": torch.zeros(3, 2)}
+    tensors = {
+        "base_model.model.0.lora_A.weight": torch.zeros(2, 4),
+        "base_model.model.0.lora_B.weight": torch.zeros(3, 2),
+    }
     _write_peft_folder(tmp_path, config, tensors)
     with pytest.raises(LoRAError, match=match):
         import_peft(model, tmp_path)
@@ -382,13 +408,19 @@ def test_import_refuses_unsupported_configs(tmp_path, config, match):
 
 
 def test_import_refuses_wrong_base_model(tmp_path):
-    tensors = {"base_model.model.0.lora_A.weight": torch.zeros(2, 5), "base_model.model.0.lora_B.weight": torch.zeros(3, 2)}
+    tensors = {
+        "base_model.model.0.lora_A.weight": torch.zeros(2, 5),
+        "base_model.model.0.lora_B.weight": torch.zeros(3, 2),
+    }
     _write_peft_folder(tmp_path, {}, tensors)
     model = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(LoRAError, match="shapes"):
         import_peft(model, tmp_path)
     assert not list(iter_lora(model))
-    tensors = {"base_model.model.9.lora_A.weight": torch.zeros(2, 4), "base_model.model.9.lora_B.weight": torch.zeros(3, 2)}
+    tensors = {
+        "base_model.model.9.lora_A.weight": torch.zeros(2, 4),
+        "base_model.model.9.lora_B.weight": torch.zeros(3, 2),
+    }
     _write_peft_folder(tmp_path, {}, tensors)
     with pytest.raises(LoRAError, match="does not have"):
         import_peft(model, tmp_path)
@@ -405,14 +437,23 @@ def test_import_refuses_unknown_tensors_and_missing_folder(tmp_path):
 
 
 def test_import_reads_legacy_bin(tmp_path):
-    tensors = {"base_model.model.0.lora_A.weight": torch.randn(2, 4), "base_model.model.0.lora_B.weight": torch.randn(3, 2)}
+    tensors = {
+        "base_model.model.0.lora_A.weight": torch.randn(2, 4),
+        "base_model.model.0.lora_B.weight": torch.randn(3, 2),
+    }
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4})
+    )
     torch.save(tensors, tmp_path / "adapter_model.bin")
     base = nn.Sequential(nn.Linear(4, 3))
     model = import_peft(copy.deepcopy(base), tmp_path)
     x = torch.randn(5, 4)
-    delta = 2.0 * tensors["base_model.model.0.lora_B.weight"] @ tensors["base_model.model.0.lora_A.weight"]
+    delta = (
+        2.0
+        * tensors["base_model.model.0.lora_B.weight"]
+        @ tensors["base_model.model.0.lora_A.weight"]
+    )
     with torch.no_grad():
         _close(model(x), base(x) + x @ delta.T)
 
@@ -436,6 +477,6 @@ def test_peft_package_not_needed(tmp_path, monkeypatch):
 def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     model = add_lora(nn.Sequential(nn.Linear(4, 3)), rank=2)
-    with pytest.raises(ImportError, match=r'lora_param\[peft\]'):
+    with pytest.raises(ImportError, match=r"lora_param\[peft\]"):
         export_peft(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -56,9 +56,7 @@ def _conv_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> 
 
 
 def _embedding_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
-    return F.embedding(
-        x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse
-    )
+    return F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
 
 
 def _embedding_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:

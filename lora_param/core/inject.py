@@ -9,10 +9,10 @@ from typing import Literal
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .classes import own_class
 from .errors import LoRAError
 from .factored import factored_forward_applies, install_factored_forward
 from .freeze import Bias, freeze_base, trainable_modules
-from .classes import own_class
 from .layers import (
     SUPPORTED_LAYERS,
     AdaptTarget,
@@ -43,9 +43,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _tensor_paths(modules: list[tuple[str, nn.Module]]) -> dict[str, tuple[str, nn.Module, str]]:
-    return {
-        join(n, t): (n, m, t) for n, m in modules for t in tensor_names(m)
-    }
+    return {join(n, t): (n, m, t) for n, m in modules for t in tensor_names(m)}
 
 
 def _unsupported(name: str, module: nn.Module) -> LoRAError:
@@ -128,9 +126,7 @@ def find_targets(
         )
     excluded = as_patterns(exclude, "exclude")
     for pattern in excluded:
-        if isinstance(pattern, str) and not any(
-            matches(pattern, n) for n in [*by_name, *tensors]
-        ):
+        if isinstance(pattern, str) and not any(matches(pattern, n) for n in [*by_name, *tensors]):
             hint = nearest(pattern, [n for n in by_name if n] + list(tensors))
             raise LoRAError(
                 f"exclude pattern {pattern!r} matches no module or parameter"
@@ -322,7 +318,9 @@ def add_lora(
                 f"rank {r} for '{target.path}' exceeds min(fan_in={target.fan_in}, "
                 f"fan_out={target.fan_out}) = {min(target.fan_in, target.fan_out)}; a LoRA "
                 "update cannot have a larger rank than its matrix. Lower rank for this layer, "
-                'e.g. rank={"' + target.module_name + f'": {min(target.fan_in, target.fan_out)}, "*": {r}}}.'
+                'e.g. rank={"'
+                + target.module_name
+                + f'": {min(target.fan_in, target.fan_out)}, "*": {r}}}.'
             )
         a = pick(alpha, names, "alpha")
         a = r if a is None else _check_number(a, "alpha", target.path)

@@ -16,8 +16,8 @@ from torch.nn.utils import parametrize
 from .errors import LoRAError
 from .freeze import freeze_base
 from .inject import Mode, inject
-from .merge import remove_lora
 from .layers import base_tensor, join, parameter_target, tensor_names
+from .merge import remove_lora
 from .registry import check_adapters_exist, iter_lora, list_adapters
 
 __all__ = [
@@ -183,7 +183,11 @@ def _check_config(adapters: Any, path: str) -> None:
     if not isinstance(adapters, dict) or not adapters:
         raise bad("no adapters")
     for name, spec in adapters.items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("layers"), dict) or not spec["layers"]:
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("layers"), dict)
+            or not spec["layers"]
+        ):
             raise bad(f"adapter {name!r} lists no layers")
         for tpath, layer in spec["layers"].items():
             if not isinstance(layer, dict):
@@ -254,7 +258,9 @@ def _check_file_against_model(
                     )
     extra = sorted(set(tensors) - expected)
     if extra:
-        raise LoRAError(f"adapter file {path!r} has tensors its config does not describe: {extra[:5]}")
+        raise LoRAError(
+            f"adapter file {path!r} has tensors its config does not describe: {extra[:5]}"
+        )
 
 
 def load_lora(
@@ -291,7 +297,9 @@ def load_lora(
             )
     if adapter is not None:
         if adapter not in adapters:
-            raise LoRAError(f"adapter file {str(path)!r} has no adapter {adapter!r}; it has {list(adapters)}.")
+            raise LoRAError(
+                f"adapter file {str(path)!r} has no adapter {adapter!r}; it has {list(adapters)}."
+            )
         adapters = {adapter: adapters[adapter]}
         tensors = {k: v for k, v in tensors.items() if k.startswith(adapter + ".")}
     _check_file_against_model(model, adapters, tensors, str(path))
@@ -310,7 +318,11 @@ def load_lora(
         for tpath, layer in spec["layers"].items():
             if present:
                 p = existing[(name, tpath)]
-                if (p.rank, p.fan_in, p.fan_out) != (layer["rank"], layer["fan_in"], layer["fan_out"]):
+                if (p.rank, p.fan_in, p.fan_out) != (
+                    layer["rank"],
+                    layer["fan_in"],
+                    layer["fan_out"],
+                ):
                     raise LoRAError(
                         f"adapter {name!r} on '{tpath}' has rank {p.rank} and matrix "
                         f"{p.fan_out}x{p.fan_in} in the model, but rank {layer['rank']} and "
@@ -356,7 +368,10 @@ def _plan_from_config(
                 "load it into the same architecture it was trained on."
             )
         target = parameter_target(module_name, module, tensor)
-        if list(target.shape) != list(layer["shape"]) or target.fan_in_fan_out != layer["fan_in_fan_out"]:
+        if (
+            list(target.shape) != list(layer["shape"])
+            or target.fan_in_fan_out != layer["fan_in_fan_out"]
+        ):
             raise LoRAError(
                 f"'{tpath}' has shape {list(target.shape)} in this model but "
                 f"{layer['shape']} in adapter file {path!r}."

@@ -13,8 +13,8 @@ from .errors import LoRAError
 from .parametrization import LayerKind
 
 __all__ = [
-    "AdaptTarget",
     "SUPPORTED_LAYERS",
+    "AdaptTarget",
     "base_tensor",
     "is_hf_conv1d",
     "layer_kind",
@@ -107,9 +107,7 @@ def _check_tensor(path: str, tensor: Tensor | None) -> None:
             f"'{path}' is not initialized yet (a lazy module); run one forward pass first."
         )
     if not tensor.is_floating_point():
-        raise LoRAError(
-            f"'{path}' has dtype {tensor.dtype}; LoRA needs a floating-point tensor."
-        )
+        raise LoRAError(f"'{path}' has dtype {tensor.dtype}; LoRA needs a floating-point tensor.")
     if tensor.dim() < 2:
         raise LoRAError(
             f"'{path}' is {tensor.dim()}-D with shape {tuple(tensor.shape)}; LoRA needs a tensor "
@@ -129,7 +127,9 @@ def _make(
         fan_in, fan_out = shape[0], math.prod(shape[1:])
     else:
         fan_out, fan_in = shape[0], math.prod(shape[1:])
-    return AdaptTarget(path, module_name, module, name, kind, fan_in, fan_out, fan_in_fan_out, shape)
+    return AdaptTarget(
+        path, module_name, module, name, kind, fan_in, fan_out, fan_in_fan_out, shape
+    )
 
 
 def module_targets(module_name: str, module: nn.Module) -> list[AdaptTarget] | None:

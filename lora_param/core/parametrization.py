@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LoRAParametrization", "LayerKind", "Init"]
+__all__ = ["Init", "LayerKind", "LoRAParametrization"]
 
 LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param"]
 Init = Literal["kaiming", "gaussian"]
@@ -107,7 +107,10 @@ class LoRAParametrization(nn.Module):
         if value:
             grad_a, grad_b = self._requires_grad_when_enabled
         else:
-            self._requires_grad_when_enabled = (self.lora_A.requires_grad, self.lora_B.requires_grad)
+            self._requires_grad_when_enabled = (
+                self.lora_A.requires_grad,
+                self.lora_B.requires_grad,
+            )
             grad_a = grad_b = False
         self.lora_A.requires_grad_(grad_a)
         self.lora_B.requires_grad_(grad_b)
@@ -155,8 +158,13 @@ class LoRAParametrization(nn.Module):
         # versions catch in-place updates (optimizer steps, copy_), data_ptr catches `.data =`.
         a, b = self._parameters["lora_A"], self._parameters["lora_B"]
         stamp = (
-            weight._version, weight.data_ptr(), a._version, a.data_ptr(),
-            b._version, b.data_ptr(), self.scale,
+            weight._version,
+            weight.data_ptr(),
+            a._version,
+            a.data_ptr(),
+            b._version,
+            b.data_ptr(),
+            self.scale,
         )
         cache = self._cache
         if (

@@ -181,7 +181,9 @@ def _peft_tensors(
         return "module", {f"{pre}.lora_A.weight": a, f"{pre}.lora_B.weight": b}
     if kind == "conv":
         if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            raise LoRAError(f"{where}: PEFT adapts only nn.Conv1d/2d/3d, not {type(module).__name__}.")
+            raise LoRAError(
+                f"{where}: PEFT adapts only nn.Conv1d/2d/3d, not {type(module).__name__}."
+            )
         if module.groups != 1:
             raise LoRAError(
                 f"{where} is a grouped convolution (groups={module.groups}); PEFT's LoRA for grouped "
@@ -222,7 +224,10 @@ def _peft_tensors(
 
 
 def _build_export(
-    model: nn.Module, adapter: str | None, base_model_name_or_path: str | None, task_type: str | None
+    model: nn.Module,
+    adapter: str | None,
+    base_model_name_or_path: str | None,
+    task_type: str | None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     model = _unwrap(model)
     names = list_adapters(model)
@@ -266,7 +271,11 @@ def _build_export(
     # The model's MultiheadAttention never calls out_proj.forward, so PEFT's (forward-replacing)
     # LoRA on out_proj would be silently ignored by PEFT: refuse rather than write a file that
     # PEFT would read as something else.
-    mha_out = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    mha_out = {
+        f"{n}.out_proj" if n else "out_proj"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
     ignored = [path for path, kind, _, _ in entries if kind == "module" and path in mha_out]
     if ignored:
         raise LoRAError(
@@ -288,7 +297,9 @@ def _build_export(
     default_alpha = Counter(alphas).most_common(1)[0][0]
 
     module_paths = [path for path, kind, _, _ in entries if kind == "module"]
-    param_paths = [f"{path}.{t.rsplit('.', 1)[1]}" for path, kind, _, t in entries if kind == "param"]
+    param_paths = [
+        f"{path}.{t.rsplit('.', 1)[1]}" for path, kind, _, t in entries if kind == "param"
+    ]
     all_paths = [path for path, *_ in entries]
 
     # rank_pattern / alpha_pattern: plain module paths where PEFT resolves them unambiguously,
@@ -303,7 +314,9 @@ def _build_export(
             )
             if ok:
                 return candidate
-        raise LoRAError("internal error: could not express per-layer ranks/alphas for PEFT")  # pragma: no cover
+        raise LoRAError(
+            "internal error: could not express per-layer ranks/alphas for PEFT"
+        )  # pragma: no cover
 
     rank_pattern = patterns(ranks, default_r)
     alpha_pattern = patterns(alphas, default_alpha)
@@ -322,7 +335,11 @@ def _build_export(
             if "parametrizations" not in n.split(".")
             for pn in tensor_names(m)
         ]
-        chosen = {k for k in base_params if k in target_parameters or any(k.endswith(f".{t}") for t in target_parameters)}
+        chosen = {
+            k
+            for k in base_params
+            if k in target_parameters or any(k.endswith(f".{t}") for t in target_parameters)
+        }
         if chosen != set(param_paths):
             raise LoRAError(
                 f"PEFT's target_parameters matches by name suffix and would also adapt {sorted(chosen - set(param_paths))}; "
@@ -442,13 +459,17 @@ def _read_folder(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 def _check_config(config: dict[str, Any], where: Path) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise LoRAError(f"'{where}' holds a PEFT {peft_type!r} adapter; only LORA adapters can be imported.")
+        raise LoRAError(
+            f"'{where}' holds a PEFT {peft_type!r} adapter; only LORA adapters can be imported."
+        )
     for field, ok in _UNSUPPORTED_FIELDS.items():
         value = config.get(field, ok)
         if value in (ok, None, False, [], {}):
             continue
         hint = _FIELD_HINT.get(field, "lora_param does not implement it")
-        raise LoRAError(f"'{where}' sets {field}={value!r}, which import_peft does not support ({hint}).")
+        raise LoRAError(
+            f"'{where}' sets {field}={value!r}, which import_peft does not support ({hint})."
+        )
     bias = config.get("bias", "none")
     if bias not in ("none", None):
         raise LoRAError(
@@ -502,12 +523,14 @@ def import_peft(
     _check_config(config, path)
     target = _unwrap(model)
     if adapter in list_adapters(target):
-        raise LoRAError(f"the model already has an adapter named {adapter!r}; pass another adapter=.")
+        raise LoRAError(
+            f"the model already has an adapter named {adapter!r}; pass another adapter=."
+        )
 
     groups: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for key, t in raw.items():
-        stripped = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        stripped = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         module_path, part = _split_key(stripped)
         if not part:
             unknown.append(key)
@@ -538,9 +561,15 @@ def import_peft(
                 "is this the base model the adapter was trained on?"
             )
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if embedding
+            else ("lora_A.weight", "lora_B.weight")
+        )
         if set(parts) != {a_key, b_key}:
-            raise LoRAError(f"'{path}': layer '{module_path}' has tensors {sorted(parts)}, expected {a_key} and {b_key}.")
+            raise LoRAError(
+                f"'{path}': layer '{module_path}' has tensors {sorted(parts)}, expected {a_key} and {b_key}."
+            )
         pa, pb = parts[a_key], parts[b_key]
         rank = int(pa.shape[0])
         # which tensor of the module carries the adapter
@@ -552,12 +581,22 @@ def import_peft(
         param_names = [n for n in param_names if hasattr(module, n)]
         if embedding:
             if not isinstance(module, nn.Embedding):
-                raise LoRAError(f"'{path}': '{module_path}' has embedding factors but is a {type(module).__name__}.")
-            tensor_name, expect_a, expect_b = "weight", (rank, module.num_embeddings), (module.embedding_dim, rank)
+                raise LoRAError(
+                    f"'{path}': '{module_path}' has embedding factors but is a {type(module).__name__}."
+                )
+            tensor_name, expect_a, expect_b = (
+                "weight",
+                (rank, module.num_embeddings),
+                (module.embedding_dim, rank),
+            )
             a, b = pb.t(), pa.t()
-        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_hf_conv1d(module):
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_hf_conv1d(
+            module
+        ):
             if param_names:
-                raise LoRAError(f"'{path}': '{module_path}' is targeted both as a layer and via target_parameters.")
+                raise LoRAError(
+                    f"'{path}': '{module_path}' is targeted both as a layer and via target_parameters."
+                )
             tensor_name = "weight"
             w = base_tensor(module, "weight")
             if isinstance(module, nn.Linear):
@@ -579,7 +618,9 @@ def import_peft(
             tensor_name = param_names[0]
             w = base_tensor(module, tensor_name)
             if w.dim() != 2:
-                raise LoRAError(f"'{path}': '{module_path}.{tensor_name}' is {w.dim()}-D; only 2-D parameters are supported.")
+                raise LoRAError(
+                    f"'{path}': '{module_path}.{tensor_name}' is {w.dim()}-D; only 2-D parameters are supported."
+                )
             expect_a, expect_b = (rank, w.shape[1]), (w.shape[0], rank)
             a, b = pa, pb
         else:
@@ -607,7 +648,10 @@ def import_peft(
 
     wanted = {tp for tp, *_ in plan}
     by_module = {mp: tp for tp, mp, *_ in plan}
-    targets = [_glob_escape(tp) if tp.rsplit(".", 1)[1] != "weight" else _glob_escape(mp) for tp, mp, *_ in plan]
+    targets = [
+        _glob_escape(tp) if tp.rsplit(".", 1)[1] != "weight" else _glob_escape(mp)
+        for tp, mp, *_ in plan
+    ]
     ranks = {t: r for t, (*_, r, _) in zip(targets, plan)}
     alphas = {t: al for t, (*_, al) in zip(targets, plan)}
     add_lora(
@@ -633,5 +677,7 @@ def import_peft(
             loaded.add(tensor_path)
     missing = wanted - loaded
     if missing:  # pragma: no cover - add_lora adapts exactly what it was asked to
-        raise LoRAError(f"internal error: no adapter was created on {sorted(missing)} ({by_module}).")
+        raise LoRAError(
+            f"internal error: no adapter was created on {sorted(missing)} ({by_module})."
+        )
     return model

@@ -50,4 +50,3 @@ __all__ = [
     "shuffled_batches",
     "worst_digit",
 ]
-

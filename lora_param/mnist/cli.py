@@ -18,7 +18,9 @@ def _digit(value: str) -> int | str:
     try:
         digit = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a digit 0-9 or 'worst', got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a digit 0-9 or 'worst', got {value!r}"
+        ) from None
     if not 0 <= digit <= 9:
         raise argparse.ArgumentTypeError(f"expected a digit 0-9 or 'worst', got {value!r}")
     return digit
@@ -48,52 +50,105 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lora-param-mnist",
         description="Reference LoRA pipeline: pretrain an MLP on MNIST, then fine-tune a rank-1 LoRA on one "
-                    "digit and measure what it fixes and what it breaks.",
+        "digit and measure what it fixes and what it breaks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="./data", help="MNIST root; the IDX files go in <data-dir>/MNIST/raw/")
-    g.add_argument("--no-download", dest="download", action="store_false",
-                   help="never try to download MNIST")
+    g.add_argument(
+        "--data-dir", default="./data", help="MNIST root; the IDX files go in <data-dir>/MNIST/raw/"
+    )
+    g.add_argument(
+        "--no-download", dest="download", action="store_false", help="never try to download MNIST"
+    )
     g = p.add_argument_group("LoRA and fine-tuning")
-    g.add_argument("--digit", type=_digit,
-                   help="digit to fine-tune on: 0-9, or 'worst' (the most errors) [default: 9, as the tutorial; "
-                        "with --load-adapter, the digit recorded beside the adapter]")
+    g.add_argument(
+        "--digit",
+        type=_digit,
+        help="digit to fine-tune on: 0-9, or 'worst' (the most errors) [default: 9, as the tutorial; "
+        "with --load-adapter, the digit recorded beside the adapter]",
+    )
     g.add_argument("--rank", type=_positive_int, default=1, help="LoRA rank")
-    g.add_argument("--alpha", type=_positive_float, default=1.0, help="LoRA alpha (scale = alpha / rank)")
-    g.add_argument("--ranks", type=_positive_int, nargs="+", metavar="R",
-                   help="rank sweep: one fine-tune per rank from the same pretrained model, e.g. 1 2 4 8")
-    g.add_argument("--recipe", choices=sorted(RECIPES), default="tutorial",
-                   help="tutorial: the target digit only (shows forgetting); balanced: replay other digits too")
+    g.add_argument(
+        "--alpha", type=_positive_float, default=1.0, help="LoRA alpha (scale = alpha / rank)"
+    )
+    g.add_argument(
+        "--ranks",
+        type=_positive_int,
+        nargs="+",
+        metavar="R",
+        help="rank sweep: one fine-tune per rank from the same pretrained model, e.g. 1 2 4 8",
+    )
+    g.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="tutorial",
+        help="tutorial: the target digit only (shows forgetting); balanced: replay other digits too",
+    )
     g.add_argument("--steps", type=_positive_int, help="fine-tuning steps (default: the recipe's)")
-    g.add_argument("--batch-size", type=_positive_int, help="fine-tuning batch size (default: the recipe's)")
-    g.add_argument("--lr", type=_positive_float, help="fine-tuning learning rate (default: the recipe's)")
-    g.add_argument("--distill", type=float,
-                   help="weight of the KL term to the LoRA-off model on replayed images (balanced recipe)")
+    g.add_argument(
+        "--batch-size", type=_positive_int, help="fine-tuning batch size (default: the recipe's)"
+    )
+    g.add_argument(
+        "--lr", type=_positive_float, help="fine-tuning learning rate (default: the recipe's)"
+    )
+    g.add_argument(
+        "--distill",
+        type=float,
+        help="weight of the KL term to the LoRA-off model on replayed images (balanced recipe)",
+    )
     g = p.add_argument_group("pretraining")
     g.add_argument("--pretrain-epochs", type=_positive_int, default=1, help="pretraining epochs")
-    g.add_argument("--pretrain-steps", type=_positive_int, help="stop pretraining after this many steps")
-    g.add_argument("--quick", action="store_true",
-                   help=f"pretrain for {QUICK_PRETRAIN_STEPS} steps only (a smoke run, lower accuracy)")
-    g.add_argument("--checkpoint", metavar="FILE",
-                   help="pretrained checkpoint: loaded instead of pretraining if it exists, else written after "
-                        "pretraining")
+    g.add_argument(
+        "--pretrain-steps", type=_positive_int, help="stop pretraining after this many steps"
+    )
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"pretrain for {QUICK_PRETRAIN_STEPS} steps only (a smoke run, lower accuracy)",
+    )
+    g.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="pretrained checkpoint: loaded instead of pretraining if it exists, else written after "
+        "pretraining",
+    )
     g = p.add_argument_group("run")
-    g.add_argument("--out", metavar="DIR", help="write report.json, pretrained.pt, adapter.pt, errors.png here")
-    g.add_argument("--load-adapter", metavar="FILE",
-                   help="evaluate a saved adapter on its pretrained checkpoint (default: pretrained.pt beside "
-                        "it) without training")
-    g.add_argument("--seed", type=int, default=0, help="seed: same seed, same numbers on the same machine")
+    g.add_argument(
+        "--out", metavar="DIR", help="write report.json, pretrained.pt, adapter.pt, errors.png here"
+    )
+    g.add_argument(
+        "--load-adapter",
+        metavar="FILE",
+        help="evaluate a saved adapter on its pretrained checkpoint (default: pretrained.pt beside "
+        "it) without training",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed: same seed, same numbers on the same machine"
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--threads", type=_positive_int, help="CPU threads for evaluation (default: every available core)")
-    g.add_argument("--train-threads", type=_positive_int, default=1,
-                   help="CPU threads for the batch-10 training loops (more threads only pay on an idle machine)")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=2000, help="test images per batch")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads for evaluation (default: every available core)",
+    )
+    g.add_argument(
+        "--train-threads",
+        type=_positive_int,
+        default=1,
+        help="CPU threads for the batch-10 training loops (more threads only pay on an idle machine)",
+    )
+    g.add_argument(
+        "--eval-batch-size", type=_positive_int, default=2000, help="test images per batch"
+    )
+    g.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bars"
+    )
     return p
 
 
-def config_from_args(args: argparse.Namespace):  # -> PipelineConfig (imported lazily: torch is slow to import)
+def config_from_args(
+    args: argparse.Namespace,
+):  # -> PipelineConfig (imported lazily: torch is slow to import)
     """Turn parsed arguments into a `PipelineConfig`."""
     from .pipeline import PipelineConfig
 
@@ -127,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the pipeline; exit status 0 when both checks pass, 1 when one fails, 2 on a usage/data error."""
     args = build_parser().parse_args(argv)
     if args.load_adapter and args.ranks:
-        build_parser().error("--load-adapter evaluates one saved adapter; it cannot be combined with --ranks")
+        build_parser().error(
+            "--load-adapter evaluates one saved adapter; it cannot be combined with --ranks"
+        )
     from lora_param import LoRAError
 
     from .pipeline import run_pipeline

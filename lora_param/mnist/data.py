@@ -51,8 +51,12 @@ class MNISTTensors:
 
     def to(self, device: torch.device | str) -> MNISTTensors:
         """Return a copy with every tensor on `device`."""
-        return MNISTTensors(*(t.to(device) for t in (self.train_images, self.train_labels,
-                                                     self.test_images, self.test_labels)))
+        return MNISTTensors(
+            *(
+                t.to(device)
+                for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)
+            )
+        )
 
 
 def normalize(images: Tensor) -> Tensor:
@@ -61,7 +65,9 @@ def normalize(images: Tensor) -> Tensor:
     return x.sub_(MEAN).div_(STD)
 
 
-def load_split(root: str | os.PathLike[str], train: bool, download: bool = True) -> tuple[Tensor, Tensor]:
+def load_split(
+    root: str | os.PathLike[str], train: bool, download: bool = True
+) -> tuple[Tensor, Tensor]:
     """Load one split through torchvision.datasets.MNIST, without per-image PIL conversion.
 
     Args:
@@ -78,15 +84,21 @@ def load_split(root: str | os.PathLike[str], train: bool, download: bool = True)
     try:
         from torchvision.datasets import MNIST
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the MNIST pipeline needs torchvision: pip install 'lora_param[mnist]'") from exc
+        raise ImportError(
+            "the MNIST pipeline needs torchvision: pip install 'lora_param[mnist]'"
+        ) from exc
     try:
         dataset = MNIST(os.fspath(root), train=train, download=download)
     except (RuntimeError, OSError) as exc:
         raw = Path(root) / "MNIST" / "raw"
         if all((raw / name).is_file() for name in IDX_FILES):
             raise  # the files are there: a different problem, keep its own message
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        reason = "download disabled" if not download else " ".join(dict.fromkeys([lines[0], lines[-1]]))
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [
+            type(exc).__name__
+        ]
+        reason = (
+            "download disabled" if not download else " ".join(dict.fromkeys([lines[0], lines[-1]]))
+        )
         raise MNISTNotFoundError(root, reason) from exc
     return normalize(dataset.data), dataset.targets.to(torch.int64)
 

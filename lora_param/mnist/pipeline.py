@@ -104,8 +104,12 @@ class PipelineConfig:
         """The recipe with this config's overrides applied."""
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
-        return RECIPES[self.recipe].with_overrides(steps=self.finetune_steps, batch_size=self.finetune_batch_size,
-                                                   lr=self.finetune_lr, distill=self.distill)
+        return RECIPES[self.recipe].with_overrides(
+            steps=self.finetune_steps,
+            batch_size=self.finetune_batch_size,
+            lr=self.finetune_lr,
+            distill=self.distill,
+        )
 
 
 def available_cpus() -> int:
@@ -117,7 +121,7 @@ def available_cpus() -> int:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" means CUDA when there is a GPU, else CPU."""
+    """ "auto" means CUDA when there is a GPU, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -184,9 +188,17 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
     model.load_state_dict(state)
 
 
-def _finetune_once(base: nn.Module, data: MNISTTensors, config: PipelineConfig, rank: int, target: int,
-                   pre: EvalResult, pre_state: dict[str, Tensor], timer: PhaseTimer,
-                   device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def _finetune_once(
+    base: nn.Module,
+    data: MNISTTensors,
+    config: PipelineConfig,
+    rank: int,
+    target: int,
+    pre: EvalResult,
+    pre_state: dict[str, Tensor],
+    timer: PhaseTimer,
+    device: torch.device,
+) -> tuple[nn.Module, dict[str, Any]]:
     """Add LoRA at `rank` to a copy of `base`, fine-tune (or load the adapter), evaluate, check."""
     model = copy.deepcopy(base)
     recipe = config.finetune_recipe()
@@ -194,7 +206,9 @@ def _finetune_once(base: nn.Module, data: MNISTTensors, config: PipelineConfig, 
         if config.load_adapter:
             load_lora(model, config.load_adapter)
         else:
-            torch.manual_seed(config.seed + 1000 * rank + 1)  # LoRA A ~ N(0, 1): same draw for a given seed
+            torch.manual_seed(
+                config.seed + 1000 * rank + 1
+            )  # LoRA A ~ N(0, 1): same draw for a given seed
             add_lora(model, list(LINEAR_LAYERS), rank=rank, alpha=config.alpha, init="gaussian")
         model.to(device)
     counts = parameter_counts(model)
@@ -208,32 +222,54 @@ def _finetune_once(base: nn.Module, data: MNISTTensors, config: PipelineConfig, 
     else:
         gen = torch.Generator().manual_seed(config.seed + 1)
         with timer("finetune"), num_threads(config.train_threads):
-            train = finetune(model, data.train_images, data.train_labels, target, recipe,
-                             teacher=lambda: lora_disabled(model), generator=gen, progress=config.progress)
+            train = finetune(
+                model,
+                data.train_images,
+                data.train_labels,
+                target,
+                recipe,
+                teacher=lambda: lora_disabled(model),
+                generator=gen,
+                progress=config.progress,
+            )
         result["finetune"] = train.to_dict()
     with timer("eval_lora_on"):
-        on = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
-                      desc="evaluate LoRA on", progress=config.progress)
+        on = evaluate(
+            model,
+            data.test_images,
+            data.test_labels,
+            batch_size=config.eval_batch_size,
+            desc="evaluate LoRA on",
+            progress=config.progress,
+        )
     with timer("eval_lora_off"), lora_disabled(model):
-        off = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
-                       desc="evaluate LoRA off", progress=config.progress)
+        off = evaluate(
+            model,
+            data.test_images,
+            data.test_labels,
+            batch_size=config.eval_batch_size,
+            desc="evaluate LoRA off",
+            progress=config.progress,
+        )
     with timer("checks"):
         assert pre.logits is not None and off.logits is not None
         identical = torch.equal(off.logits, pre.logits)
         max_diff = float((off.logits - pre.logits).abs().max())
         frozen = same_tensors(pre_state, base_state(model))
-    result.update({
-        "lora_on": on.to_dict(),
-        "lora_off": off.to_dict(),
-        "lora_params": counts.lora,
-        "base_params": counts.base,
-        "trainable_params": counts.trainable,
-        "lora_percent_of_base": counts.lora_percent_of_base,
-        "lora_off_identical": identical,
-        "lora_off_max_abs_diff": max_diff,
-        "frozen_unchanged": frozen,
-        "changes": digit_changes(pre.to_dict(), on.to_dict(), target),
-    })
+    result.update(
+        {
+            "lora_on": on.to_dict(),
+            "lora_off": off.to_dict(),
+            "lora_params": counts.lora,
+            "base_params": counts.base,
+            "trainable_params": counts.trainable,
+            "lora_percent_of_base": counts.lora_percent_of_base,
+            "lora_off_identical": identical,
+            "lora_off_max_abs_diff": max_diff,
+            "frozen_unchanged": frozen,
+            "changes": digit_changes(pre.to_dict(), on.to_dict(), target),
+        }
+    )
     return model, result
 
 
@@ -301,19 +337,33 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
             _say(config, f"loading the pretrained model from {checkpoint}")
             load_checkpoint(base, checkpoint)
         elif config.load_adapter:
-            raise FileNotFoundError(f"--load-adapter needs the pretrained checkpoint it was trained on: "
-                                    f"{checkpoint} does not exist (pass --checkpoint)")
+            raise FileNotFoundError(
+                f"--load-adapter needs the pretrained checkpoint it was trained on: "
+                f"{checkpoint} does not exist (pass --checkpoint)"
+            )
         else:
             gen = torch.Generator().manual_seed(config.seed)
             with num_threads(config.train_threads):
-                pretrain_result = pretrain(base, data.train_images, data.train_labels, config.pretrain,
-                                           generator=gen, progress=config.progress)
+                pretrain_result = pretrain(
+                    base,
+                    data.train_images,
+                    data.train_labels,
+                    config.pretrain,
+                    generator=gen,
+                    progress=config.progress,
+                )
             if checkpoint:  # a cache: the next run with the same --checkpoint skips pretraining
                 Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
                 torch.save(base_state(base), checkpoint)
     with timer("eval_pretrained"):
-        pre = evaluate(base, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
-                       desc="evaluate pretrained", progress=config.progress)
+        pre = evaluate(
+            base,
+            data.test_images,
+            data.test_labels,
+            batch_size=config.eval_batch_size,
+            desc="evaluate pretrained",
+            progress=config.progress,
+        )
     pre_state = base_state(base)
     worst = worst_digit(pre)
     sidecar = _sidecar(config.load_adapter) if config.load_adapter else {}
@@ -332,7 +382,9 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
     first: dict[str, Any] | None = None
     for rank in ranks:
         start = time.perf_counter()
-        model_r, row = _finetune_once(base, data, config, rank, target, pre, pre_state, timer, device)
+        model_r, row = _finetune_once(
+            base, data, config, rank, target, pre, pre_state, timer, device
+        )
         row["seconds"] = time.perf_counter() - start
         sweep.append(row)
         if first is None:
@@ -342,8 +394,13 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
             break
     assert model is not None and first is not None
 
-    recipe_info: dict[str, Any] = {**recipe.to_dict(), "pretrain": asdict(config.pretrain), "target_digit": target,
-                                   "init": "gaussian", "layers": list(LINEAR_LAYERS)}
+    recipe_info: dict[str, Any] = {
+        **recipe.to_dict(),
+        "pretrain": asdict(config.pretrain),
+        "target_digit": target,
+        "init": "gaussian",
+        "layers": list(LINEAR_LAYERS),
+    }
     if config.load_adapter:  # the adapter's own recipe, as recorded beside it (if it was)
         recipe_info = sidecar.get("recipe") or {"name": "loaded adapter"}
     report: dict[str, Any] = {
@@ -368,12 +425,19 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
         "finetune": first["finetune"],
         "loaded_adapter": config.load_adapter,
         "seconds": {},
-        "environment": {"device": str(device), "threads": threads, "train_threads": config.train_threads or threads,
-                        "torch": torch.__version__,
-                        "lora_param": lora_param_version, "python": platform.python_version()},
+        "environment": {
+            "device": str(device),
+            "threads": threads,
+            "train_threads": config.train_threads or threads,
+            "torch": torch.__version__,
+            "lora_param": lora_param_version,
+            "python": platform.python_version(),
+        },
     }
     if config.ranks:
-        report["sweep"] = [{k: v for k, v in row.items() if k not in ("lora_off",)} for row in sweep]
+        report["sweep"] = [
+            {k: v for k, v in row.items() if k not in ("lora_off",)} for row in sweep
+        ]
         report["gain_stops_at_rank"] = gain_stops_at(sweep, target)
 
     if config.out:
@@ -384,12 +448,23 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
             if not config.load_adapter:
                 torch.save(pre_state, out / PRETRAINED_FILE)
                 save_lora(model, out / ADAPTER_FILE)
-                files.update(pretrained=os.fspath(out / PRETRAINED_FILE), adapter=os.fspath(out / ADAPTER_FILE))
-            fig = plot_errors(pre.wrong_per_digit, first["lora_on"]["wrong_per_digit"], out / PLOT_FILE, target=target,
-                              title=f"Wrong answers per digit: pretrained vs LoRA on digit {target} "
-                                    f"({recipe_info.get('name', 'loaded adapter')})")
+                files.update(
+                    pretrained=os.fspath(out / PRETRAINED_FILE),
+                    adapter=os.fspath(out / ADAPTER_FILE),
+                )
+            fig = plot_errors(
+                pre.wrong_per_digit,
+                first["lora_on"]["wrong_per_digit"],
+                out / PLOT_FILE,
+                target=target,
+                title=f"Wrong answers per digit: pretrained vs LoRA on digit {target} "
+                f"({recipe_info.get('name', 'loaded adapter')})",
+            )
             if fig is None:
-                _say(config, "matplotlib is not installed: skipping errors.png (pip install 'lora_param[plot]')")
+                _say(
+                    config,
+                    "matplotlib is not installed: skipping errors.png (pip install 'lora_param[plot]')",
+                )
             else:
                 files["plot"] = os.fspath(out / PLOT_FILE)
             report["files"] = files

@@ -29,7 +29,9 @@ def results_table(rows: Sequence[tuple[str, Mapping[str, Any]]], width: int | No
     lines.append("-" * len(lines[0]))
     for label, res in rows:
         wrong = res["wrong_per_digit"]
-        lines.append(_row(label, f"{res['accuracy']:.4f}", [str(w) for w in wrong], str(sum(wrong)), width))
+        lines.append(
+            _row(label, f"{res['accuracy']:.4f}", [str(w) for w in wrong], str(sum(wrong)), width)
+        )
     return "\n".join(lines)
 
 
@@ -37,21 +39,43 @@ def change_row(before: Mapping[str, Any], after: Mapping[str, Any], width: int =
     """The row "after - before": accuracy in points, wrong answers per digit with a sign."""
     diff = [a - b for a, b in zip(after["wrong_per_digit"], before["wrong_per_digit"])]
     points = 100.0 * (after["accuracy"] - before["accuracy"])
-    return _row("change vs pretrained", f"{points:+.2f}pt", [f"{d:+d}" for d in diff], f"{sum(diff):+d}", width)
+    return _row(
+        "change vs pretrained",
+        f"{points:+.2f}pt",
+        [f"{d:+d}" for d in diff],
+        f"{sum(diff):+d}",
+        width,
+    )
 
 
-def digit_changes(before: Mapping[str, Any], after: Mapping[str, Any], target: int) -> dict[str, Any]:
+def digit_changes(
+    before: Mapping[str, Any], after: Mapping[str, Any], target: int
+) -> dict[str, Any]:
     """How the target digit and every other digit changed (wrong answers)."""
     b, a = before["wrong_per_digit"], after["wrong_per_digit"]
-    others = {str(d): {"before": b[d], "after": a[d], "change": a[d] - b[d]} for d in DIGITS if d != target}
+    others = {
+        str(d): {"before": b[d], "after": a[d], "change": a[d] - b[d]}
+        for d in DIGITS
+        if d != target
+    }
     worst = max((d for d in DIGITS if d != target), key=lambda d: (a[d] - b[d], -d))
     cut = (b[target] - a[target]) / b[target] if b[target] else 0.0
     return {
-        "target": {"digit": target, "before": b[target], "after": a[target], "change": a[target] - b[target],
-                   "reduction": cut},
+        "target": {
+            "digit": target,
+            "before": b[target],
+            "after": a[target],
+            "change": a[target] - b[target],
+            "reduction": cut,
+        },
         "others": others,
         "others_total_change": sum(v["change"] for v in others.values()),
-        "worst_other": {"digit": worst, "before": b[worst], "after": a[worst], "change": a[worst] - b[worst]},
+        "worst_other": {
+            "digit": worst,
+            "before": b[worst],
+            "after": a[worst],
+            "change": a[worst] - b[worst],
+        },
         "accuracy_change_points": 100.0 * (after["accuracy"] - before["accuracy"]),
     }
 
@@ -60,22 +84,36 @@ def summary_text(report: Mapping[str, Any]) -> str:
     """The end-of-run summary: table, target and other digits, forgetting note, checks, counts."""
     target = report["target_digit"]
     rank, alpha = report["rank"], report["alpha"]
-    rows = [("pretrained", report["pretrained"]), (f"LoRA on (r={rank}, digit {target})", report["lora_on"]),
-            ("LoRA off", report["lora_off"])]
+    rows = [
+        ("pretrained", report["pretrained"]),
+        (f"LoRA on (r={rank}, digit {target})", report["lora_on"]),
+        ("LoRA off", report["lora_off"]),
+    ]
     width = max(len(label) for label, _ in rows + [("change vs pretrained", {})])
-    lines = [f"MNIST test set ({report['pretrained']['total']:,} images): accuracy and wrong answers per digit",
-             results_table(rows, width), change_row(report["pretrained"], report["lora_on"], width)]
+    lines = [
+        f"MNIST test set ({report['pretrained']['total']:,} images): accuracy and wrong answers per digit",
+        results_table(rows, width),
+        change_row(report["pretrained"], report["lora_on"], width),
+    ]
     ch = report["changes"]
     t, w = ch["target"], ch["worst_other"]
     lines.append("")
-    lines.append(f"recipe {report['recipe']['name']!r}: target digit {target}: {t['before']} -> {t['after']} wrong "
-                 f"({-100 * t['reduction']:+.0f}%)")
-    lines.append(f"other digits: {ch['others_total_change']:+d} wrong in total; most hurt: digit {w['digit']} "
-                 f"{w['before']} -> {w['after']} ({w['change']:+d})")
-    lines.append(f"overall accuracy: {report['pretrained']['accuracy']:.4f} -> {report['lora_on']['accuracy']:.4f} "
-                 f"({ch['accuracy_change_points']:+.2f} points)")
-    lines.append(f"digit with the most errors before fine-tuning: {report['worst_digit']} "
-                 f"({report['pretrained']['wrong_per_digit'][report['worst_digit']]} wrong)")
+    lines.append(
+        f"recipe {report['recipe']['name']!r}: target digit {target}: {t['before']} -> {t['after']} wrong "
+        f"({-100 * t['reduction']:+.0f}%)"
+    )
+    lines.append(
+        f"other digits: {ch['others_total_change']:+d} wrong in total; most hurt: digit {w['digit']} "
+        f"{w['before']} -> {w['after']} ({w['change']:+d})"
+    )
+    lines.append(
+        f"overall accuracy: {report['pretrained']['accuracy']:.4f} -> {report['lora_on']['accuracy']:.4f} "
+        f"({ch['accuracy_change_points']:+.2f} points)"
+    )
+    lines.append(
+        f"digit with the most errors before fine-tuning: {report['worst_digit']} "
+        f"({report['pretrained']['wrong_per_digit'][report['worst_digit']]} wrong)"
+    )
     if ch["accuracy_change_points"] < -0.5:
         lines.append(
             f"note: training on digit {target} alone fixes {target}s and breaks other digits (catastrophic "
@@ -83,13 +121,17 @@ def summary_text(report: Mapping[str, Any]) -> str:
             f"{target}'. `--recipe balanced` replays other digits in every batch to keep them."
         )
     lines.append("")
-    lines.append(f"check: LoRA off reproduces the pretrained logits exactly: "
-                 f"{'PASS' if report['lora_off_identical'] else 'FAIL'}"
-                 f" (max |diff| {report['lora_off_max_abs_diff']:.3g})")
+    lines.append(
+        f"check: LoRA off reproduces the pretrained logits exactly: "
+        f"{'PASS' if report['lora_off_identical'] else 'FAIL'}"
+        f" (max |diff| {report['lora_off_max_abs_diff']:.3g})"
+    )
     frozen = "PASS" if report["frozen_unchanged"] else "FAIL"
     lines.append(f"check: no frozen weight changed during fine-tuning: {frozen}")
-    lines.append(f"parameters: {report['base_params']:,} base, {report['lora_params']:,} LoRA "
-                 f"({report['lora_percent_of_base']:.3f}% of base) at rank {rank}, alpha {alpha:g}")
+    lines.append(
+        f"parameters: {report['base_params']:,} base, {report['lora_params']:,} LoRA "
+        f"({report['lora_percent_of_base']:.3f}% of base) at rank {rank}, alpha {alpha:g}"
+    )
     sec = report["seconds"]
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sec.items()))
     return "\n".join(lines)
@@ -101,15 +143,19 @@ def _hurt(worst: Mapping[str, Any]) -> str:
 
 def sweep_table(rows: Sequence[Mapping[str, Any]], target: int) -> str:
     """One row per rank: LoRA parameters, accuracy, target-digit errors, other digits' change."""
-    head = f"{'rank':>4} {'alpha':>5} {'LoRA params':>11} {'% base':>7} {'accuracy':>8} {f'{target}s wrong':>9} " \
-           f"{'others':>7} {'most hurt':>12} {'seconds':>7}"
+    head = (
+        f"{'rank':>4} {'alpha':>5} {'LoRA params':>11} {'% base':>7} {'accuracy':>8} {f'{target}s wrong':>9} "
+        f"{'others':>7} {'most hurt':>12} {'seconds':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         w = r["changes"]["worst_other"]
-        lines.append(f"{r['rank']:>4} {r['alpha']:>5g} {r['lora_params']:>11,} {r['lora_percent_of_base']:>6.3f}% "
-                     f"{r['lora_on']['accuracy']:>8.4f} {r['lora_on']['wrong_per_digit'][target]:>9} "
-                     f"{r['changes']['others_total_change']:>+7d} {_hurt(w):>12} "
-                     f"{r['seconds']:>7.1f}")
+        lines.append(
+            f"{r['rank']:>4} {r['alpha']:>5g} {r['lora_params']:>11,} {r['lora_percent_of_base']:>6.3f}% "
+            f"{r['lora_on']['accuracy']:>8.4f} {r['lora_on']['wrong_per_digit'][target]:>9} "
+            f"{r['changes']['others_total_change']:>+7d} {_hurt(w):>12} "
+            f"{r['seconds']:>7.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -124,7 +170,10 @@ def gain_stops_at(rows: Sequence[Mapping[str, Any]], target: int, tolerance: int
     if not rows:
         return None
     for prev, nxt in itertools.pairwise(rows):
-        if prev["lora_on"]["wrong_per_digit"][target] - nxt["lora_on"]["wrong_per_digit"][target] < tolerance:
+        if (
+            prev["lora_on"]["wrong_per_digit"][target] - nxt["lora_on"]["wrong_per_digit"][target]
+            < tolerance
+        ):
             return int(prev["rank"])
     return int(rows[-1]["rank"])
 
@@ -149,9 +198,15 @@ def write_json(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def plot_errors(pretrained: Sequence[int], lora_on: Sequence[int], path: str | os.PathLike[str] | None = None, *,
-                title: str = "Wrong answers per digit", labels: tuple[str, str] = ("pretrained", "LoRA on"),
-                target: int | None = None) -> Any:
+def plot_errors(
+    pretrained: Sequence[int],
+    lora_on: Sequence[int],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str = "Wrong answers per digit",
+    labels: tuple[str, str] = ("pretrained", "LoRA on"),
+    target: int | None = None,
+) -> Any:
     """Grouped bar chart of wrong answers per digit, before vs after; saved to `path` when given.
 
     The target digit's tick label, when given, is drawn in bold red.

@@ -84,8 +84,9 @@ class FinetuneRecipe:
 #: The well-known tutorial: 100 steps of 10 images of the target digit only, Adam lr 1e-3.
 TUTORIAL = FinetuneRecipe("tutorial")
 #: Target digit plus replayed other digits in every batch, target examples up-weighted, lr decay.
-BALANCED = FinetuneRecipe("balanced", steps=2000, batch_size=40, lr=2e-3, replay=0.6, target_weight=10.0,
-                          lr_decay=True)
+BALANCED = FinetuneRecipe(
+    "balanced", steps=2000, batch_size=40, lr=2e-3, replay=0.6, target_weight=10.0, lr_decay=True
+)
 RECIPES: dict[str, FinetuneRecipe] = {"tutorial": TUTORIAL, "balanced": BALANCED}
 
 
@@ -94,7 +95,11 @@ def make_adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
     params = list(params)
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # pragma: no cover - old torch / unsupported device
+    except (
+        RuntimeError,
+        TypeError,
+        ValueError,
+    ):  # pragma: no cover - old torch / unsupported device
         return torch.optim.Adam(params, lr=lr)
 
 
@@ -114,8 +119,13 @@ def flush_denormal() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, steps: int | None = None,
-                     device: torch.device | str = "cpu") -> Iterator[Tensor]:
+def shuffled_batches(
+    n: int,
+    batch_size: int,
+    generator: torch.Generator,
+    steps: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[Tensor]:
     """Index batches like ``DataLoader(shuffle=True)``: a fresh permutation per epoch, last batch partial.
 
     Args:
@@ -135,21 +145,34 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, steps:
         for start in range(0, n, batch_size):
             if steps is not None and done >= steps:
                 return
-            yield perm[start:start + batch_size]
+            yield perm[start : start + batch_size]
             done += 1
         if steps is None:
             return
 
 
-def _loop(model: nn.Module, step_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer, steps: int,
-          desc: str, progress: bool, lr_decay: bool = False) -> TrainResult:
+def _loop(
+    model: nn.Module,
+    step_fn: Callable[[], Tensor],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    desc: str,
+    progress: bool,
+    lr_decay: bool = False,
+) -> TrainResult:
     """Run `steps` optimisation steps of `step_fn() -> loss` with a progress bar."""
     model.train()
     device = next(model.parameters()).device
     losses = torch.zeros(steps, dtype=torch.float32, device=device)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - i / steps) if lr_decay else None
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - i / steps)
+        if lr_decay
+        else None
+    )
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, disable=not progress, unit="step", mininterval=0.5, leave=True)
+    bar = tqdm(
+        total=steps, desc=desc, disable=not progress, unit="step", mininterval=0.5, leave=True
+    )
     try:
         with flush_denormal():
             for i in range(steps):
@@ -162,18 +185,30 @@ def _loop(model: nn.Module, step_fn: Callable[[], Tensor], optimizer: torch.opti
                 losses[i] = loss.detach()
                 bar.update(1)
                 if progress and (i + 1) % 200 == 0:
-                    bar.set_postfix(loss=f"{losses[i - 199:i + 1].mean().item():.3f}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{losses[i - 199 : i + 1].mean().item():.3f}", refresh=False
+                    )
     finally:
         bar.close()
         model.eval()
     tail = max(1, steps // 10)
-    return TrainResult(steps=steps, mean_loss=float(losses.mean()) if steps else float("nan"),
-                       final_loss=float(losses[-tail:].mean()) if steps else float("nan"),
-                       seconds=time.perf_counter() - start)
+    return TrainResult(
+        steps=steps,
+        mean_loss=float(losses.mean()) if steps else float("nan"),
+        final_loss=float(losses[-tail:].mean()) if steps else float("nan"),
+        seconds=time.perf_counter() - start,
+    )
 
 
-def pretrain(model: nn.Module, images: Tensor, labels: Tensor, config: PretrainConfig = PretrainConfig(), *,
-             generator: torch.Generator | None = None, progress: bool = True) -> TrainResult:
+def pretrain(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    config: PretrainConfig = PretrainConfig(),
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train every parameter of `model` in place with Adam and cross-entropy.
 
     Args:
@@ -197,9 +232,17 @@ def pretrain(model: nn.Module, images: Tensor, labels: Tensor, config: PretrainC
     return _loop(model, step, optimizer, total, "pretrain", progress)
 
 
-def finetune(model: nn.Module, images: Tensor, labels: Tensor, digit: int, recipe: FinetuneRecipe = TUTORIAL, *,
-             teacher: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-             generator: torch.Generator | None = None, progress: bool = True) -> TrainResult:
+def finetune(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    digit: int,
+    recipe: FinetuneRecipe = TUTORIAL,
+    *,
+    teacher: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Fine-tune the trainable parameters of `model` (the LoRA factors) on one digit.
 
     With ``recipe.replay == 0`` (the tutorial) every batch holds only the target digit. Otherwise
@@ -225,16 +268,27 @@ def finetune(model: nn.Module, images: Tensor, labels: Tensor, digit: int, recip
     if not 0.0 <= recipe.replay < 1.0:
         raise ValueError(f"replay must be in [0, 1), got {recipe.replay}")
     if recipe.distill > 0 and recipe.replay > 0 and teacher is None:
-        raise ValueError("distill > 0 needs a teacher context factory, e.g. lambda: lora_disabled(model)")
+        raise ValueError(
+            "distill > 0 needs a teacher context factory, e.g. lambda: lora_disabled(model)"
+        )
     optimizer = make_adam(params, recipe.lr)
     device = images.device
     target_idx = (labels == digit).nonzero().squeeze(1)
     if target_idx.numel() == 0:
         raise ValueError(f"no training image of digit {digit}")
     desc = f"fine-tune on {digit} ({recipe.name})"
-    n_replay = 0 if recipe.replay == 0 else min(recipe.batch_size - 1, max(1, round(recipe.replay * recipe.batch_size)))
-    target_batches = shuffled_batches(target_idx.numel(), recipe.batch_size - n_replay, generator,
-                                      steps=recipe.steps, device=device)
+    n_replay = (
+        0
+        if recipe.replay == 0
+        else min(recipe.batch_size - 1, max(1, round(recipe.replay * recipe.batch_size)))
+    )
+    target_batches = shuffled_batches(
+        target_idx.numel(),
+        recipe.batch_size - n_replay,
+        generator,
+        steps=recipe.steps,
+        device=device,
+    )
     if n_replay == 0:
 
         def step() -> Tensor:
@@ -244,7 +298,9 @@ def finetune(model: nn.Module, images: Tensor, labels: Tensor, digit: int, recip
         return _loop(model, step, optimizer, recipe.steps, desc, progress, recipe.lr_decay)
 
     other_idx = (labels != digit).nonzero().squeeze(1)
-    other_batches = shuffled_batches(other_idx.numel(), n_replay, generator, steps=recipe.steps, device=device)
+    other_batches = shuffled_batches(
+        other_idx.numel(), n_replay, generator, steps=recipe.steps, device=device
+    )
     temp = recipe.temperature
 
     def balanced_step() -> Tensor:
@@ -262,8 +318,12 @@ def finetune(model: nn.Module, images: Tensor, labels: Tensor, digit: int, recip
         weights[: t_idx.numel()] = recipe.target_weight
         loss = (per_example * weights).sum() / weights.sum()
         if ref is not None:
-            kl = F.kl_div(F.log_softmax(logits[t_idx.numel():] / temp, dim=1), F.log_softmax(ref / temp, dim=1),
-                          reduction="batchmean", log_target=True)
+            kl = F.kl_div(
+                F.log_softmax(logits[t_idx.numel() :] / temp, dim=1),
+                F.log_softmax(ref / temp, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
             loss = loss + recipe.distill * temp * temp * kl
         return loss
 
