@@ -10,6 +10,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_param.core.io import atomic_write
+
+from .evaluate import refuse_test_split
+
 DIGITS = range(10)
 
 
@@ -89,9 +93,10 @@ def summary_text(report: Mapping[str, Any]) -> str:
         (f"LoRA on (r={rank}, digit {target})", report["lora_on"]),
         ("LoRA off", report["lora_off"]),
     ]
-    width = max(len(label) for label, _ in rows + [("change vs pretrained", {})])
+    width = max(len(label) for label, _ in [*rows, ("change vs pretrained", {})])
     lines = [
-        f"MNIST test set ({report['pretrained']['total']:,} images): accuracy and wrong answers per digit",
+        f"MNIST TEST SET ({report['pretrained']['total']:,} images, evaluated once per model, "
+        "after every choice): accuracy and wrong answers per digit",
         results_table(rows, width),
         change_row(report["pretrained"], report["lora_on"], width),
     ]
@@ -99,21 +104,18 @@ def summary_text(report: Mapping[str, Any]) -> str:
     t, w = ch["target"], ch["worst_other"]
     lines.append("")
     lines.append(
-        f"recipe {report['recipe']['name']!r}: target digit {target}: {t['before']} -> {t['after']} wrong "
-        f"({-100 * t['reduction']:+.0f}%)"
+        f"recipe {report['recipe']['name']!r}, test set: target digit {target}: "
+        f"{t['before']} -> {t['after']} wrong ({-100 * t['reduction']:+.0f}%)"
     )
     lines.append(
-        f"other digits: {ch['others_total_change']:+d} wrong in total; most hurt: digit {w['digit']} "
-        f"{w['before']} -> {w['after']} ({w['change']:+d})"
+        f"other digits: {ch['others_total_change']:+d} wrong in total; most hurt: "
+        f"digit {w['digit']} {w['before']} -> {w['after']} ({w['change']:+d})"
     )
     lines.append(
-        f"overall accuracy: {report['pretrained']['accuracy']:.4f} -> {report['lora_on']['accuracy']:.4f} "
-        f"({ch['accuracy_change_points']:+.2f} points)"
+        f"overall accuracy: {report['pretrained']['accuracy']:.4f} -> "
+        f"{report['lora_on']['accuracy']:.4f} ({ch['accuracy_change_points']:+.2f} points)"
     )
-    lines.append(
-        f"digit with the most errors before fine-tuning: {report['worst_digit']} "
-        f"({report['pretrained']['wrong_per_digit'][report['worst_digit']]} wrong)"
-    )
+    lines += _choice_lines(report)
     if ch["accuracy_change_points"] < -0.5:
         lines.append(
             f"note: training on digit {target} alone fixes {target}s and breaks other digits (catastrophic "
@@ -135,6 +137,38 @@ def summary_text(report: Mapping[str, Any]) -> str:
     sec = report["seconds"]
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sec.items()))
     return "\n".join(lines)
+
+
+def _choice_lines(report: Mapping[str, Any]) -> list[str]:
+    """Where the choices were made: the split, its numbers, and the worst digit found there."""
+    split = report.get("split") or {}
+    choices = report.get("choices") or {}
+    made_on = choices.get("made_on", "validation")
+    block = report.get("validation") if made_on == "validation" else report.get("train_selection")
+    lines = []
+    if split.get("validation"):
+        lines.append(
+            f"split: {split['validation_size']:,} training images held out for validation "
+            f"(stratified, seed {split['seed']}); pretraining saw the other {split['train_size']:,}"
+        )
+    elif split:
+        lines.append(
+            f"split: none (--tutorial-data): pretraining saw all {split['train_size']:,} training "
+            "images; choices are made on them"
+        )
+    if block:
+        t = block["changes"]["target"]
+        lines.append(
+            f"{made_on} ({block['pretrained']['total']:,} images): target digit "
+            f"{t['before']} -> {t['after']} wrong ({-100 * t['reduction']:+.0f}%), accuracy "
+            f"{block['pretrained']['accuracy']:.4f} -> {block['lora_on']['accuracy']:.4f}"
+        )
+        worst = report["worst_digit"]
+        lines.append(
+            f"digit with the most {made_on} errors before fine-tuning: {worst} "
+            f"({block['pretrained']['wrong_per_digit'][worst]} wrong)"
+        )
+    return lines
 
 
 def _hurt(worst: Mapping[str, Any]) -> str:
@@ -166,7 +200,12 @@ def gain_stops_at(rows: Sequence[Mapping[str, Any]], target: int, tolerance: int
         rows: Sweep rows in increasing rank order.
         target: Target digit.
         tolerance: Fewer errors than this does not count as a gain.
+
+    Raises:
+        LoRAError: A row's "lora_on" result is marked as computed on the test set.
     """
+    for row in rows:
+        refuse_test_split(row["lora_on"].get("split"), "the rank where gains stop")
     if not rows:
         return None
     for prev, nxt in itertools.pairwise(rows):
@@ -190,12 +229,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def write_text(text: str, path: str | os.PathLike[str]) -> Path:
+    """Write `text` (UTF-8) atomically: a crash leaves the old file or the new one, never half."""
+    data = text.encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
 def write_json(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write `report` as indented JSON (non-finite floats become null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-    return path
+    """Write `report` as indented JSON (non-finite floats become null), atomically."""
+    return write_text(json.dumps(_jsonable(report), indent=2) + "\n", path)
 
 
 def plot_errors(
