@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--checkpoint",
         metavar="FILE",
-        help="pretrained checkpoint: loaded instead of pretraining if it exists, else written after "
-        "pretraining",
+        help="pretrained checkpoint: loaded instead of pretraining if it exists, else written "
+        "after pretraining (with --seeds: a folder of per-seed checkpoints)",
     )
     g = p.add_argument_group("run")
     g.add_argument(

@@ -29,6 +29,11 @@ GOAL_CUT = 0.80
 GOAL_POINTS = -0.5
 
 
+def checkpoint_name(seed: int) -> str:
+    """File name of a seed's pretrained model in the seeds command's checkpoint folder."""
+    return f"pretrained-seed{seed}.pt"
+
+
 def parse_seeds(spec: str) -> list[int]:
     """Seeds from "0-9", "3", "0,2,5-7" (ranges inclusive), in the order given, no repeats.
 
@@ -96,6 +101,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def seeds_table(result: dict[str, Any]) -> str:
     """The printed table: per recipe, one row per seed, then mean / std / worst."""
     lines = []
+    split = result.get("split") or {}
+    test_size = split.get("test_size", 10_000)
+    made_on = "validation" if split.get("validation", True) else "the training images"
     for recipe, block in result["recipes"].items():
         rows, summary = block["rows"], block["summary"]
         head = (
@@ -103,7 +111,7 @@ def seeds_table(result: dict[str, Any]) -> str:
             f"{'accuracy':>15} {'change':>8}"
         )
         lines += [
-            f"recipe {recipe!r}, test set (10,000 images), choices on validation:",
+            f"recipe {recipe!r}, test set ({test_size:,} images), choices made on {made_on}:",
             head,
             "-" * len(head),
         ]
@@ -137,8 +145,10 @@ def run_seeds(
     """Run every recipe for every seed: pretrain once per seed, then fine-tune each recipe from it.
 
     Args:
-        config: Settings shared by every run (``seed``, ``recipe``, ``checkpoint``, ``ranks`` and
-            ``out`` are set per run; with ``out``, seeds.json and seeds.txt are written there).
+        config: Settings shared by every run (``seed``, ``recipe``, ``ranks`` and ``out`` are set
+            per run; with ``out``, seeds.json and seeds.txt are written there). ``checkpoint``
+            names a folder that caches each seed's pretrained model (`checkpoint_name`), so a
+            rerun with the same settings skips pretraining; None uses a temporary folder.
         seeds: Seeds to run.
         recipes: Recipe names, e.g. ["tutorial", "balanced"].
         data: Loaded tensors; None loads them once from ``config.data_dir``.
@@ -154,8 +164,9 @@ def run_seeds(
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in recipes}
     split: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="lora-param-seeds-") as tmp:
+        folder = Path(config.checkpoint) if config.checkpoint else Path(tmp)
         for seed in seeds:
-            checkpoint = os.fspath(Path(tmp) / f"pretrained-seed{seed}.pt")
+            checkpoint = os.fspath(folder / checkpoint_name(seed))
             for name in recipes:
                 run = run_pipeline(
                     replace(
