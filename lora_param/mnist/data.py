@@ -63,10 +63,10 @@ class MNISTTensors:
     def to(self, device: torch.device | str) -> MNISTTensors:
         """Return a copy with every tensor on `device`."""
         return MNISTTensors(
-            *(
-                t.to(device)
-                for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)
-            ),
+            self.train_images.to(device),
+            self.train_labels.to(device),
+            self.test_images.to(device),
+            self.test_labels.to(device),
             val_images=None if self.val_images is None else self.val_images.to(device),
             val_labels=None if self.val_labels is None else self.val_labels.to(device),
             split=self.split,

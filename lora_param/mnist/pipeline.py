@@ -18,9 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from lora_param import (
-    __version__ as lora_param_version,
-)
-from lora_param import (
     LoRAError,
     add_lora,
     iter_lora,
@@ -30,6 +27,10 @@ from lora_param import (
     save_lora,
     trainable_summary,
 )
+from lora_param import (
+    __version__ as lora_param_version,
+)
+from lora_param.core.io import atomic_write
 
 from .confusion import confusion_block, plot_confusion_change
 from .data import MNISTTensors, load_mnist
@@ -406,7 +407,7 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
     checkpoint = config.checkpoint
     if config.load_adapter and checkpoint is None:
         checkpoint = os.fspath(Path(config.load_adapter).with_name(PRETRAINED_FILE))
-    if config.load_adapter and not Path(checkpoint).is_file():
+    if config.load_adapter and not (checkpoint and Path(checkpoint).is_file()):
         raise FileNotFoundError(
             f"--load-adapter needs the pretrained checkpoint it was trained on: "
             f"{checkpoint} does not exist (pass --checkpoint)"
@@ -437,8 +438,8 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
                     progress=config.progress,
                 )
             if checkpoint:  # a cache: the next run with the same --checkpoint skips pretraining
-                Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-                torch.save(base_state(base), checkpoint)
+                state = base_state(base)
+                atomic_write(checkpoint, lambda f: torch.save(state, f))
     with timer("eval_pretrained"):
         pre_selection = evaluate(
             base,
