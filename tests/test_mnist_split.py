@@ -232,7 +232,8 @@ def test_confusion_matrix_and_plot(tmp_path: Path) -> None:
 
 
 def _cli(root: Path, *extra: str) -> int:
-    common = ["--data-dir", str(root), "--no-download", "--no-progress", "--pretrain-steps", "5"]
+    common = ["--data-dir", str(root), "--no-download", "--no-progress", "--threads", "1"]
+    common += ["--pretrain-steps", "5"]
     return main([*common, "--steps", "2", *extra])
 
 
