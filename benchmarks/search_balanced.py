@@ -2,7 +2,7 @@
 """Choose the balanced recipe's settings on the validation split only: the test set is never read.
 
     python benchmarks/search_balanced.py --data-dir ../shared/data --json search.json
-    python benchmarks/search_balanced.py --data-dir ../shared/data --seeds 0 --grid tiny   # quick look
+    python benchmarks/search_balanced.py --data-dir ../shared/data --seeds 0 --grid tiny  # a look
 
 What it does, exactly as `lora-param-mnist --recipe balanced` would up to the choice:
 
@@ -41,17 +41,17 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(HERE.parent))
 
-import torch
-from torch import Tensor, nn
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
-from lora_param import add_lora, lora_disabled
-from lora_param.mnist.data import load_split
-from lora_param.mnist.evaluate import EvalResult, evaluate
-from lora_param.mnist.model import LINEAR_LAYERS, build_model
-from lora_param.mnist.pipeline import base_state, load_checkpoint, num_threads
-from lora_param.mnist.seeds import checkpoint_name
-from lora_param.mnist.split import SPLIT_SEED, VALIDATION_SIZE, stratified_split
-from lora_param.mnist.train import BALANCED, FinetuneRecipe, PretrainConfig, finetune, pretrain
+from lora_param import add_lora, lora_disabled  # noqa: E402
+from lora_param.mnist.data import load_split  # noqa: E402
+from lora_param.mnist.evaluate import EvalResult, evaluate  # noqa: E402
+from lora_param.mnist.model import LINEAR_LAYERS, build_model  # noqa: E402
+from lora_param.mnist.pipeline import base_state, load_checkpoint, num_threads  # noqa: E402
+from lora_param.mnist.seeds import checkpoint_name  # noqa: E402
+from lora_param.mnist.split import SPLIT_SEED, VALIDATION_SIZE, stratified_split  # noqa: E402
+from lora_param.mnist.train import BALANCED, FinetuneRecipe, PretrainConfig, finetune, pretrain  # noqa: E402
 
 GRIDS: dict[str, dict[str, list[Any]]] = {
     "small": {"steps": [1000, 2000], "lr": [1e-3, 2e-3], "target_weight": [3.0, 10.0]},

@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(
         prog="lora-param-mnist",
-        description="Reference LoRA pipeline: pretrain an MLP on MNIST, then fine-tune a rank-1 LoRA on one "
-        "digit and measure what it fixes and what it breaks.",
+        description="Reference LoRA pipeline: pretrain an MLP on MNIST, then fine-tune a rank-1 "
+        "LoRA on one digit and measure what it fixes and what it breaks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--digit",
         type=_digit,
-        help="digit to fine-tune on: 0-9, or 'worst' (the most errors) [default: 9, as the tutorial; "
+        help="digit to fine-tune on: 0-9, or 'worst' (the most validation errors) [default: 9, as "
+        "the tutorial; "
         "with --load-adapter, the digit recorded beside the adapter]",
     )
     g.add_argument("--rank", type=_positive_int, default=1, help="LoRA rank")
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(RECIPES),
         nargs="+",
         default=["tutorial"],
-        help="tutorial: the target digit only (shows forgetting); balanced: replay other digits too",
+        help="tutorial: the target digit only (shows forgetting); balanced: replay other digits "
+        "too. With --seeds, several: --recipe tutorial balanced",
     )
     g.add_argument("--steps", type=_positive_int, help="fine-tuning steps (default: the recipe's)")
     g.add_argument(
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-threads",
         type=_positive_int,
         default=1,
-        help="CPU threads for the batch-10 training loops (more threads only pay on an idle machine)",
+        help="CPU threads for the batch-10 training loops (more only pay on an idle machine)",
     )
     g.add_argument(
         "--eval-batch-size", type=_positive_int, default=2000, help="test images per batch"
@@ -235,7 +237,7 @@ def _validation_size(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the pipeline; exit status 0 when both checks pass, 1 when one fails, 2 on a usage/data error."""
+    """Run the pipeline; exit status 0 when both checks pass, 1 when one fails, 2 on bad input."""
     args = build_parser().parse_args(argv)
     parser = build_parser()
     if args.load_adapter and args.ranks:

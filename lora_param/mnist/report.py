@@ -41,7 +41,7 @@ def results_table(rows: Sequence[tuple[str, Mapping[str, Any]]], width: int | No
 
 def change_row(before: Mapping[str, Any], after: Mapping[str, Any], width: int = 20) -> str:
     """The row "after - before": accuracy in points, wrong answers per digit with a sign."""
-    diff = [a - b for a, b in zip(after["wrong_per_digit"], before["wrong_per_digit"])]
+    diff = [a - b for a, b in zip(after["wrong_per_digit"], before["wrong_per_digit"], strict=True)]
     points = 100.0 * (after["accuracy"] - before["accuracy"])
     return _row(
         "change vs pretrained",
@@ -118,7 +118,8 @@ def summary_text(report: Mapping[str, Any]) -> str:
     lines += _choice_lines(report)
     if ch["accuracy_change_points"] < -0.5:
         lines.append(
-            f"note: training on digit {target} alone fixes {target}s and breaks other digits (catastrophic "
+            f"note: training on digit {target} alone fixes {target}s and breaks other digits "
+            "(catastrophic "
             "forgetting): the adapter learned 'answer "
             f"{target}'. `--recipe balanced` replays other digits in every batch to keep them."
         )
@@ -178,14 +179,16 @@ def _hurt(worst: Mapping[str, Any]) -> str:
 def sweep_table(rows: Sequence[Mapping[str, Any]], target: int) -> str:
     """One row per rank: LoRA parameters, accuracy, target-digit errors, other digits' change."""
     head = (
-        f"{'rank':>4} {'alpha':>5} {'LoRA params':>11} {'% base':>7} {'accuracy':>8} {f'{target}s wrong':>9} "
+        f"{'rank':>4} {'alpha':>5} {'LoRA params':>11} {'% base':>7} {'accuracy':>8} "
+        f"{f'{target}s wrong':>9} "
         f"{'others':>7} {'most hurt':>12} {'seconds':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         w = r["changes"]["worst_other"]
         lines.append(
-            f"{r['rank']:>4} {r['alpha']:>5g} {r['lora_params']:>11,} {r['lora_percent_of_base']:>6.3f}% "
+            f"{r['rank']:>4} {r['alpha']:>5g} {r['lora_params']:>11,} "
+            f"{r['lora_percent_of_base']:>6.3f}% "
             f"{r['lora_on']['accuracy']:>8.4f} {r['lora_on']['wrong_per_digit'][target]:>9} "
             f"{r['changes']['others_total_change']:>+7d} {_hurt(w):>12} "
             f"{r['seconds']:>7.1f}"
@@ -254,7 +257,7 @@ def plot_errors(
     The target digit's tick label, when given, is drawn in bold red.
 
     Returns:
-        The matplotlib Figure, or None when matplotlib is not installed (install ``lora_param[plot]``).
+        The matplotlib Figure, or None without matplotlib (install ``lora_param[plot]``).
     """
     try:
         from matplotlib.figure import Figure

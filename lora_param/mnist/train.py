@@ -91,7 +91,7 @@ RECIPES: dict[str, FinetuneRecipe] = {"tutorial": TUTORIAL, "balanced": BALANCED
 
 
 def make_adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam, fused when this torch build supports it for the parameters' device (same update rule)."""
+    """Adam, fused where this torch build supports it on the parameters' device (same updates)."""
     params = list(params)
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
@@ -126,7 +126,7 @@ def shuffled_batches(
     steps: int | None = None,
     device: torch.device | str = "cpu",
 ) -> Iterator[Tensor]:
-    """Index batches like ``DataLoader(shuffle=True)``: a fresh permutation per epoch, last batch partial.
+    """Index batches as ``DataLoader(shuffle=True)``: a new permutation per epoch, last one partial.
 
     Args:
         n: Number of examples.
