@@ -577,7 +577,10 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
         print(summary_text(report))
         if config.ranks:
             print()
-            print(f"rank sweep (same pretrained model, recipe {recipe.name!r}, digit {target}):")
+            print(
+                f"rank sweep (same pretrained model, recipe {recipe.name!r}, digit {target}; "
+                f"test numbers, and the {sel_split} errors the choice is made on):"
+            )
             print(sweep_table(sweep, target))
             print(
                 f"gain in digit-{target} errors ({sel_split}) stops at rank "

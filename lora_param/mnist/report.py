@@ -177,21 +177,27 @@ def _hurt(worst: Mapping[str, Any]) -> str:
 
 
 def sweep_table(rows: Sequence[Mapping[str, Any]], target: int) -> str:
-    """One row per rank: LoRA parameters, accuracy, target-digit errors, other digits' change."""
+    """One row per rank: LoRA parameters, test accuracy and target-digit errors, the other digits'
+    change, and the target digit's errors on the split the choice is made on (validation)."""
+    split = next((r["selection"]["split"] for r in rows if "selection" in r), None)
     head = (
-        f"{'rank':>4} {'alpha':>5} {'LoRA params':>11} {'% base':>7} {'accuracy':>8} "
+        f"{'rank':>4} {'alpha':>5} {'LoRA params':>11} {'% base':>7} {'test acc':>8} "
         f"{f'{target}s wrong':>9} "
         f"{'others':>7} {'most hurt':>12} {'seconds':>7}"
+        + (f" {f'{split} {target}s':>14}" if split else "")
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         w = r["changes"]["worst_other"]
+        chosen_on = ""
+        if split and "selection" in r:
+            chosen_on = f" {r['selection']['lora_on']['wrong_per_digit'][target]:>14}"
         lines.append(
             f"{r['rank']:>4} {r['alpha']:>5g} {r['lora_params']:>11,} "
             f"{r['lora_percent_of_base']:>6.3f}% "
             f"{r['lora_on']['accuracy']:>8.4f} {r['lora_on']['wrong_per_digit'][target]:>9} "
             f"{r['changes']['others_total_change']:>+7d} {_hurt(w):>12} "
-            f"{r['seconds']:>7.1f}"
+            f"{r['seconds']:>7.1f}" + chosen_on
         )
     return "\n".join(lines)
 
