@@ -170,12 +170,19 @@ def test_no_test_image_is_used_for_any_choice(root: Path, monkeypatch: pytest.Mo
 @pytest.fixture(scope="module")
 def written(root: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("written")
-    return run_pipeline(config(root, out=str(out))), out
+    return run_pipeline(config(root, out=str(out), checkpoint=str(out / "cache.pt"))), out
 
 
 def test_data_split_differently_is_refused(root: Path, written) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(LoRAError, match="split with 60"):
         run_pipeline(config(root, validation_size=40), data=written[0].data)
+
+
+def test_checkpoint_from_another_split_is_refused(root: Path, written) -> None:  # type: ignore[no-untyped-def]
+    cache = written[1] / "cache.pt"
+    assert json.loads((written[1] / "cache.pt.split.json").read_text())["validation_size"] == 60
+    with pytest.raises(LoRAError, match="pretrained with 60 validation images"):
+        run_pipeline(config(root, validation_size=0, checkpoint=str(cache)))
 
 
 def test_report_blocks_and_confusion(written) -> None:  # type: ignore[no-untyped-def]

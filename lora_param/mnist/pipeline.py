@@ -37,7 +37,7 @@ from .data import MNISTTensors, load_mnist
 from .evaluate import EvalResult, evaluate, worst_digit
 from .model import LINEAR_LAYERS, build_model
 from .report import digit_changes, gain_stops_at, plot_errors, summary_text, sweep_table, write_json
-from .split import SPLIT_SEED, VALIDATION_SIZE, hold_out_validation
+from .split import SPLIT_SEED, VALIDATION_SIZE, SplitInfo, hold_out_validation
 from .train import RECIPES, FinetuneRecipe, PretrainConfig, finetune, pretrain
 
 PRETRAINED_FILE = "pretrained.pt"
@@ -368,6 +368,38 @@ def run_pipeline(config: PipelineConfig, data: MNISTTensors | None = None) -> Pi
         return _run(config, data, threads)
 
 
+def checkpoint_split_file(checkpoint: str | os.PathLike[str]) -> Path:
+    """Where the split a cached pretrained model was trained under is recorded."""
+    return Path(os.fspath(checkpoint) + ".split.json")
+
+
+def check_checkpoint_split(checkpoint: str | os.PathLike[str], split: SplitInfo) -> None:
+    """Refuse a cached pretrained model trained under another split.
+
+    A model pretrained on all 60,000 images (or under another split seed) has seen this run's
+    validation images, which would make every choice look better than it is. Checkpoints
+    without a record (older files, other tools) are loaded as they are.
+
+    Raises:
+        LoRAError: The recorded split differs from `split`.
+    """
+    path = checkpoint_split_file(checkpoint)
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if (recorded.get("validation_size"), recorded.get("seed")) != (
+        split.validation_size,
+        split.seed,
+    ):
+        raise LoRAError(
+            f"{checkpoint} was pretrained with {recorded.get('validation_size')} validation images "
+            f"held out (split seed {recorded.get('seed')}), this run holds out "
+            f"{split.validation_size} (seed {split.seed}): its choices would see images the model "
+            "was trained on. Use another --checkpoint, or the same split settings"
+        )
+
+
 def split_data(data: MNISTTensors, config: PipelineConfig) -> MNISTTensors:
     """`data` with the validation split `config` asks for (already-split data is checked, reused).
 
@@ -425,6 +457,7 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
     with timer("pretrain"):
         if checkpoint and Path(checkpoint).is_file():
             _say(config, f"loading the pretrained model from {checkpoint}")
+            check_checkpoint_split(checkpoint, data.split)
             load_checkpoint(base, checkpoint)
         else:
             gen = torch.Generator().manual_seed(config.seed)
@@ -440,6 +473,7 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
             if checkpoint:  # a cache: the next run with the same --checkpoint skips pretraining
                 state = base_state(base)
                 atomic_write(checkpoint, lambda f: torch.save(state, f))
+                write_json(data.split.to_dict(), checkpoint_split_file(checkpoint))
     with timer("eval_pretrained"):
         pre_selection = evaluate(
             base,
