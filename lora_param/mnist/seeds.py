@@ -104,6 +104,11 @@ def seeds_table(result: dict[str, Any]) -> str:
     split = result.get("split") or {}
     test_size = split.get("test_size", 10_000)
     made_on = "validation" if split.get("validation", True) else "the training images"
+    done = result.get("seeds_done", result["seeds"])
+    if list(done) != list(result["seeds"]):
+        lines.append(
+            f"partial: seeds {', '.join(map(str, done))} ran, of {len(result['seeds'])} asked for"
+        )
     for recipe, block in result["recipes"].items():
         rows, summary = block["rows"], block["summary"]
         head = (
@@ -154,7 +159,7 @@ def run_seeds(
         data: Loaded tensors; None loads them once from ``config.data_dir``.
 
     Returns:
-        {"seeds", "split", "recipes": {name: {"rows", "summary"}}, "seconds"}.
+        {"seeds", "seeds_done", "split", "recipes": {name: {"rows", "summary"}}, "seconds"}.
     """
     if not seeds or not recipes:
         raise LoRAError("give at least one seed and one recipe")
@@ -192,17 +197,31 @@ def run_seeds(
                         f"{row['accuracy_after']:.4f} (test)",
                         flush=True,
                     )
-    result = {
-        "seeds": list(seeds),
-        "split": split,
-        "recipes": {name: {"rows": r, "summary": summarize(r)} for name, r in rows.items()},
-        "seconds": time.perf_counter() - start,
-    }
-    if config.out:
-        out = Path(config.out)
-        write_json(result, out / SEEDS_JSON)
-        write_text(seeds_table(result) + "\n", out / SEEDS_TEXT)
+            if config.out:  # after every seed, so that an interrupted run leaves its table
+                _write(Path(config.out), _result(seeds, split, rows, time.perf_counter() - start))
+    result = _result(seeds, split, rows, time.perf_counter() - start)
     if config.verbose:
         print()
         print(seeds_table(result))
     return result
+
+
+def _result(
+    seeds: Sequence[int],
+    split: dict[str, Any] | None,
+    rows: dict[str, list[dict[str, Any]]],
+    seconds: float,
+) -> dict[str, Any]:
+    done = sorted({r["seed"] for block in rows.values() for r in block})
+    return {
+        "seeds": list(seeds),
+        "seeds_done": done,
+        "split": split,
+        "recipes": {name: {"rows": r, "summary": summarize(r)} for name, r in rows.items() if r},
+        "seconds": seconds,
+    }
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    write_json(result, out / SEEDS_JSON)
+    write_text(seeds_table(result) + "\n", out / SEEDS_TEXT)
