@@ -84,8 +84,10 @@ class FinetuneRecipe:
 #: The well-known tutorial: 100 steps of 10 images of the target digit only, Adam lr 1e-3.
 TUTORIAL = FinetuneRecipe("tutorial")
 #: Target digit plus replayed other digits in every batch, target examples up-weighted, lr decay.
+#: Chosen on the validation split by benchmarks/search_balanced.py (seed 0, digit 9: 37 -> 5
+#: validation errors, -0.15 points), never on the test set.
 BALANCED = FinetuneRecipe(
-    "balanced", steps=2000, batch_size=40, lr=2e-3, replay=0.6, target_weight=10.0, lr_decay=True
+    "balanced", steps=1000, batch_size=40, lr=1e-3, replay=0.6, target_weight=10.0, lr_decay=True
 )
 RECIPES: dict[str, FinetuneRecipe] = {"tutorial": TUTORIAL, "balanced": BALANCED}
 
