@@ -67,6 +67,9 @@ def test_tutorial_recipe_checks_and_counts(tutorial) -> None:
 
 
 def test_balanced_recipe_keeps_the_other_digits(tutorial) -> None:
+    """The balanced recipe (chosen on validation) on the test set, seed 0: at least 75% fewer
+    digit-9 errors and at most 0.5 points of accuracy lost (measured: 46 -> 7, 85% fewer,
+    +0.16 points; 75% leaves room for another CPU's float rounding)."""
     run, out = tutorial
     tut = run.report
     bal = run_pipeline(
@@ -85,9 +88,7 @@ def test_balanced_recipe_keeps_the_other_digits(tutorial) -> None:
     }  # same base model
     assert bal["lora_off_identical"] and bal["frozen_unchanged"]
     before, after = bal["pretrained"]["wrong_per_digit"][9], bal["lora_on"]["wrong_per_digit"][9]
-    # The recipe's goal: >= 80% fewer target errors, at most 0.5 points of accuracy lost (seed 0
-    # measured 52 -> 10, +2.2 points); 75% leaves room for another CPU's float rounding.
-    assert after <= 0.25 * before, f"digit-9 errors should fall by 80%: {before} -> {after}"
+    assert after <= 0.25 * before, f"digit-9 errors should fall by 75%: {before} -> {after}"
     assert bal["lora_on"]["accuracy"] >= bal["pretrained"]["accuracy"] - 0.005
     assert bal["changes"]["others_total_change"] < tut["changes"]["others_total_change"]
 
