@@ -650,7 +650,7 @@ def _write_files(
         report["lora_on"]["wrong_per_digit"],
         out / PLOT_FILE,
         target=target,
-        title=f"Test set: wrong answers per digit, pretrained vs LoRA on digit {target} ({name})",
+        title=f"Test set: wrong answers per digit, LoRA on digit {target} ({name})",
     )
     if fig is None:
         _say(
@@ -664,7 +664,7 @@ def _write_files(
         report["confusion"]["change"],
         out / CONFUSION_FILE,
         target=target,
-        title=f"Test set: confusion change, LoRA on digit {target} ({name}) - pretrained",
+        title=f"Test set: LoRA on digit {target} ({name}) - pretrained",
     )
     files["confusion"] = os.fspath(out / CONFUSION_FILE)
     return files
