@@ -14,6 +14,7 @@ from .errors import LoRAError
 from .experts import ExpertLayout, ExpertLoRAParametrization
 from .factored import factored_forward_applies, install_factored_forward
 from .freeze import Bias, freeze_base, trainable_modules
+from .hf_save import guard_save_pretrained
 from .layers import (
     SUPPORTED_LAYERS,
     AdaptTarget,
@@ -269,6 +270,7 @@ def inject(
         for target in reversed(done):
             drop_adapters(target.module, target.param_name, lambda q: q.adapter == adapter)
         raise
+    guard_save_pretrained(model)
 
 
 def add_lora(
