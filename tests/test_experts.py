@@ -16,9 +16,9 @@ import re
 
 import pytest
 import torch
+from family_checks import run_lora_lifecycle
 from torch import nn
 
-from family_checks import run_lora_lifecycle
 from lora_param import (
     LoRAError,
     add_lora,
@@ -169,7 +169,7 @@ def test_no_targets_adapts_experts_and_skips_the_router():
     assert not any(".mlp.gate." in path for path in kinds)  # the router keeps its routing
     router = _tiny_mixtral()
     add_lora(router, "*.mlp.gate.weight", rank=2)  # adapted when named: a (experts, hidden) matrix
-    (path, _, _, p), *_ = iter_lora(router)
+    (_, _, _, p), *_ = iter_lora(router)
     assert (p.kind, p.lora_A.shape, p.lora_B.shape) == ("param", (2, 64), (4, 2))
 
 
@@ -212,7 +212,7 @@ def test_module_match_decides_over_its_parameters():
         add_lora(_Block(), "*.bias")  # only 1-D tensors: nothing to adapt
     with pytest.raises(LoRAError, match="exclude pattern"):
         add_lora(_Block(), "*", exclude="*.nothing")
-    with pytest.raises(LoRAError, match="1 dimensions|1-D"):
+    with pytest.raises(LoRAError, match="1-D"):
         add_lora(_Block(), "proj.bias")  # named literally: still an error
 
 

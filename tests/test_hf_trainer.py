@@ -117,10 +117,14 @@ def test_trainer_checkpoint_resume_and_final_saves(tmp_path, family):
     assert not files & {"model.safetensors", "pytorch_model.bin"}  # not the base
     assert any(f.startswith("rng_state") for f in files)
     resumed_model = add_lora(build(), targets, rank=2)
-    resumed = LoRATrainer(model=resumed_model, args=_args(tmp_path / "run", 4), train_dataset=_Tokens())
+    resumed = LoRATrainer(
+        model=resumed_model, args=_args(tmp_path / "run", 4), train_dataset=_Tokens()
+    )
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert _losses(resumed)[-2:] == pytest.approx(want[2:], rel=1e-6)
-    for (k, a), b in zip(lora_state_dict(full).items(), lora_state_dict(resumed_model).values()):
+    for (k, a), b in zip(
+        lora_state_dict(full).items(), lora_state_dict(resumed_model).values(), strict=True
+    ):
         torch.testing.assert_close(a, b, msg=k)
 
     # final saves: adapters alone (load_lora, PEFT) and the merged model (from_pretrained)

@@ -166,8 +166,7 @@ def find_targets(
         t
         for t in found.values()
         if not any(
-            matches(p, t.module_name, t.module) or matches(p, t.path, t.module)
-            for p in excluded
+            matches(p, t.module_name, t.module) or matches(p, t.path, t.module) for p in excluded
         )
     ]
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import LoRAError
+from .experts import ExpertLayout
 from .freeze import freeze_base
 from .inject import Mode, inject
 from .layers import base_tensor, join, parameter_target, tensor_names
@@ -378,7 +379,9 @@ def _plan_from_config(
                 f"adapter file {path!r} adapts '{tpath}', which this model does not have; "
                 "load it into the same architecture it was trained on."
             )
-        layout = ("in_out" if layer["fan_in_fan_out"] else "out_in") if "experts" in layer else None
+        layout: ExpertLayout | None = None
+        if "experts" in layer:
+            layout = "in_out" if layer["fan_in_fan_out"] else "out_in"
         target = parameter_target(module_name, module, tensor, layout)
         if (target.kind == "experts") != (layer["kind"] == "experts"):
             raise LoRAError(

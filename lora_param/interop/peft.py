@@ -49,7 +49,13 @@ from ..core.inject import add_lora
 from ..core.io import atomic_write
 from ..core.layers import base_tensor, is_hf_conv1d, tensor_names
 from ..core.registry import iter_lora, list_adapters
-from .peft_params import BASE_LAYER, experts_from_peft, experts_to_peft, split_wrappers, wrapper_depths
+from .peft_params import (
+    BASE_LAYER,
+    experts_from_peft,
+    experts_to_peft,
+    split_wrappers,
+    wrapper_depths,
+)
 
 __all__ = ["export_peft", "import_peft"]
 
@@ -285,7 +291,10 @@ def _build_export(
         target_kind, pair = _peft_tensors(module_path, module, tensor_name, p)
         if tensor_path in nested:  # PEFT nests one wrapper per adapted parameter
             depth = f".{BASE_LAYER}" * nested[tensor_path]
-            pair = {PREFIX + module_path + depth + k[len(PREFIX + module_path) :]: t for k, t in pair.items()}
+            pair = {
+                PREFIX + module_path + depth + k[len(PREFIX + module_path) :]: t
+                for k, t in pair.items()
+            }
         elif module_path in owners:
             raise LoRAError(
                 f"adapter {adapter!r} adapts both '{owners[module_path]}' and '{tensor_path}' of module "

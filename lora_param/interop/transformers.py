@@ -30,7 +30,7 @@ from ..core.io import load_lora, save_lora
 from ..core.registry import list_adapters
 from .peft import export_peft
 
-__all__ = ["ADAPTER_FILE", "LoRATrainer", "save_adapters"]
+__all__ = ["ADAPTER_FILE", "LoRATrainer", "save_adapters"]  # noqa: F822 (LoRATrainer: lazy)
 
 ADAPTER_FILE = "lora_adapters.pt"
 _log = logging.getLogger(__name__)
@@ -95,7 +95,9 @@ class _LoRATrainerMixin:
 
         torch.save(args, os.path.join(output_dir, "training_args.bin"))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
         path = Path(resume_from_checkpoint) / ADAPTER_FILE
         if not path.is_file():
             raise LoRAError(
@@ -124,7 +126,7 @@ def __getattr__(name: str) -> Any:
 def _build_trainer() -> type:
     trainer: Any = _trainer_class()
 
-    class LoRATrainer(_LoRATrainerMixin, trainer):  # type: ignore[misc, valid-type]
+    class LoRATrainer(_LoRATrainerMixin, trainer):
         __doc__ = _LORA_TRAINER_DOC
 
         def __init__(self, *args: Any, save_peft: bool = True, **kwargs: Any) -> None:
@@ -140,7 +142,7 @@ def _build_trainer() -> type:
     return LoRATrainer
 
 
-_LORA_TRAINER_DOC = """A ``transformers.Trainer`` whose checkpoints hold the adapters, not the base model.
+_LORA_TRAINER_DOC = """A ``transformers.Trainer`` whose checkpoints hold the adapters, not the base.
 
 Use it exactly as ``Trainer``; the model must already have adapters (``add_lora``). Each
 ``checkpoint-<step>`` folder holds ``lora_adapters.pt`` (and a PEFT adapter folder's files when
