@@ -82,7 +82,10 @@ def _tiny_mixtral(layers: int = 1):
         max_position_embeddings=32,
     )
     torch.manual_seed(0)
-    return transformers.MixtralForCausalLM(cfg).eval()
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    if not hasattr(model.model.layers[0].mlp.experts, "gate_up_proj"):
+        pytest.skip("3-D expert tensors need transformers >= 5")
+    return model
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
