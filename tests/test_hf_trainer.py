@@ -129,6 +129,12 @@ def test_trainer_checkpoint_resume_and_final_saves(tmp_path, family):
         lora_state_dict(full).items(), lora_state_dict(resumed_model).values(), strict=True
     ):
         torch.testing.assert_close(a, b, msg=k)
+    resumed.state.best_model_checkpoint = str(ckpt)  # load_best_model_at_end's hook
+    resumed._load_best_model()
+    for (k, a), b in zip(
+        lora_state_dict(first).items(), lora_state_dict(resumed_model).values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=k)
 
     # final saves: adapters alone (load_lora, PEFT) and the merged model (from_pretrained)
     full.eval()
