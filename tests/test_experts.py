@@ -207,6 +207,22 @@ def test_globs_regexes_and_callables_reach_parameter_paths():
     assert [t for t, *_ in iter_lora(block)] == ["experts.down"]
 
 
+def test_patterns_skip_position_tables_but_literal_paths_adapt_them():
+    class _Vit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(1, 5, 6))  # 3-D, not experts
+            self.head = nn.Linear(6, 2)
+
+    vit = _Vit()
+    add_lora(vit, "*", rank=2)
+    assert [t for t, *_ in iter_lora(vit)] == ["head.weight"]
+    with pytest.raises(LoRAError, match="matches no adaptable layer"):
+        add_lora(_Vit(), "po*")
+    named = add_lora(_Vit(), "pos", rank=1)  # literal: per expert along dim 0 (one here)
+    assert [p.kind for *_, p in iter_lora(named)] == ["experts"]
+
+
 def test_module_match_decides_over_its_parameters():
     block = _Block()
     add_lora(block, "*", rank=2)  # every supported layer; the 2-D 'experts.scale' is not one

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from .classes import own_class
 from .errors import LoRAError
-from .experts import ExpertLayout, ExpertLoRAParametrization
+from .experts import ExpertLayout, ExpertLoRAParametrization, is_experts_module
 from .factored import factored_forward_applies, install_factored_forward
 from .freeze import Bias, freeze_base, trainable_modules
 from .hf_save import guard_save_pretrained
@@ -78,8 +78,9 @@ def find_targets(
     layer. A tensor whose path matches is adapted on its own (a 2-D matrix, or per expert
     when 3-D) unless its owning module's name matches too: then the module decides (adapted
     as a layer when supported, skipped otherwise), so ``"*"`` means "every supported layer".
-    Tensors reached by a glob that cannot carry LoRA (1-D, integer) are skipped; a literal
-    path naming one is an error.
+    Tensors reached by a pattern that cannot carry LoRA (1-D, integer) are skipped, and so are
+    3-D tensors outside an experts block (a position table) and tensors of 4+ dimensions
+    outside a supported layer; a literal path adapts or rejects any tensor.
 
     Args:
         model: The model to search.
@@ -125,8 +126,9 @@ def find_targets(
                 continue
             if _can_carry_lora(base_tensor(module, tensor)):
                 target = parameter_target(module_name, module, tensor, expert_layout)
-                found.setdefault(target.path, target)
-                hit = True
+                if _reachable_by_pattern(target):
+                    found.setdefault(target.path, target)
+                    hit = True
         return hit
 
     patterns: list[Pattern] = as_patterns(targets, "targets")
@@ -179,6 +181,18 @@ def _can_carry_lora(tensor: Tensor | None) -> bool:
         and tensor.is_floating_point()
         and tensor.dim() >= 2
     )
+
+
+def _reachable_by_pattern(target: AdaptTarget) -> bool:
+    """Whether a tensor a pattern (not a literal path) reaches is adapted.
+
+    A supported layer's weight and 2-D matrices are; a 3-D tensor only inside an experts
+    block (so ``"encoder.*"`` never adapts a position table such as ``(1, tokens, dim)``);
+    other tensors of 3 or more dimensions only when named literally.
+    """
+    if target.kind == "experts":
+        return is_experts_module(target.module)
+    return target.kind != "param" or len(target.shape) == 2
 
 
 def _layer_types(layer_types: type | Sequence[type] | None) -> tuple[type, ...]:
