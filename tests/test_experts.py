@@ -282,6 +282,49 @@ def test_peft_experts_to_lora_param_same_outputs(tmp_path):
         torch.testing.assert_close(ours(ids).logits, want, atol=1e-5, rtol=1e-4)
 
 
+def _tiny_gpt_oss():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("gpt-oss needs transformers >= 4.55")
+    cfg = transformers.GptOssConfig(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        hidden_size=32,
+        intermediate_size=48,
+        head_dim=8,
+        num_hidden_layers=1,
+        layer_types=["full_attention"],
+        vocab_size=100,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return transformers.GptOssForCausalLM(cfg).eval()
+
+
+def test_gpt_oss_transposed_experts_peft_both_ways(tmp_path):
+    """gpt-oss stores experts (experts, in, out) with is_transposed=True."""
+    peft = pytest.importorskip("peft")
+    model = _tiny_gpt_oss()
+    if not getattr(model.model.layers[0].mlp.experts, "is_transposed", False):
+        pytest.skip("this transformers has no is_transposed gpt-oss experts")
+    add_lora(model, "*.experts.*_proj", rank=2, alpha=3)
+    assert all(p.fan_in_fan_out for *_, p in iter_lora(model))
+    _randomize_b(model)
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    export_peft(model, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(_tiny_gpt_oss(), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, want, atol=1e-5, rtol=1e-4)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    back = import_peft(_tiny_gpt_oss(), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, want, atol=1e-5, rtol=1e-4)
+
+
 def test_transposed_experts_peft_both_ways(tmp_path):
     """The (experts, in, out) layout (is_transposed=True) through PEFT's ParamWrapper."""
     peft = pytest.importorskip("peft")

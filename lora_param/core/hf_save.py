@@ -61,7 +61,7 @@ def _save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         raise LoRAError(
             "save_pretrained got a state_dict with parametrize keys ('...parametrizations."
             "weight.original'), which from_pretrained cannot load (the weights would be "
-            "re-initialised at random). Pass lora_param.core.hf_save.merged_state_dict(model), "
+            "re-initialised at random). Pass lora_param.merged_state_dict(model), "
             "or no state_dict, to save the merged model; save the adapters alone with "
             "save_lora/export_peft."
         )
