@@ -160,6 +160,23 @@ def test_save_pretrained_refuses_parametrized_state_dict(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_save_pretrained_without_state_dict_parameter_refuses(tmp_path):
+    class _Saver(torch.nn.Module):  # diffusers' ModelMixin.save_pretrained takes no state_dict
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def save_pretrained(self, save_directory, **kwargs):
+            torch.save(self.state_dict(), f"{save_directory}.pt")
+
+    model = _Saver()
+    model.save_pretrained(str(tmp_path / "plain"))  # no LoRA: the class's own method
+    add_lora(model, "fc", rank=2)
+    with pytest.raises(LoRAError, match="merge_lora"):
+        model.save_pretrained(str(tmp_path / "x"))
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_lora_trainer_needs_adapters(tmp_path):
     from lora_param.interop.transformers import LoRATrainer
 

@@ -5,12 +5,14 @@ is, ``from_pretrained`` would report those weights missing and initialise them a
 guard installed here (by ``add_lora``/``load_lora`` on any model with a ``save_pretrained``
 method, e.g. a transformers ``PreTrainedModel``) hands ``save_pretrained`` a state dict with the
 plain keys instead: each adapted tensor as the model computes it now (``W + sBA`` for the
-enabled adapters), the adapter factors left out. The model is not changed. transformers is not
-imported.
+enabled adapters), the adapter factors left out. The model is not changed. A
+``save_pretrained`` that takes no ``state_dict`` (diffusers' models) raises ``LoRAError`` instead,
+saying how to save. transformers is not imported.
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any
 
@@ -56,6 +58,14 @@ def _save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state = kwargs.get("state_dict")
     if state is None:
         if any(parametrize.is_parametrized(m) for m in self.modules()):
+            if not _takes_state_dict(original):
+                raise LoRAError(
+                    f"{type(self).__name__}.save_pretrained cannot be handed merged weights (it "
+                    "takes no state_dict) and would write parametrize keys that from_pretrained "
+                    "loads as random weights. Save a merged copy (merged = copy.deepcopy(model); "
+                    "merge_lora(merged); merged.save_pretrained(...)), or the adapters alone "
+                    "with save_lora / export_peft."
+                )
             kwargs["state_dict"] = merged_state_dict(self)
     elif any(".parametrizations." in k for k in state):
         raise LoRAError(
@@ -66,6 +76,14 @@ def _save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             "save_lora/export_peft."
         )
     return original(*args, **kwargs)
+
+
+def _takes_state_dict(method: Any) -> bool:
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return "state_dict" in params  # a **kwargs catch-all (diffusers) would ignore it
 
 
 def guard_save_pretrained(model: nn.Module) -> None:
