@@ -28,7 +28,7 @@ from torch import nn
 from ..core.errors import LoRAError
 from ..core.io import load_lora, save_lora
 from ..core.registry import list_adapters
-from .peft import export_peft
+from .peft import _unwrap, export_peft
 
 __all__ = ["ADAPTER_FILE", "LoRATrainer", "save_adapters"]  # noqa: F822 (LoRATrainer: lazy)
 
@@ -82,7 +82,7 @@ class _LoRATrainerMixin:
         output_dir = output_dir if output_dir is not None else args.output_dir
         if not args.should_save:
             return
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # type: ignore[attr-defined]
+        model = _unwrap(self.model)  # type: ignore[attr-defined]
         os.makedirs(output_dir, exist_ok=True)
         save_adapters(model, output_dir, peft=self.save_peft)
         config = getattr(model, "config", None)
@@ -105,7 +105,7 @@ class _LoRATrainerMixin:
                 "checkpoints it wrote itself (checkpoint-<step> folders under output_dir)."
             )
         target = model if model is not None else self.model  # type: ignore[attr-defined]
-        load_lora(self.accelerator.unwrap_model(target), path, freeze=False)  # type: ignore[attr-defined]
+        load_lora(_unwrap(target), path, freeze=False)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
@@ -132,7 +132,7 @@ def _build_trainer() -> type:
         def __init__(self, *args: Any, save_peft: bool = True, **kwargs: Any) -> None:
             self.save_peft = save_peft
             super().__init__(*args, **kwargs)
-            if not list_adapters(self.accelerator.unwrap_model(self.model)):
+            if not list_adapters(_unwrap(self.model)):
                 raise LoRAError(
                     "LoRATrainer trains adapters, and this model has none: call add_lora (or "
                     "load_lora) on it first, or use transformers.Trainer."
