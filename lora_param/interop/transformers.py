@@ -13,7 +13,8 @@
   :func:`lora_param.core.hf_save.guard_save_pretrained`).
 
 ``transformers`` is imported only when :class:`LoRATrainer` is first used
-(``pip install "lora_param[hf]"``).
+(``pip install "lora_param[hf]"``). Single-process and DDP training are covered; FSDP and
+DeepSpeed checkpoints (which hand ``_save`` a gathered ``state_dict``) are not.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..core.errors import LoRAError
@@ -78,6 +80,7 @@ class _LoRATrainerMixin:
     save_peft: bool = True
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapters, config, processor and arguments (``state_dict`` is not used)."""
         args: Any = self.args  # type: ignore[attr-defined]
         output_dir = output_dir if output_dir is not None else args.output_dir
         if not args.should_save:
@@ -91,13 +94,12 @@ class _LoRATrainerMixin:
         processing = getattr(self, "processing_class", None)
         if processing is not None:
             processing.save_pretrained(output_dir)
-        import torch
-
         torch.save(args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: nn.Module | None = None
     ) -> None:
+        """Load a checkpoint's adapters into the model (Trainer restores optimizer and RNG)."""
         path = Path(resume_from_checkpoint) / ADAPTER_FILE
         if not path.is_file():
             raise LoRAError(
@@ -108,6 +110,7 @@ class _LoRATrainerMixin:
         load_lora(_unwrap(target), path, freeze=False)
 
     def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's adapters."""
         best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
         _log.info("loading the best adapters from %s (score %s)", best, self.state.best_metric)  # type: ignore[attr-defined]
         self._load_from_checkpoint(best)
