@@ -13,8 +13,9 @@
   :func:`lora_param.core.hf_save.guard_save_pretrained`).
 
 ``transformers`` is imported only when :class:`LoRATrainer` is first used
-(``pip install "lora_param[hf]"``). Single-process and DDP training are covered; FSDP and
-DeepSpeed checkpoints (which hand ``_save`` a gathered ``state_dict``) are not.
+(``pip install "lora_param[hf]"``). Tested in one process; under DDP only the main process
+writes and every process loads (untested). FSDP and DeepSpeed checkpoints (which hand ``_save``
+a gathered ``state_dict``) are not supported.
 """
 
 from __future__ import annotations
