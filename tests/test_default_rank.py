@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_param import LoRAError, add_lora, adapter_parameters, iter_lora
+from lora_param import LoRAError, adapter_parameters, add_lora, iter_lora
 
 
 def _ranks(model: nn.Module) -> dict[str, int]:
