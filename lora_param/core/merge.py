@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .classes import own_class
+from .distributed import refuse_sharded
 from .errors import LoRAError
 from .factored import remove_factored_forward
 from .parametrization import LoRAParametrization
@@ -137,6 +138,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Returns:
         The same model object, merged.
     """
+    refuse_sharded(model, "merge_lora")
     plans = []
     for module, name, path in _tensors_with_lora(model):
         plist = module.parametrizations[name]
