@@ -13,6 +13,7 @@ raises :class:`LoRAError` saying so. Models that are not sharded never communica
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "CHECK_IN_TIMEOUT",
     "check_in",
     "copy_into",
+    "full_tensor",
     "gather_full",
     "is_sharded",
     "refuse_sharded",
@@ -88,11 +90,13 @@ def gather_full(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     The iteration order of ``tensors`` must be the same on every rank (it is when it comes from
     the same model), since each sharded tensor is one collective.
     """
-    out = {}
-    for key, tensor in tensors.items():
-        full = tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
-        out[key] = full.detach().to("cpu").contiguous().clone()
-    return out
+    return {key: full_tensor(tensor) for key, tensor in tensors.items()}
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """A full, detached CPU copy of ``tensor``; all-gathered first if it is sharded."""
+    full = tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+    return full.detach().to("cpu").contiguous().clone()
 
 
 def _rank() -> int:
@@ -101,7 +105,7 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def write_once(path: str | Path, write: Callable[[], Any], *, collective: bool) -> Path:
+def write_once(path: str | os.PathLike, write: Callable[[], Any], *, collective: bool) -> Path:
     """Run ``write`` (which writes ``path``) on rank 0 only, and share its outcome.
 
     Args:
