@@ -260,11 +260,11 @@ def one_rank_only_phase(rank: int, world: int) -> dict:
     the timed-out barrier leaves the process group unusable."""
     from datetime import timedelta
 
-    from lora_param import LoRAError
-    from lora_param.core import distributed
-
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    from lora_param import LoRAError
+    from lora_param.core import distributed
 
     distributed.CHECK_IN_TIMEOUT = timedelta(seconds=2)
     mesh = init_device_mesh("cpu", (world,))  # on every rank: may communicate
