@@ -9,7 +9,6 @@ readers that come later.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import nn
 from lora_param import add_lora, load_lora, save_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fuzzing.py, next to this file
-from fuzzing import (  # noqa: E402
+from fuzzing import (
     FUZZ,
     byte_damage,
     check_reader_contract,

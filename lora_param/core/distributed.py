@@ -14,6 +14,7 @@ raises :class:`LoRAError` saying so. Models that are not sharded never communica
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -41,12 +42,13 @@ CHECK_IN_TIMEOUT = timedelta(seconds=300)
 
 
 def is_sharded(tensor: Any) -> bool:
-    """Whether ``tensor`` is a DTensor (a shard of a tensor spread over ranks)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+    """Whether ``tensor`` is a DTensor (a shard of a tensor spread over ranks).
 
-    return isinstance(tensor, DTensor)
+    Importing ``torch.distributed.tensor`` takes seconds; when nobody imported it, no tensor can
+    be a DTensor, so it is never imported here.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def _require_process_group(what: str) -> None:
