@@ -216,3 +216,18 @@ def test_import_peft_damaged_legacy_bin(tmp_path):
     (folder / "adapter_model.safetensors").unlink()
     (folder / "adapter_model.bin").write_bytes(b"PK\x03\x04 not a zip")
     _import_refused(folder, r"adapter_model.bin' is damaged, truncated or not a weights-only")
+
+
+def test_import_peft_rank_larger_than_the_matrix(tmp_path):
+    """PEFT allows r > min(fan_in, fan_out); lora_param refuses it, naming the file."""
+    folder = _good_folder(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    tensors = _st().load_file(str(weights))
+    tensors["base_model.model.2.lora_A.weight"] = torch.zeros(4, 5)
+    tensors["base_model.model.2.lora_B.weight"] = torch.zeros(3, 4)
+    _st().save_file(tensors, str(weights))
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["rank_pattern"] = {"2": 4}
+    config_file.write_text(json.dumps(config))
+    _import_refused(folder, r"'2' has rank 4, more than its 3x5 matrix can hold")

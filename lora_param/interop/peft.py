@@ -743,6 +743,12 @@ def import_peft(
                 "is this the base model the adapter was trained on?"
             )
         a, b = _our_factors(layout, pa, pb, rank)
+        if rank > min(a.shape[1], b.shape[0]):
+            raise LoRAError(
+                f"'{path}': '{module_path}' has rank {rank}, more than its {b.shape[0]}x"
+                f"{a.shape[1]} matrix can hold; lora_param adapters have rank <= "
+                "min(fan_in, fan_out). Retrain the adapter with a smaller rank for this layer."
+            )
         alpha_key = _peft_pattern_key(alpha_pattern, module_path)
         alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else alpha_default
         rank_key = _peft_pattern_key(rank_pattern, module_path)
