@@ -220,10 +220,10 @@ def fsdp2_phase(rank: int, world: int, out: Path) -> dict:
 
 
 def _fsdp2_load_and_refusals(rank, world, out, base, mesh, x_eval, ref_on) -> dict:
-    """load_lora into a sharded model; merge_lora and adding adapters to shards are refused."""
+    """load_lora into a sharded model; merging, removing or adding adapters on shards is refused."""
     from torch.distributed.fsdp import fully_shard
 
-    from lora_param import LoRAError, load_lora, merge_lora
+    from lora_param import LoRAError, load_lora, merge_lora, remove_lora
 
     result = {}
     fresh = make_lora(base, seed=999)  # other initial A: the file must overwrite every shard
@@ -236,10 +236,11 @@ def _fsdp2_load_and_refusals(rank, world, out, base, mesh, x_eval, ref_on) -> di
         result["sharded_load_max_diff"] = float((fresh(x_eval) - ref_on).abs().max())
     before = {k: v.to_local().clone() for k, v in fresh.state_dict().items()}
     errors = []
-    try:
-        merge_lora(fresh)
-    except LoRAError as exc:
-        errors.append(str(exc))
+    for change in (merge_lora, remove_lora, lambda m: add_lora(m, rank=2, adapter="more")):
+        try:
+            change(fresh)
+        except LoRAError as exc:
+            errors.append(str(exc))
     bare = make_base()
     fully_shard(bare, mesh=mesh)
     try:

@@ -190,11 +190,13 @@ def test_fsdp2_load_lora_into_sharded_model_matches_plain(dist_run):
         assert r["sharded_load_max_diff"] < 1e-5
 
 
-def test_fsdp2_merge_and_injection_into_shards_are_refused_without_change(dist_run):
+def test_fsdp2_merge_remove_and_add_on_shards_are_refused_without_change(dist_run):
     _, results = dist_run
     for r in _fsdp2(results):
-        merge, inject = r["refusals"]
+        merge, remove, add, inject = r["refusals"]
         assert "merge_lora cannot change a sharded (FSDP2) model" in merge
+        assert "remove_lora cannot change a sharded (FSDP2) model" in remove
+        assert "add_lora cannot adapt sharded (FSDP2) weights" in add
         assert "add them before fully_shard" in inject
         assert r["unchanged_after_refusal"] and r["bare_has_no_adapter"]
 

@@ -157,16 +157,20 @@ def copy_into(param: Tensor, value: Tensor) -> None:
     param.to_local().copy_(local.to_local())  # type: ignore[attr-defined]
 
 
-def refuse_sharded(model: torch.nn.Module, what: str) -> None:
-    """Raise if the model's adapted weights are sharded: ``what`` cannot work on shards.
+def refuse_sharded(model: torch.nn.Module, what: str, fix: str) -> None:
+    """Raise if the model's parameters are sharded: ``what`` cannot work on FSDP2 shards.
 
-    Merging replaces parameters that FSDP2 manages (it would keep all-gathering the old ones),
-    so a sharded model is merged through an unsharded copy instead.
+    Adding, merging or removing adapters replaces or moves parameters that FSDP2 manages (it
+    would keep all-gathering into the old places), which breaks the model's next forward.
+
+    Args:
+        model: The model about to change.
+        what: The call, for the message.
+        fix: What to do instead, for the message.
     """
     sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
     if sharded:
         raise LoRAError(
             f"{what} cannot change a sharded (FSDP2) model in place (e.g. {sharded[0]!r}): "
-            "FSDP2 manages its parameters. Call save_lora on every rank, then on one rank "
-            "load_lora the file into an unsharded copy of the base model and merge that."
+            f"FSDP2 manages its parameters. {fix}"
         )

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .classes import own_class
+from .distributed import is_sharded
 from .errors import LoRAError
 from .factored import factored_forward_applies, install_factored_forward
 from .freeze import Bias, freeze_base, trainable_modules
@@ -336,6 +337,12 @@ def add_lora(
         a = r if a is None else _check_number(a, "alpha", target.path)
         options = dict(rank=r, alpha=a, dropout=dropout, init=init, use_rslora=use_rslora)
         plan.append((target, options))
+    sharded = [t.path for t, _ in plan if is_sharded(base_tensor(t.module, t.param_name))]
+    if sharded:
+        raise LoRAError(
+            f"add_lora cannot adapt sharded (FSDP2) weights {sharded[:5]}: FSDP2 manages them. "
+            "Call add_lora before fully_shard (with the same seed on every rank)."
+        )
     keep = trainable_modules(model, trainable) if freeze else []
     inject(model, plan, adapter=adapter, mode=mode)
     if lowered:
