@@ -140,7 +140,11 @@ def save_lora(
     """Save adapters (all, or one) with their config to one file, atomically.
 
     The file holds only tensors, strings and numbers, and is read back with
-    ``torch.load(weights_only=True)``: loading a stranger's file runs no code.
+    ``torch.load(weights_only=True)``: loading a stranger's file runs no code. The path is
+    checked first (not a folder, a writable place; missing parent folders are created).
+
+    On a sharded (FSDP2) model this is a collective: call it on every rank; the shards are
+    gathered and rank 0 alone writes the file.
 
     Args:
         model: A model with adapters.
@@ -148,9 +152,6 @@ def save_lora(
         adapter: Save only this adapter; None saves all of them.
         include_trainable: Also save the other trainable parameters (a head made trainable
             with ``trainable=``, biases from ``bias=``), so that ``load_lora`` restores them.
-
-    On a sharded (FSDP2) model this is a collective: call it on every rank; the shards are
-    gathered and rank 0 alone writes the file.
 
     Returns:
         The path written.
