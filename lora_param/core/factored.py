@@ -81,6 +81,9 @@ def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
     base, branch = _OPS[self._lora_kind]
     plist = self._modules["parametrizations"]._modules["weight"]
     entries = plist._modules.values()
+    head = next(iter(entries))
+    if type(head) is not LoRAParametrization and hasattr(head, "base_forward"):
+        return _packed_base_forward(self, x, head, branch)
     compiling = torch.compiler.is_compiling()
     cached = not compiling and not torch.is_grad_enabled()
     for p in entries:
@@ -97,6 +100,22 @@ def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
     for p in entries:
         if not compiling and p._cache is not None:
             p._cache = None  # training moves on; free the eval copy
+        if p._enabled:
+            y = branch(self, x, p, y)
+    return y
+
+
+def _packed_base_forward(self: nn.Module, x: Tensor, head: nn.Module, branch: BranchOp) -> Tensor:
+    """A packed frozen base (``lora_param.quant``) first, then LoRA branches; never cached.
+
+    The base entry computes its own output (dequantizing again in backward); caching
+    ``W + sBA`` would keep a full-precision copy of the weight the packing exists to avoid.
+    """
+    entries = list(self._modules["parametrizations"]._modules["weight"]._modules.values())[1:]
+    if not all(type(p) is LoRAParametrization for p in entries):
+        return _OPS[self._lora_kind][0](self, x, self.weight)
+    y = head.base_forward(self, x)
+    for p in entries:
         if p._enabled:
             y = branch(self, x, p, y)
     return y
