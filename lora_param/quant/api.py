@@ -12,7 +12,13 @@ from ..core.errors import LoRAError
 from ..core.layers import AdaptTarget
 from ..core.matching import Targets
 from ..core.parametrization import LoRAParametrization
-from .registry import iter_quantized, packed_head, replace_packed, stored_tensors
+from .registry import (
+    iter_quantized,
+    packed_head,
+    parametrization_list,
+    replace_packed,
+    stored_tensors,
+)
 from .state import install_load_checks
 from .weight import Method, QuantizedWeight, check_method
 
@@ -41,10 +47,11 @@ def _check_target(target: AdaptTarget) -> None:
             "again with other settings."
         )
     if parametrize.is_parametrized(module, "weight"):
-        entries = [type(p).__name__ for p in module.parametrizations["weight"]]
+        plist = parametrization_list(module)
+        entries = [type(p).__name__ for p in plist]
         hint = (
             "quantize the base before add_lora (or use add_lora(..., quantize=...))"
-            if any(isinstance(p, LoRAParametrization) for p in module.parametrizations["weight"])
+            if any(isinstance(p, LoRAParametrization) for p in plist)
             else "remove them first"
         )
         raise LoRAError(
@@ -133,7 +140,7 @@ def quantize_targets(
                 kind=target.kind,
             ).to(weight.device)
             undos.append(_register(target, quant))
-            install_load_checks(target.module.parametrizations["weight"])
+            install_load_checks(parametrization_list(target.module))
     except BaseException:
         for undo in reversed(undos):
             undo()
@@ -216,6 +223,6 @@ def dequantize_base(model: nn.Module) -> nn.Module:
     found = list(iter_quantized(model))
     with torch.no_grad():
         values = [head(*stored_tensors(module)) for _, module, head in found]
-    for (_, module, _), value in zip(found, values):
+    for (_, module, _), value in zip(found, values, strict=True):
         replace_packed(module, nn.Parameter(value, requires_grad=False))
     return model

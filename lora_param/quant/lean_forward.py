@@ -37,7 +37,7 @@ def _embedding(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> T
 
 
 def _conv1d_hf(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(x.shape[:-1] + (layer.nf,))
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view((*x.shape[:-1], layer.nf))
 
 
 _OPS: dict[str, LayerOp] = {

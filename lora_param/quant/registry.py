@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ..core.classes import own_class
 from ..core.factored import install_factored_forward
@@ -13,20 +15,31 @@ from ..core.layers import join
 from ..core.parametrization import LoRAParametrization
 from .weight import QuantizedWeight
 
-__all__ = ["iter_quantized", "packed_head", "replace_packed", "stored_tensors"]
+__all__ = [
+    "iter_quantized",
+    "packed_head",
+    "parametrization_list",
+    "replace_packed",
+    "stored_tensors",
+]
+
+
+def parametrization_list(module: nn.Module, name: str = "weight") -> ParametrizationList:
+    """The ParametrizationList of a parametrized tensor, typed."""
+    return cast(ParametrizationList, cast(nn.ModuleDict, module.parametrizations)[name])
 
 
 def packed_head(module: nn.Module, name: str = "weight") -> QuantizedWeight | None:
     """The QuantizedWeight a tensor is stored through (always the first entry), or None."""
     if not parametrize.is_parametrized(module, name):
         return None
-    head = module.parametrizations[name][0]
+    head = parametrization_list(module, name)[0]
     return head if isinstance(head, QuantizedWeight) else None
 
 
 def stored_tensors(module: nn.Module, name: str = "weight") -> tuple[Tensor, ...]:
     """The packed tensors (``original0``, ``original1``, ...) of a quantized tensor."""
-    plist = module.parametrizations[name]
+    plist = parametrization_list(module, name)
     return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
 
 
@@ -44,7 +57,7 @@ def replace_packed(module: nn.Module, value: nn.Parameter) -> None:
     LoRA entries registered above the packed weight stay, now on top of ``value``, with
     their parameters and their factored forward.
     """
-    lora = [p for p in module.parametrizations["weight"] if isinstance(p, LoRAParametrization)]
+    lora = [p for p in parametrization_list(module) if isinstance(p, LoRAParametrization)]
     factored = getattr(type(module), "_lora_kind", None)
     order = module.__dict__.get("_lora_param_order")
     own_class(module)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ..core.errors import LoRAError
 from ..core.layers import join
-from .registry import iter_quantized, packed_head
+from .registry import iter_quantized, packed_head, parametrization_list
 from .weight import QuantizedWeight
 
 __all__ = ["check_packed_state", "install_load_checks", "pack_plain_weights"]
@@ -18,13 +18,13 @@ __all__ = ["check_packed_state", "install_load_checks", "pack_plain_weights"]
 _HOOKED = "_lora_param_packed_load_check"
 
 
-def _packed_lists(root: nn.Module) -> list[tuple[str, nn.Module]]:
+def _packed_lists(root: nn.Module) -> list[tuple[str, ParametrizationList]]:
     """``(prefix, ParametrizationList)`` of every packed weight under ``root``."""
-    found = []
+    found: list[tuple[str, ParametrizationList]] = []
     for name, module in root.named_modules():
         if packed_head(module) is not None:
-            found.append((join(name, "parametrizations.weight"), module.parametrizations["weight"]))
-    if isinstance(root, parametrize.ParametrizationList) and isinstance(root[0], QuantizedWeight):
+            found.append((join(name, "parametrizations.weight"), parametrization_list(module)))
+    if isinstance(root, ParametrizationList) and isinstance(root[0], QuantizedWeight):
         found.append(("", root))
     return found
 
@@ -39,7 +39,7 @@ def check_packed_state(root: nn.Module, state_dict: Mapping[str, Any], prefix: s
     """
     for name, plist in _packed_lists(root):
         base = prefix + (f"{name}." if name else "")
-        head = plist[0]
+        head = cast(QuantizedWeight, plist[0])
         layout = head.storage_layout()
         for i, (shape, dtype) in enumerate(layout):
             key = f"{base}original{i}"
@@ -54,10 +54,10 @@ def check_packed_state(root: nn.Module, state_dict: Mapping[str, Any], prefix: s
                 )
                 raise LoRAError(
                     f"state dict tensor {key!r} is {got}, but this model stores that weight as "
-                    f"{head.extra_repr()} ({dtype} {shape}): the checkpoint was packed with another "
-                    "method, block size or double_quant setting, or for another shape. Quantize "
-                    "the model with the checkpoint's settings, or load a plain checkpoint with "
-                    "load_base_state_dict."
+                    f"{head.extra_repr()} ({dtype} {shape}): the checkpoint was packed with "
+                    "another method, block size or double_quant setting, or for another shape. "
+                    "Quantize the model with the checkpoint's settings, or load a plain "
+                    "checkpoint with load_base_state_dict."
                 )
         stray = [k for k in (f"{base}original", f"{base}original{len(layout)}") if k in state_dict]
         if stray:

@@ -10,10 +10,11 @@ the compute dtype follows such casts through a tiny non-persistent buffer.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ..core.errors import LoRAError
 from .blockwise import (
@@ -87,7 +88,7 @@ class QuantizedWeight(nn.Module):
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype ``forward`` returns (follows ``.to(dtype)`` / ``.half()`` of the model)."""
-        return self._compute.dtype
+        return cast(Tensor, self._compute).dtype
 
     def storage_layout(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each stored tensor, in ``original0, original1, ...`` order."""
@@ -98,7 +99,7 @@ class QuantizedWeight(nn.Module):
         dtypes = [torch.uint8, torch.uint8, torch.int32, torch.int32]
         if not self.double_quant:
             dtypes = [torch.uint8, torch.int32]
-        return list(zip(shapes, dtypes))
+        return list(zip(shapes, dtypes, strict=True))
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
         """Pack a floating weight of this shape into the stored tensors."""
@@ -115,7 +116,9 @@ class QuantizedWeight(nn.Module):
             packed = quantize_nf4(weight, self.block_size, self.double_quant)
             if not self.double_quant:
                 return packed[0], _as_int(packed[1])
-            codes, absmax_codes, nested, offset = packed
+            codes, absmax_codes, nested, offset = cast(
+                tuple[Tensor, Tensor, Tensor, Tensor], packed
+            )
             return codes, absmax_codes, _as_int(nested), _as_int(offset)
 
     def absmax(self, *stored: Tensor) -> Tensor:
@@ -138,7 +141,7 @@ class QuantizedWeight(nn.Module):
 
     def base_forward(self, layer: nn.Module, x: Tensor) -> Tensor:
         """The layer's output without adapters, dequantizing again in backward (no saved W)."""
-        plist = layer.parametrizations["weight"]
+        plist = cast(ParametrizationList, cast(nn.ModuleDict, layer.parametrizations)["weight"])
         stored = tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
         return base_output(self, layer, x, stored)
 
