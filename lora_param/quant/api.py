@@ -140,7 +140,7 @@ def quantize_targets(
                 kind=target.kind,
             ).to(weight.device)
             undos.append(_register(target, quant))
-            install_load_checks(parametrization_list(target.module))
+            install_load_checks(target.module)
     except BaseException:
         for undo in reversed(undos):
             undo()
