@@ -202,6 +202,8 @@ def inject(
     try:
         for target, options in plan:
             like = base_tensor(target.module, target.param_name)
+            if not like.is_floating_point():  # packed (bitsandbytes): adapters take its dtype
+                like = getattr(target.module, target.param_name)
             p = LoRAParametrization(
                 target.fan_in,
                 target.fan_out,
@@ -344,11 +346,15 @@ def add_lora(
 def _quantize_for_lora(
     model: nn.Module, found: list[AdaptTarget], method: str | None, keep: list[nn.Module]
 ) -> Callable[[], None]:
-    """Pack the targets' weights for ``add_lora(quantize=...)``; return the undo."""
-    if method is None:
-        return lambda: None
-    from ..quant.api import quantize_targets  # the quant package builds on core
+    """Pack the targets' weights for ``add_lora(quantize=...)``; return the undo.
 
+    Layers bitsandbytes quantized get their packed-weight entry here too, with or without
+    ``quantize``.
+    """
+    from ..quant.api import prepare_bnb_layers, quantize_targets  # quant builds on core
+
+    if method is None:
+        return prepare_bnb_layers(found)
     packed = {id(t.module): t.path for t in found}
     trained = [packed[id(m)] for m in keep if id(m) in packed]
     if trained:
@@ -356,4 +362,15 @@ def _quantize_for_lora(
             f"{trained[:5]} would be stored packed (quantize={method!r}) and cannot train; "
             "remove them from trainable= or exclude them from targets."
         )
-    return quantize_targets(found, method=method, root=model)  # type: ignore[arg-type]
+    undo_quantize = quantize_targets(found, method=method, root=model)  # type: ignore[arg-type]
+    try:
+        undo_bnb = prepare_bnb_layers(found)
+    except BaseException:
+        undo_quantize()
+        raise
+
+    def undo() -> None:
+        undo_bnb()
+        undo_quantize()
+
+    return undo

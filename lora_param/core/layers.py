@@ -135,6 +135,11 @@ def _make(
 def module_targets(module_name: str, module: nn.Module) -> list[AdaptTarget] | None:
     """The tensors LoRA adapts in a layer, or None when the layer type is not supported."""
     kind = layer_kind(module)
+    if kind == "linear":
+        from ..quant.bnb import bnb_kind, bnb_target  # imports no bitsandbytes
+
+        if bnb_kind(module) is not None:  # a packed bitsandbytes weight, adapted as (out, in)
+            return [bnb_target(module_name, module)]
     if kind is not None:
         return [_make(module_name, module, "weight", kind, fan_in_fan_out=kind == "conv1d_hf")]
     if isinstance(module, nn.MultiheadAttention):

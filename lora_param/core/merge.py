@@ -37,7 +37,9 @@ def drop_adapters(
     if not drop:
         return
     own_class(module)
-    if len(drop) == len(plist):
+    rest = [p for i, p in enumerate(plist) if i not in drop]
+    # An entry that exists only to carry LoRA (lora_param.quant's bitsandbytes weight) goes too.
+    if len(drop) == len(plist) or all(getattr(p, "removed_with_lora", False) for p in rest):
         order = module.__dict__.get("_lora_param_order")
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         if order is not None:

@@ -12,6 +12,7 @@ from ..core.errors import LoRAError
 from ..core.layers import AdaptTarget
 from ..core.matching import Targets
 from ..core.parametrization import LoRAParametrization
+from .bnb import adopt_bnb_layers, bnb_kind, release_bnb_layers
 from .registry import (
     iter_quantized,
     packed_head,
@@ -22,7 +23,13 @@ from .registry import (
 from .state import install_load_checks
 from .weight import Method, QuantizedWeight, check_method
 
-__all__ = ["QUANTIZABLE_KINDS", "dequantize_base", "quantize_base", "quantize_targets"]
+__all__ = [
+    "QUANTIZABLE_KINDS",
+    "dequantize_base",
+    "prepare_bnb_layers",
+    "quantize_base",
+    "quantize_targets",
+]
 
 #: Layer kinds whose weight can be packed (Linear and subclasses, Conv1d/2d/3d, Embedding,
 #: Hugging Face Conv1D).
@@ -61,7 +68,11 @@ def _check_target(target: AdaptTarget) -> None:
 
 
 def _quantizable(found: Sequence[AdaptTarget], explicit: bool) -> list[AdaptTarget]:
-    chosen = [t for t in found if t.param_name == "weight" and t.kind in QUANTIZABLE_KINDS]
+    chosen = [
+        t
+        for t in found
+        if t.param_name == "weight" and t.kind in QUANTIZABLE_KINDS and bnb_kind(t.module) is None
+    ]
     skipped = [t.path for t in found if t not in chosen]
     if explicit and skipped:
         raise LoRAError(
@@ -153,6 +164,12 @@ def quantize_targets(
             undo()
 
     return undo_all
+
+
+def prepare_bnb_layers(found: Sequence[AdaptTarget]) -> Callable[[], None]:
+    """Ready bitsandbytes-quantized layers among ``found`` for LoRA; return the undo."""
+    adopted = adopt_bnb_layers(list(found))
+    return lambda: release_bnb_layers(adopted)
 
 
 def quantize_base(
