@@ -50,7 +50,7 @@ def bnb_kind(module: nn.Module) -> str | None:
     return None
 
 
-def bnb_target(module_name: str, module: nn.Module) -> AdaptTarget:
+def bnb_target(module_name: str, module: Any) -> AdaptTarget:
     """The adapt target of a bitsandbytes layer: its weight seen as ``(out, in)``."""
     shape = (module.out_features, module.in_features)
     path = join(module_name, "weight")
@@ -93,13 +93,13 @@ class BnbWeight(nn.Module):
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype ``forward`` returns."""
-        return self._compute.dtype
+        return cast(Tensor, self._compute).dtype
 
-    def _scales(self, original: Tensor) -> Tensor:
+    def _scales(self, original: Any) -> Tensor:
         scb = getattr(original, "SCB", None)
         return scb if scb is not None else self._state.SCB
 
-    def forward(self, original: Tensor) -> Tensor:
+    def forward(self, original: Any) -> Tensor:
         """The dequantized weight, ``(out, in)``, in the compute dtype."""
         if self.layer_kind == "4bit":
             functional = _bitsandbytes().functional
@@ -112,7 +112,7 @@ class BnbWeight(nn.Module):
         """The weight as the model sees it, widened to float32."""
         return self.forward(original).float()
 
-    def base_forward(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def base_forward(self, layer: Any, x: Tensor) -> Tensor:
         """The layer's own bitsandbytes forward (LoRA branches are added by the caller)."""
         bnb = _bitsandbytes()
         original = layer.parametrizations["weight"].original
@@ -144,7 +144,7 @@ class BnbWeight(nn.Module):
         return f"bitsandbytes {self.layer_kind}, compute_dtype={self.compute_dtype}"
 
 
-def _adopt(module: nn.Module) -> None:
+def _adopt(module: Any) -> None:
     kind = bnb_kind(module)
     original = module.weight
     if kind == "4bit":
@@ -203,7 +203,7 @@ def release_bnb_layers(layers: list[nn.Module]) -> None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
-def requantized(head: BnbWeight, original: Tensor, merged: Tensor) -> Tensor:
+def requantized(head: BnbWeight, original: Any, merged: Tensor) -> Tensor:
     """A new bitsandbytes parameter holding ``merged`` with ``original``'s settings."""
     bnb = _bitsandbytes()
     device = original.device
@@ -223,7 +223,7 @@ def requantized(head: BnbWeight, original: Tensor, merged: Tensor) -> Tensor:
     return cast(Tensor, fresh.to(device))
 
 
-def set_bnb_weight(module: nn.Module, weight: Tensor) -> None:
+def set_bnb_weight(module: Any, weight: Tensor) -> None:
     """Install a new bitsandbytes parameter (after the parametrization is gone)."""
     module.weight = weight
     if bnb_kind(module) == "8bit":
