@@ -23,7 +23,7 @@ from .core.registry import (
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 from .interop.peft import export_peft, import_peft
-from .quant import dequantize_base, quantize_base
+from .quant import RequantizationWarning, dequantize_base, quantize_base
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
+    "RequantizationWarning",
     "active_adapters",
     "adapter_parameters",
     "add_lora",

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 import lora_param as lp
-from lora_param import LoRAError
-from lora_param.quant.merge import RequantizationWarning
+from lora_param import LoRAError, RequantizationWarning
 
 
 def _bnb_model(kind: str) -> nn.Sequential:

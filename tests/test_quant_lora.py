@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lora_param as lp
+from lora_param import RequantizationWarning
 from lora_param.quant import QuantizedWeight, packed_head
-from lora_param.quant.merge import RequantizationWarning
 
 
 class Net(nn.Module):
@@ -252,3 +252,18 @@ def test_add_lora_failure_undoes_quantization(monkeypatch):
     assert all(w.requires_grad for w in weights)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_adapter_files_and_parameter_counts(tmp_path):
+    base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = lp.add_lora(copy.deepcopy(base), rank=2, quantize="nf4")
+    _randomize_lora(model)
+    lp.save_lora(model, tmp_path / "adapter.pt")
+    fresh = lp.quantize_base(copy.deepcopy(base))
+    lp.load_lora(fresh, tmp_path / "adapter.pt")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    counts = lp.parameter_counts(model)
+    assert counts.base == sum(p.numel() for p in base.parameters())  # weights, not bytes
+    assert counts.lora == counts.trainable == 2 * (16 + 32) + 2 * (32 + 4)

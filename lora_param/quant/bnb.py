@@ -87,6 +87,7 @@ class BnbWeight(nn.Module):
         super().__init__()
         self.layer_kind = layer_kind
         self.kind = "linear"
+        self.shape: tuple[int, ...] = ()
         self._state = state
         self.register_buffer("_compute", torch.empty(0, dtype=compute_dtype), persistent=False)
 
@@ -163,6 +164,7 @@ def _adopt(module: Any) -> None:
                 "a bitsandbytes Linear8bitLt layer is not quantized yet (no row scales): move "
                 "the model to its device (.to(device)) before add_lora."
             )
+    head.shape = (module.out_features, module.in_features)
     parametrize.register_parametrization(module, "weight", head, unsafe=True)
     # The layer's own forward needs its bitsandbytes parameter as `weight`: the factored
     # forward calls bitsandbytes through the head instead, in either add_lora mode.
