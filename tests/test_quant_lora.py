@@ -67,6 +67,24 @@ def test_lora_off_equals_dequantized_base_bit_for_bit(method, dtype):
         torch.testing.assert_close(model(tokens, image), plain(tokens, image), **tol)
 
 
+def test_gradients_match_plain_weights_for_every_kind():
+    model = Net()
+    lp.add_lora(model, rank=2, quantize="nf4", bias="all")
+    _randomize_lora(model)
+    plain = _dequantized_copy(model)
+    tokens, image = _inputs()
+    image.requires_grad_()
+    model(tokens, image).square().sum().backward()
+    grad, image.grad = image.grad, None
+    plain(tokens, image).square().sum().backward()
+    torch.testing.assert_close(grad, image.grad)
+    ours = [t.grad for n, t in model.named_parameters() if t.requires_grad]
+    theirs = [t.grad for n, t in plain.named_parameters() if t.requires_grad]
+    assert len(ours) == len(theirs) == 5 * 2 + 4  # A and B of 5 layers, 4 biases
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_hf_conv1d_packed():
     conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
     model = nn.Sequential(conv1d(12, 7), nn.ReLU(), conv1d(5, 12))
