@@ -90,3 +90,24 @@ def test_bitsandbytes_layers_without_bitsandbytes(monkeypatch):
     with pytest.raises(LoRAError, match="pip install"):
         lp.add_lora(model, rank=2)
     assert type(model[0]) is fake and not lp.list_adapters(model)
+
+
+def test_bitsandbytes_kernel_gives_the_same_values():
+    pytest.importorskip("bitsandbytes")
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 7))  # 7: odd, the torch path
+    fast = lp.quantize_base(copy.deepcopy(model), kernel="bitsandbytes")
+    plain = lp.quantize_base(copy.deepcopy(model))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(fast[0].weight, plain[0].weight)
+        assert torch.equal(fast(x), plain(x))
+
+
+def test_bitsandbytes_kernel_without_bitsandbytes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(LoRAError, match="pip install"):
+        lp.quantize_base(model, kernel="bitsandbytes")
+    with pytest.raises(LoRAError, match="kernel must be"):
+        lp.quantize_base(model, kernel="cuda")
+    assert type(model[0]) is nn.Linear
