@@ -25,6 +25,7 @@ from .core.registry import (
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 from .interop.peft import export_peft, import_peft
+from .quant import RequantizationWarning, dequantize_base, quantize_base
 
 __version__ = "0.1.0"
 
@@ -34,10 +35,12 @@ __all__ = [
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
+    "RequantizationWarning",
     "active_adapters",
     "adapter_parameters",
     "add_lora",
     "clear_lora_cache",
+    "dequantize_base",
     "disable_lora",
     "enable_lora",
     "export_peft",
@@ -52,6 +55,7 @@ __all__ = [
     "merge_lora",
     "merged_state_dict",
     "parameter_counts",
+    "quantize_base",
     "remove_lora",
     "save_lora",
     "set_active_adapters",
