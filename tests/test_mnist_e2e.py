@@ -1,4 +1,4 @@
-"""End to end on real MNIST (../shared/data): the tutorial's recipe, its checks, the balanced recipe."""
+"""End to end on real MNIST (../shared/data): the tutorial's recipe, checks, the balanced recipe."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from lora_param.mnist.cli import main
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(
     not (DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
-    reason=f"real MNIST is not in {DATA / 'MNIST' / 'raw'} (the shared data folder next to the repository)",
+    reason=f"real MNIST is not in {DATA / 'MNIST' / 'raw'} (the shared data folder next to the "
+    "repository)",
 )
 
 
