@@ -26,6 +26,7 @@ from .matching import Pattern, Targets, as_patterns, is_literal, matches, neares
 from .merge import drop_adapters
 from .parametrization import Init, LoRAParametrization
 from .registry import list_adapters
+from .trainable_copies import drop_copies, plan_copies, register_copies
 
 __all__ = ["Mode", "add_lora", "find_targets", "inject"]
 
@@ -273,9 +274,13 @@ def add_lora(
         dropout: Dropout probability on the adapter's input.
         init: ``"kaiming"`` (as loralib/PEFT) or ``"gaussian"`` (A ~ N(0, 1), as the tutorial).
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
-        freeze: Freeze every parameter except the enabled adapters, ``trainable`` and ``bias``.
-        trainable: Module patterns whose parameters stay trainable (a classifier head).
-        bias: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of adapted layers train).
+        freeze: Freeze every parameter except what the adapters train.
+        trainable: Module patterns trained in full by this adapter (a classifier head). The
+            adapter gets its own trainable copy of their parameters (PEFT's
+            ``modules_to_save``); the pretrained ones stay untouched and come back whenever
+            the adapter is disabled or inactive.
+        bias: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of adapted layers): biases this
+            adapter trains, again as its own copies.
         mode: ``"factored"`` computes ``x W^T + s (x A^T) B^T`` in Linear, Conv, Embedding and
             HF Conv1D forwards (faster, leaner); ``"materialized"`` always builds ``W + sBA``.
 
@@ -326,8 +331,16 @@ def add_lora(
         a = r if a is None else _check_number(a, "alpha", target.path)
         options = dict(rank=r, alpha=a, dropout=dropout, init=init, use_rslora=use_rslora)
         plan.append((target, options))
-    keep = trainable_modules(model, trainable) if freeze else []
-    inject(model, plan, adapter=adapter, mode=mode)
+    keep = trainable_modules(model, trainable)
+    copies = plan_copies(model, keep, bias, [t.module for t in found])
+    # Copies first: they replace the pretrained value, the LoRA updates add on top of them.
+    register_copies(copies, adapter)
+    try:
+        inject(model, plan, adapter=adapter, mode=mode)
+    except BaseException:
+        for c in reversed(copies):
+            drop_copies(c.module, c.tensor_name, lambda q: q.adapter == adapter)
+        raise
     if freeze:
-        freeze_base(model, keep, bias)
+        freeze_base(model, [], "none")
     return model
