@@ -659,23 +659,27 @@ def test_trainable_and_bias_options_mlp(mode, h):
     assert f["fc1.parametrizations.weight.original"] is False
     assert f["fc1.parametrizations.weight.0.lora_A"] and f["fc1.parametrizations.weight.0.lora_B"]
 
+    # A head and biases are trained as the adapter's own copies; the originals stay frozen.
     m = add_lora(h.MLP(), "fc1", rank=2, mode=mode, trainable="fc2")
     f = flags(m)
-    assert f["fc2.weight"] and f["fc2.bias"] and not f["fc1.bias"]
+    assert f["fc2.parametrizations.weight.0.value"] and f["fc2.parametrizations.bias.0.value"]
+    assert not f["fc2.parametrizations.weight.original"] and not f["fc1.bias"]
     assert not f["fc1.parametrizations.weight.original"]
 
     m = add_lora(h.MLP(), "fc1", rank=2, mode=mode, bias="lora_only")
     f = flags(m)
-    assert f["fc1.bias"] and not f["fc2.bias"] and not f["fc2.weight"]
+    assert f["fc1.parametrizations.bias.0.value"] and not f["fc2.bias"] and not f["fc2.weight"]
+    assert not f["fc1.parametrizations.bias.original"]
 
     m = add_lora(h.MLP(), "fc1", rank=2, mode=mode, bias="all")
     f = flags(m)
-    assert f["fc1.bias"] and f["fc2.bias"] and not f["fc2.weight"]
+    assert f["fc1.parametrizations.bias.0.value"] and f["fc2.parametrizations.bias.0.value"]
+    assert not f["fc2.weight"]
 
     m = add_lora(h.MLP(), "fc1", rank=2, mode=mode, freeze=False)
     assert all(flags(m).values())
 
-    # Training moves exactly what is trainable.
+    # Training moves exactly what is trainable: the adapter's factors and copies.
     m = add_lora(h.MLP(), "fc1", rank=2, mode=mode, trainable=["fc2"], bias="lora_only")
     before = {k: v.clone() for k, v in m.state_dict().items()}
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
@@ -687,24 +691,27 @@ def test_trainable_and_bias_options_mlp(mode, h):
     after = m.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {
-        "fc1.bias",
+        "fc1.parametrizations.bias.0.value",
         "fc1.parametrizations.weight.0.lora_A",
         "fc1.parametrizations.weight.0.lora_B",
-        "fc2.weight",
-        "fc2.bias",
+        "fc2.parametrizations.weight.0.value",
+        "fc2.parametrizations.bias.0.value",
     }
 
 
 def test_bias_options_transformer(mode, h):
     m = add_lora(h.TransformerNet(), rank=2, mode=mode, bias="all")
     for n, p in m.named_parameters():
-        if n.endswith(".bias") and "in_proj" not in n:
+        if n.endswith("bias.0.value"):
             assert p.requires_grad, n
-        elif "lora_" not in n and not n.endswith("bias"):
+        elif "lora_" not in n:
             assert not p.requires_grad, n
     m = add_lora(h.TransformerNet(), "*linear1", rank=2, mode=mode, bias="lora_only")
     trainable = {n for n, p in m.named_parameters() if p.requires_grad and "lora_" not in n}
-    assert trainable == {"encoder.layers.0.linear1.bias", "encoder.layers.1.linear1.bias"}
+    assert trainable == {
+        "encoder.layers.0.linear1.parametrizations.bias.0.value",
+        "encoder.layers.1.linear1.parametrizations.bias.0.value",
+    }
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])

@@ -107,7 +107,7 @@ def _plan_merge_through(
     """
     plist = module.parametrizations[name]
     entries = list(plist)
-    last = max(i for i, p in enumerate(entries) if isinstance(p, (LoRAParametrization, TrainableCopy)))
+    last = max(i for i, p in enumerate(entries) if _is_entry(p))
     originals = (
         (plist.original,)
         if plist.is_tensor

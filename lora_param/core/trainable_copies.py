@@ -1,4 +1,4 @@
-"""Per-adapter trained copies of whole tensors: a head named in ``trainable=``, biases from ``bias=``.
+"""Per-adapter trained copies of whole tensors: heads named in ``trainable=``, ``bias=`` biases.
 
 What an adapter trains belongs to that adapter (PEFT's ``modules_to_save`` semantics): the
 pretrained tensor is never changed; each adapter registers a :class:`TrainableCopy` on it, a
