@@ -22,6 +22,7 @@ from .core.registry import (
 )
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
+from .core.trainable_copies import TrainableCopy, iter_copies
 from .interop.peft import export_peft, import_peft
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
+    "TrainableCopy",
     "active_adapters",
     "adapter_parameters",
     "add_lora",
@@ -40,6 +42,7 @@ __all__ = [
     "export_peft",
     "find_targets",
     "import_peft",
+    "iter_copies",
     "iter_lora",
     "list_adapters",
     "load_base_state_dict",
