@@ -272,7 +272,8 @@ def add_lora(
         layer_types: Only layers that are instances of these classes.
         adapter: Name of this adapter; several adapters with different names can coexist.
         dropout: Dropout probability on the adapter's input.
-        init: ``"kaiming"`` (as loralib/PEFT) or ``"gaussian"`` (A ~ N(0, 1), as the tutorial).
+        init: ``"kaiming"`` (as loralib/PEFT: uniform, N(0, 1) for embeddings) or
+            ``"gaussian"`` (A ~ N(0, 1), as the tutorial).
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
         freeze: Freeze every parameter except what the adapters train.
         trainable: Module patterns trained in full by this adapter (a classifier head). The
