@@ -773,6 +773,11 @@ def _plan_peft_copies(
         saved = [saved]
     owners = [n for n in names if any(n.endswith(s) for s in saved)]
     owners = [o for o in owners if not any(o.startswith(p + ".") for p in owners)]
+    if saved and not owners:
+        raise LoRAError(
+            f"'{where}' sets modules_to_save={saved!r}, which matches no module of this model; "
+            "is this the base model the adapter was trained on?"
+        )
     found: dict[str, tuple[str, str, str]] = {}  # tensor path -> (role, owner, file key)
     unknown = []
     for key in extras:
@@ -794,8 +799,8 @@ def _plan_peft_copies(
             unknown.append(key)
     if unknown:
         raise LoRAError(
-            f"'{where}' holds tensors that are neither LoRA factors of the supported layer types "
-            f"nor modules_to_save / trained biases: {sorted(unknown)[:5]}"
+            f"'{where}' holds tensors that are not LoRA factors of the supported layer types, "
+            f"modules_to_save tensors or trained biases: {sorted(unknown)[:5]}"
             f"{' ...' if len(unknown) > 5 else ''}."
         )
     modules = dict(model.named_modules())
