@@ -23,6 +23,7 @@ from lora_param import (
     adapter_parameters,
     disable_lora,
     enable_lora,
+    iter_copies,
     iter_lora,
     list_adapters,
     load_lora,
@@ -531,6 +532,60 @@ def test_several_adapters(case, mode, h):
     model.eval()
     assert torch.allclose(h.run(model, x, grad=False), alone["default"], **TIGHT)
     del both
+
+
+# --------------------------------------------------------------------------- heads and biases
+
+
+def _last_leaf_with_parameters(model):
+    return [
+        n for n, m in model.named_modules() if n and next(m.parameters(False), None) is not None
+    ][-1]
+
+
+def test_heads_and_biases_per_adapter(case, mode, h, tmp_path):
+    """Each adapter trains its own copy of a head and of biases; toggles switch them exactly."""
+    base = case.model()
+    ref = h.frozen_copy(base)
+    head = _last_leaf_with_parameters(base)  # often also carries LoRA: copy and update stack
+    model = add_lora(base, case.targets, rank=case.rank, mode=mode, trainable=head, bias="all")
+    add_lora(model, case.targets, rank=1, mode=mode, adapter="b", bias="lora_only")
+    h.randomize(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for *_, c in iter_copies(model):
+            c.value.add_(torch.randn(c.value.shape, generator=g) * 0.3)
+    assert {c.adapter for *_, c in iter_copies(model)} == {"default", "b"} or not any(
+        "bias" in n for n, _ in ref.named_parameters()
+    )
+    x = case.inputs()
+    base_outs = _all_states(ref, x, h)
+    with lora_disabled(model):
+        for key, out in _all_states(model, x, h).items():
+            assert torch.equal(out, base_outs[key]), f"lora_disabled differs from base in {key}"
+    outs = {}
+    for name in ("default", "b"):
+        set_active_adapters(model, name)
+        outs[name] = h.run(model, x, grad=False)
+        assert all(c.enabled == (c.adapter == name) for *_, c in iter_copies(model))
+    assert not torch.allclose(outs["default"], outs["b"], atol=1e-4)
+    set_active_adapters(model, [])
+    assert torch.equal(h.run(model, x, grad=False), base_outs[(False, False)])
+
+    set_active_adapters(model, "b")
+    loaded = load_lora(case.model(), save_lora(model, tmp_path / "a.pt"), mode=mode).eval()
+    set_active_adapters(loaded, "default")
+    assert torch.allclose(h.run(loaded, x, grad=False), outs["default"], **TIGHT)
+
+    merged = merge_lora(copy.deepcopy(model), adapter="default")
+    assert list_adapters(merged) == ["b"]
+    with lora_disabled(merged):
+        assert torch.allclose(h.run(merged, x, grad=False), outs["default"], **TIGHT)
+
+    remove_lora(model)
+    after = model.state_dict()
+    assert after.keys() == ref.state_dict().keys()
+    assert all(torch.equal(after[k], v) for k, v in ref.state_dict().items())
 
 
 # --------------------------------------------------------------------------- copies, dtypes

@@ -157,6 +157,7 @@ def test_save_inside_lora_disabled_does_not_store_disabled(tmp_path):
     expected = model(x).detach()
     with lora_disabled(model):
         path = save_lora(model, tmp_path / "a.pt")
+    assert path == tmp_path / "a.pt" and [p.name for p in tmp_path.iterdir()] == ["a.pt"]
     fresh = load_lora(copy.deepcopy(base), path)
     assert active_adapters(fresh) == ["default"]
     assert torch.equal(fresh(x), expected)

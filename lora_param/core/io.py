@@ -161,9 +161,9 @@ def save_lora(
     """
     config = adapter_config(model, adapter)
     copies: dict[str, Tensor] = {}
-    for path, _, _, c in iter_copies(model):
+    for tensor_path, _, _, c in iter_copies(model):
         if c.adapter in config and include_trainable:
-            copies[f"{c.adapter}.{path}"] = c.value.detach().contiguous().cpu()
+            copies[f"{c.adapter}.{tensor_path}"] = c.value.detach().contiguous().cpu()
     if not include_trainable:
         for spec in config.values():
             spec["copies"] = {}
