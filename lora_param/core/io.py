@@ -453,8 +453,9 @@ def load_lora(
         for name in injected:
             remove_lora(model, name)
         for name in copied:
+            names = {name}
             for plan in copy_plans[name]:
-                drop_copies(plan.module, plan.tensor_name, lambda c, n=name: c.adapter == n)
+                drop_copies(plan.module, plan.tensor_name, lambda c: c.adapter in names)
         raise
     loaded = {(p.adapter, tpath): p for tpath, _, _, p in iter_lora(model)}
     held = {(c.adapter, tpath): c for tpath, _, _, c in iter_copies(model)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +15,7 @@ from .errors import LoRAError
 from .factored import remove_factored_forward
 from .parametrization import LoRAParametrization
 from .registry import check_adapters_exist, iter_lora
-from .trainable_copies import TrainableCopy, drop_copies, iter_copies
+from .trainable_copies import TrainableCopy, drop_copies, iter_copies, parametrization_list
 
 Entry = LoRAParametrization | TrainableCopy
 Take = Callable[[Entry], bool]
@@ -147,7 +148,7 @@ def _is_entry(p: nn.Module) -> bool:
     return isinstance(p, (LoRAParametrization, TrainableCopy))
 
 
-def _check_one_adapter_merge(plist: nn.Module, adapter: str, path: str) -> None:
+def _check_one_adapter_merge(plist: nn.ModuleList, adapter: str, path: str) -> None:
     """Refuse merging one adapter where the others' result would change (exactness first)."""
     entries = list(plist)
     others = [p for p in entries if _is_entry(p) and p.adapter != adapter]
@@ -160,7 +161,7 @@ def _check_one_adapter_merge(plist: nn.Module, adapter: str, path: str) -> None:
         any(isinstance(entries[i], LoRAParametrization) for i in mine) or max(mine) > min(theirs)
     )
     if hidden:
-        names = sorted({entries[i].adapter for i in theirs})
+        names = sorted({cast(TrainableCopy, entries[i]).adapter for i in theirs})
         raise LoRAError(
             f"cannot merge adapter {adapter!r} alone into '{path}': adapter(s) {names} hold their "
             "own copy of it, which would hide the merged change. Merge every adapter "
@@ -217,9 +218,9 @@ def merge_lora(model: nn.Module, adapter: str | None = None, *, safe: bool = Fal
     def doomed(p: Entry) -> bool:
         return adapter is None or p.adapter == adapter
 
-    plans = []
+    plans: list[tuple[nn.Module, str, Any, bool | None]] = []
     for module, name, path in _tensors_with_lora(model):
-        plist = module.parametrizations[name]
+        plist = parametrization_list(module, name)
         if adapter is not None:
             if not any(_is_entry(p) and p.adapter == adapter for p in plist):
                 continue
@@ -240,16 +241,16 @@ def merge_lora(model: nn.Module, adapter: str | None = None, *, safe: bool = Fal
             _drop(module, name, doomed)
             fresh = nn.Parameter(value.detach(), requires_grad=requires_grad)
             if parametrize.is_parametrized(module, name):
-                module.parametrizations[name].original = fresh
+                parametrization_list(module, name).original = fresh
             else:
                 setattr(module, name, fresh)
             continue
         values, planned = value
-        plist = module.parametrizations[name]
+        plist = parametrization_list(module, name)
         for i, p in planned.items():
             plist[i] = p
         slots = ["original"] if plist.is_tensor else [f"original{i}" for i in range(len(values))]
-        for slot, v in zip(slots, values):
+        for slot, v in zip(slots, values, strict=True):
             old = getattr(plist, slot)
             setattr(plist, slot, nn.Parameter(v.detach().clone(), requires_grad=old.requires_grad))
         _drop(module, name, doomed)

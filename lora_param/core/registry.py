@@ -42,14 +42,16 @@ def iter_lora(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRAParam
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters present in the model, in order of first appearance."""
-    entries = [*(p for *_, p in iter_lora(model)), *(c for *_, c in iter_copies(model))]
-    return list(dict.fromkeys(p.adapter for p in entries))
+    names = [p.adapter for *_, p in iter_lora(model)]
+    names += [c.adapter for *_, c in iter_copies(model)]
+    return list(dict.fromkeys(names))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters enabled on at least one layer (LoRA update or trained copy)."""
-    entries = [*(p for *_, p in iter_lora(model)), *(c for *_, c in iter_copies(model))]
-    return list(dict.fromkeys(p.adapter for p in entries if p.enabled))
+    names = [p.adapter for *_, p in iter_lora(model) if p.enabled]
+    names += [c.adapter for *_, c in iter_copies(model) if c.enabled]
+    return list(dict.fromkeys(names))
 
 
 def check_adapters_exist(model: nn.Module, names: list[str]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ __all__ = [
     "TrainableCopy",
     "drop_copies",
     "iter_copies",
+    "parametrization_list",
     "plan_copies",
     "register_copies",
 ]
@@ -52,7 +53,9 @@ class TrainableCopy(nn.Module):
 
     def __init__(self, tensor: Tensor, adapter: str, role: CopyRole, owner: str = "") -> None:
         super().__init__()
-        self.adapter, self.role, self.owner = adapter, role, owner
+        self.adapter: str = adapter
+        self.role: CopyRole = role
+        self.owner: str = owner
         self.value = nn.Parameter(tensor.detach().clone())
         self._enabled = True
         self._requires_grad_when_enabled = True
@@ -101,10 +104,16 @@ def iter_copies(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Trainab
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
-        for tensor_name, plist in module.parametrizations.items():
-            for entry in plist:
+        for tensor_name in cast(nn.ModuleDict, module.parametrizations):
+            for entry in parametrization_list(module, tensor_name):
                 if isinstance(entry, TrainableCopy):
                     yield join(module_name, tensor_name), module, tensor_name, entry
+
+
+def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
+    """The parametrization list of one tensor (typed, for mypy)."""
+    lists = cast(nn.ModuleDict, module.parametrizations)
+    return cast(parametrize.ParametrizationList, lists[tensor_name])
 
 
 def _user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -120,7 +129,7 @@ def _user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def check_copyable(path: str, module: nn.Module, tensor_name: str) -> None:
     """Raise unless an adapter can hold its own copy of this tensor."""
     if parametrize.is_parametrized(module, tensor_name):
-        plist = module.parametrizations[tensor_name]
+        plist = parametrization_list(module, tensor_name)
         foreign = [
             type(p).__name__
             for p in plist
@@ -209,7 +218,7 @@ def register_copies(
             own_class(module)
             module.__dict__.setdefault("_lora_param_order", list(module._parameters))
             if parametrize.is_parametrized(module, name):
-                plist = module.parametrizations[name]
+                plist = parametrization_list(module, name)
                 position = sum(1 for p in plist if isinstance(p, TrainableCopy))
                 plist.insert(position, copy)
             else:
@@ -233,7 +242,7 @@ def drop_copies(
     """
     if not parametrize.is_parametrized(module, tensor_name):
         return
-    plist = module.parametrizations[tensor_name]
+    plist = parametrization_list(module, tensor_name)
     drop = [i for i, p in enumerate(plist) if isinstance(p, TrainableCopy) and doomed(p)]
     if not drop:
         return
