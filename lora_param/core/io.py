@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from .merge import remove_lora
 from .registry import check_adapters_exist, iter_lora, list_adapters
 from .trainable_copies import (
     CopyPlan,
+    TrainableCopy,
     check_copyable,
     drop_copies,
     iter_copies,
@@ -371,6 +372,10 @@ def _plan_file_copies(
     return plans, existing
 
 
+def _of_adapter(name: str) -> Callable[[TrainableCopy], bool]:
+    return lambda c: c.adapter == name
+
+
 def load_lora(
     model: nn.Module,
     path: str | os.PathLike,
@@ -453,9 +458,8 @@ def load_lora(
         for name in injected:
             remove_lora(model, name)
         for name in copied:
-            names = {name}
             for plan in copy_plans[name]:
-                drop_copies(plan.module, plan.tensor_name, lambda c: c.adapter in names)
+                drop_copies(plan.module, plan.tensor_name, _of_adapter(name))
         raise
     loaded = {(p.adapter, tpath): p for tpath, _, _, p in iter_lora(model)}
     held = {(c.adapter, tpath): c for tpath, _, _, c in iter_copies(model)}
