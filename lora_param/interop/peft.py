@@ -568,7 +568,8 @@ def import_peft(
     The adapted layers are read from the tensor keys; each layer's rank from its tensors, its
     alpha from ``alpha_pattern`` / ``lora_alpha``; ``use_rslora`` and ``lora_dropout`` are kept.
     Everything is checked (the layers exist, have the right type and shapes) before the model is
-    touched.
+    touched. ``modules_to_save`` heads and trained biases (``bias="all"`` / ``"lora_only"``)
+    become the adapter's own copies (:class:`~lora_param.TrainableCopy`), switched with it.
 
     Args:
         model: The base model the adapter was trained on (without that adapter).
@@ -583,8 +584,8 @@ def import_peft(
 
     Raises:
         LoRAError: not a LoRA folder, a feature lora_param does not model (DoRA, lora_bias,
-            modules_to_save, trained biases, ...), a layer missing from the model, or shapes that do
-            not match; the model is left unchanged.
+            ...), a layer missing from the model, or shapes that do not match; the model is left
+            unchanged.
     """
 
     path = Path(directory)
