@@ -8,7 +8,9 @@ Example:
 """
 
 from .core.errors import LoRAError
+from .core.experts import ExpertLoRAParametrization
 from .core.factored import FACTORED_KINDS
+from .core.hf_save import merged_state_dict
 from .core.inject import add_lora, find_targets
 from .core.io import load_base_state_dict, load_lora, lora_state_dict, save_lora
 from .core.merge import merge_lora, remove_lora
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FACTORED_KINDS",
+    "ExpertLoRAParametrization",
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
@@ -50,6 +53,7 @@ __all__ = [
     "lora_disabled",
     "lora_state_dict",
     "merge_lora",
+    "merged_state_dict",
     "parameter_counts",
     "remove_lora",
     "save_lora",

@@ -6,13 +6,15 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .classes import own_class
 from .errors import LoRAError
+from .experts import ExpertLayout, ExpertLoRAParametrization, is_experts_module
 from .factored import factored_forward_applies, install_factored_forward
 from .freeze import Bias, freeze_base, trainable_modules
+from .hf_save import guard_save_pretrained
 from .layers import (
     SUPPORTED_LAYERS,
     AdaptTarget,
@@ -68,16 +70,29 @@ def find_targets(
     *,
     exclude: Targets = None,
     layer_types: type | Sequence[type] | None = None,
+    expert_layout: ExpertLayout | None = None,
 ) -> list[AdaptTarget]:
     """Resolve target patterns to the tensors that will carry LoRA, checking every pattern.
+
+    A pattern is matched against module names and against tensor paths
+    (``"<module>.<parameter>"``). A supported layer whose name matches is adapted as that
+    layer. A tensor whose path matches is adapted on its own (a 2-D matrix, or per expert
+    when 3-D) unless its owning module's name matches too: then the module decides (adapted
+    as a layer when supported, skipped otherwise), so ``"*"`` means "every supported layer".
+    Tensors reached by a pattern that cannot carry LoRA (1-D, integer) are skipped, and so are
+    3-D tensors outside an experts block (a position table) and tensors of 4+ dimensions
+    outside a supported layer; a literal path adapts or rejects any tensor.
 
     Args:
         model: The model to search.
         targets: None for every supported layer; a glob (full match of the qualified module
-            name), a list of globs, a compiled regex (full match), or a callable
-            ``(name, module) -> bool``. A literal parameter path adapts that parameter.
-        exclude: Patterns (same forms) removing matches.
-        layer_types: Only modules that are instances of these types match.
+            name or tensor path), a list of globs, a compiled regex (full match), or a callable
+            ``(name, module) -> bool`` (for a tensor path, ``module`` is its owner). A literal
+            parameter path adapts that parameter.
+        exclude: Patterns (same forms) removing matches, by module name or tensor path.
+        layer_types: Only modules (or tensors owned by modules) of these types match.
+        expert_layout: Layout of 3-D expert tensors, ``"out_in"`` or ``"in_out"``; None
+            follows each experts module's ``is_transposed`` flag.
 
     Returns:
         The targets, in model order, each tensor once.
@@ -95,13 +110,27 @@ def find_targets(
     def add_module(name: str, module: nn.Module, explicit: bool) -> bool:
         if types and not isinstance(module, types):
             return False
-        adapted = module_targets(name, module)
+        adapted = module_targets(name, module, expert_layout)
         if adapted is None:
             if explicit:
                 raise _unsupported(name, module)
             return False
         found.update((t.path, t) for t in adapted)
         return True
+
+    def add_tensors(pattern: Pattern) -> bool:
+        hit = False
+        for path, (module_name, module, tensor) in tensors.items():
+            if types and not isinstance(module, types):
+                continue
+            if matches(pattern, module_name, module) or not matches(pattern, path, module):
+                continue
+            if _can_carry_lora(base_tensor(module, tensor)):
+                target = parameter_target(module_name, module, tensor, expert_layout)
+                if _reachable_by_pattern(target):
+                    found.setdefault(target.path, target)
+                    hit = True
+        return hit
 
     patterns: list[Pattern] = as_patterns(targets, "targets")
     if targets is None:
@@ -110,7 +139,7 @@ def find_targets(
     for pattern in patterns:
         if is_literal(pattern) and pattern in tensors and pattern not in by_name:
             module_name, module, tensor = tensors[pattern]
-            target = parameter_target(module_name, module, tensor)
+            target = parameter_target(module_name, module, tensor, expert_layout)
             found[target.path] = target
             continue
         explicit = is_literal(pattern)
@@ -118,6 +147,8 @@ def find_targets(
         for name, module in modules:
             if matches(pattern, name, module):
                 hit = add_module(name, module, explicit) or hit
+        if not explicit:
+            hit = add_tensors(pattern) or hit
         if not hit and isinstance(pattern, str):
             raise _no_match(pattern, modules, tensors, types)
     if not found:
@@ -138,10 +169,31 @@ def find_targets(
         t
         for t in found.values()
         if not any(
-            matches(p, t.module_name, t.module) or (isinstance(p, str) and matches(p, t.path))
-            for p in excluded
+            matches(p, t.module_name, t.module) or matches(p, t.path, t.module) for p in excluded
         )
     ]
+
+
+def _can_carry_lora(tensor: Tensor | None) -> bool:
+    """Whether a tensor reached by a pattern (not named literally) can take an adapter."""
+    return (
+        isinstance(tensor, Tensor)
+        and not isinstance(tensor, nn.parameter.UninitializedParameter)
+        and tensor.is_floating_point()
+        and tensor.dim() >= 2
+    )
+
+
+def _reachable_by_pattern(target: AdaptTarget) -> bool:
+    """Whether a tensor a pattern (not a literal path) reaches is adapted.
+
+    A supported layer's weight and 2-D matrices are; a 3-D tensor only inside an experts
+    block (so ``"encoder.*"`` never adapts a position table such as ``(1, tokens, dim)``);
+    other tensors of 3 or more dimensions only when named literally.
+    """
+    if target.kind == "experts":
+        return is_experts_module(target.module)
+    return target.kind != "param" or len(target.shape) == 2
 
 
 def _layer_types(layer_types: type | Sequence[type] | None) -> tuple[type, ...]:
@@ -203,7 +255,8 @@ def inject(
     try:
         for target, options in plan:
             like = base_tensor(target.module, target.param_name)
-            p = LoRAParametrization(
+            cls = ExpertLoRAParametrization if target.kind == "experts" else LoRAParametrization
+            p = cls(
                 target.fan_in,
                 target.fan_out,
                 target.shape,
@@ -231,6 +284,7 @@ def inject(
         for target in reversed(done):
             drop_adapters(target.module, target.param_name, lambda q: q.adapter == adapter)
         raise
+    guard_save_pretrained(model)
 
 
 def add_lora(
@@ -249,6 +303,7 @@ def add_lora(
     trainable: Targets = None,
     bias: Bias = "none",
     mode: Mode = "factored",
+    expert_layout: ExpertLayout | None = None,
 ) -> nn.Module:
     """Add a LoRA adapter to every matching layer of an existing model, in one call.
 
@@ -284,6 +339,9 @@ def add_lora(
             adapter trains, again as its own copies.
         mode: ``"factored"`` computes ``x W^T + s (x A^T) B^T`` in Linear, Conv, Embedding and
             HF Conv1D forwards (faster, leaner); ``"materialized"`` always builds ``W + sBA``.
+        expert_layout: How 3-D expert tensors (mixture-of-experts) are stored: ``"out_in"``
+            (``W[e]`` is ``(out, in)``, as Mixtral's ``F.linear(x, W[e])``) or ``"in_out"``;
+            None follows each experts module's ``is_transposed`` flag (transformers sets it).
 
     Returns:
         The model, with the new adapter enabled and trainable.
@@ -310,7 +368,9 @@ def add_lora(
         raise LoRAError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}.")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise LoRAError(f"dropout must be a number in [0, 1), got {dropout!r}.")
-    found = find_targets(model, targets, exclude=exclude, layer_types=layer_types)
+    found = find_targets(
+        model, targets, exclude=exclude, layer_types=layer_types, expert_layout=expert_layout
+    )
     if not found:
         raise LoRAError(f"exclude={exclude!r} removes every layer targets={targets!r} matched.")
     plan = []

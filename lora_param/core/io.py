@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import LoRAError
+from .experts import ExpertLayout
 from .freeze import freeze_base
 from .inject import _ADAPTER_NAME, Mode, inject
 from .layers import base_tensor, join, parameter_target, tensor_names
@@ -102,6 +103,8 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
                 "owner": c.owner,
                 "shape": list(c.value.shape),
             }
+            if p.kind == "experts":
+                config[p.adapter]["layers"][path]["experts"] = p.lora_A.shape[0]
     return config
 
 
@@ -217,6 +220,14 @@ def _check_config(adapters: Any, path: str) -> None:
                 raise bad(f"layer {tpath!r} of {name!r} has non-positive sizes")
             if not 0 <= layer["dropout"] < 1 or layer["init"] not in ("kaiming", "gaussian"):
                 raise bad(f"layer {tpath!r} of {name!r} has dropout/init out of range")
+            experts = layer.get("experts", 1)
+            if (
+                not isinstance(experts, int)
+                or isinstance(experts, bool)
+                or experts <= 0
+                or ("experts" in layer) != (layer["kind"] == "experts")
+            ):
+                raise bad(f"layer {tpath!r} of {name!r} has experts={layer.get('experts')!r}")
         copies = spec.get("copies", {})
         if not isinstance(copies, dict):
             raise bad(f"adapter {name!r} has copies that are not a mapping")
@@ -294,9 +305,10 @@ def _check_file_against_model(
     expected = set()
     for name, spec in adapters.items():
         for tpath, layer in spec["layers"].items():
+            stack = (layer["experts"],) if "experts" in layer else ()
             for key, shape in (
-                (f"{name}.{tpath}.lora_A", (layer["rank"], layer["fan_in"])),
-                (f"{name}.{tpath}.lora_B", (layer["fan_out"], layer["rank"])),
+                (f"{name}.{tpath}.lora_A", (*stack, layer["rank"], layer["fan_in"])),
+                (f"{name}.{tpath}.lora_B", (*stack, layer["fan_out"], layer["rank"])),
             ):
                 expected.add(key)
                 if key not in tensors:
@@ -494,7 +506,16 @@ def _plan_from_config(
                 f"adapter file {path!r} adapts '{tpath}', which this model does not have; "
                 "load it into the same architecture it was trained on."
             )
-        target = parameter_target(module_name, module, tensor)
+        layout: ExpertLayout | None = None
+        if "experts" in layer:
+            layout = "in_out" if layer["fan_in_fan_out"] else "out_in"
+        target = parameter_target(module_name, module, tensor, layout)
+        if (target.kind == "experts") != (layer["kind"] == "experts"):
+            raise LoRAError(
+                f"adapter file {path!r} adapts '{tpath}' as kind {layer['kind']!r}, but this "
+                f"model's tensor there is adapted as {target.kind!r} (3-D tensors are adapted per "
+                "expert); re-create the adapter with add_lora."
+            )
         if (
             list(target.shape) != list(layer["shape"])
             or target.fan_in_fan_out != layer["fan_in_fan_out"]

@@ -51,6 +51,13 @@ from ..core.layers import base_tensor, is_hf_conv1d, tensor_names
 from ..core.merge import remove_lora
 from ..core.registry import iter_lora, list_adapters
 from ..core.trainable_copies import CopyPlan, check_copyable, iter_copies, register_copies
+from .peft_params import (
+    BASE_LAYER,
+    experts_from_peft,
+    experts_to_peft,
+    split_wrappers,
+    wrapper_depths,
+)
 
 __all__ = ["export_peft", "import_peft"]
 
@@ -209,6 +216,21 @@ def _peft_tensors(
         # PEFT: delta = (B_peft @ A_peft).T with A_peft (r, num), B_peft (dim, r);
         # lora_param: delta = B @ A with B (num, r), A (r, dim).
         return "module", {f"{pre}.lora_embedding_A": b.t(), f"{pre}.lora_embedding_B": a.t()}
+    if getattr(p, "dropout_p", 0.0) and kind in ("param", "experts"):
+        raise LoRAError(
+            f"{where}: PEFT refuses lora_dropout on parameters given by name (target_parameters); "
+            "add the adapter with dropout=0 to export it."
+        )
+    if kind == "experts":
+        if p.fan_in_fan_out != bool(getattr(module, "is_transposed", False)):
+            raise LoRAError(
+                f"{where} was adapted with expert_layout="
+                f"{'in_out' if p.fan_in_fan_out else 'out_in'!r}, but PEFT reads the layout from "
+                f"the module's is_transposed flag ({getattr(module, 'is_transposed', False)}) and "
+                "would apply the update transposed. Add the adapter with expert_layout=None."
+            )
+        flat_a, flat_b = experts_to_peft(a, b)
+        return "param", {f"{pre}.lora_A.weight": flat_a, f"{pre}.lora_B.weight": flat_b}
     # a parameter adapted by name: PEFT's target_parameters (ParamWrapper), 2-D only
     if len(p.weight_shape) != 2 or p.fan_in_fan_out:
         raise LoRAError(
@@ -221,6 +243,21 @@ def _peft_tensors(
             "add the adapter with dropout=0 to export it."
         )
     return "param", {f"{pre}.lora_A.weight": a, f"{pre}.lora_B.weight": b}
+
+
+def _nested_parameters(model: nn.Module, adapter: str) -> dict[str, int]:
+    """Wrapper depth of each tensor adapted by name in a module where PEFT nests several."""
+    by_module: dict[int, tuple[nn.Module, str, dict[str, str]]] = {}
+    for tensor_path, module, tensor_name, p in iter_lora(model):
+        if p.adapter == adapter:
+            entry = by_module.setdefault(id(module), (module, tensor_path, {}))
+            entry[2][tensor_name] = tensor_path
+    depths: dict[str, int] = {}
+    for module, _, named in by_module.values():
+        if len(named) > 1 and "weight" not in named:
+            for name, depth in wrapper_depths(module, list(named)).items():
+                depths[named[name]] = depth
+    return depths
 
 
 def _build_export(
@@ -246,12 +283,19 @@ def _build_export(
     entries = []  # (module path, target kind, parametrization, tensor path)
     tensors: dict[str, Tensor] = {}
     owners: dict[str, str] = {}
+    nested = _nested_parameters(model, adapter)
     for tensor_path, module, tensor_name, p in iter_lora(model):
         if p.adapter != adapter:
             continue
         module_path = tensor_path[: -len(tensor_name)].rstrip(".")
         target_kind, pair = _peft_tensors(module_path, module, tensor_name, p)
-        if module_path in owners:
+        if tensor_path in nested:  # PEFT nests one wrapper per adapted parameter
+            depth = f".{BASE_LAYER}" * nested[tensor_path]
+            pair = {
+                PREFIX + module_path + depth + k[len(PREFIX + module_path) :]: t
+                for k, t in pair.items()
+            }
+        elif module_path in owners:
             raise LoRAError(
                 f"adapter {adapter!r} adapts both '{owners[module_path]}' and '{tensor_path}' of module "
                 f"'{module_path}'; PEFT keys adapters by module, so only one adapted tensor per module "
@@ -300,7 +344,8 @@ def _build_export(
     param_paths = [
         f"{path}.{t.rsplit('.', 1)[1]}" for path, kind, _, t in entries if kind == "param"
     ]
-    all_paths = [path for path, *_ in entries]
+    # PEFT looks up patterns by module path, or by "<module>.<parameter>" for target_parameters
+    all_paths = [t if kind == "param" else path for path, kind, _, t in entries]
 
     # rank_pattern / alpha_pattern: plain module paths where PEFT resolves them unambiguously,
     # anchored exact regexes otherwise.
@@ -426,10 +471,10 @@ def _export_copies(
                 "'bias', so this adapter cannot be exported (add it with bias='none')."
             )
         biases.add(module_path)
-        if module_path in lora_modules:
-            tensors[f"{PREFIX}{module_path}.base_layer.bias"] = value
-        else:
-            tensors[PREFIX + path] = value
+        # PEFT wraps a LoRA layer once per adapted tensor; the bias sits under every wrapper.
+        depth = sum(1 for t, *_ in iter_lora(model) if t.rpartition(".")[0] == module_path)
+        wrappers = f".{BASE_LAYER}" * depth if module_path in lora_modules else ""
+        tensors[f"{PREFIX}{module_path}{wrappers}.bias"] = value
     bias = "none"
     if biases:
         bias = "lora_only" if biases <= set(lora_modules) else "all"
@@ -597,16 +642,17 @@ def import_peft(
             f"the model already has an adapter named {adapter!r}; pass another adapter=."
         )
 
-    groups: dict[str, dict[str, Tensor]] = {}
+    groups: dict[tuple[str, int], dict[str, Tensor]] = {}
     extras: dict[str, Tensor] = {}
     for key, t in raw.items():
         stripped = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        module_path, part = _split_key(stripped)
+        wrapped_path, part = _split_key(stripped)
         if not part:
             extras[stripped] = t
             continue
-        groups.setdefault(module_path, {})[part] = t
-    copies = _plan_peft_copies(target, config, extras, set(groups), path)
+        groups.setdefault(split_wrappers(wrapped_path), {})[part] = t
+    depths_seen = Counter(module_path for module_path, _ in groups)
+    copies = _plan_peft_copies(target, config, extras, {mp for mp, _ in groups}, path)
     if not groups:
         raise LoRAError(f"'{path}' holds no LoRA tensors.")
 
@@ -620,7 +666,7 @@ def import_peft(
 
     plan = []  # (tensor path, module path, A (our layout), B (our layout), rank, alpha)
     by_name: set[str] = set()  # tensors adapted through target_parameters
-    for module_path, parts in groups.items():
+    for (module_path, depth), parts in groups.items():
         module = modules.get(module_path) if module_path else None
         if module is None:
             raise LoRAError(
@@ -681,21 +727,36 @@ def import_peft(
                 in_f, out_f = w.shape
                 expect_a, expect_b = (rank, in_f), (out_f, rank)
             a, b = pa.reshape(rank, -1), pb.reshape(pb.shape[0], rank)
-        elif len(param_names) == 1:
-            tensor_name = param_names[0]
+        elif param_names and len(param_names) == depths_seen[module_path]:
+            by_depth = {d: n for n, d in wrapper_depths(module, param_names).items()}
+            if depth not in by_depth:
+                raise LoRAError(
+                    f"'{path}': '{module_path}' has factors {depth} wrapper(s) deep, but only "
+                    f"{len(param_names)} of its parameters are in target_parameters."
+                )
+            tensor_name = by_depth[depth]
             by_name.add(f"{module_path}.{tensor_name}")
             w = base_tensor(module, tensor_name)
-            if w.dim() != 2:
+            if w.dim() == 3:  # experts: one LoRA each, flattened (see peft_params)
+                experts = int(w.shape[0])
+                rank = rank // experts
+                transposed = bool(getattr(module, "is_transposed", False))
+                in_f, out_f = (w.shape[1], w.shape[2]) if transposed else (w.shape[2], w.shape[1])
+                expect_a, expect_b = (experts * rank, in_f), (out_f, rank * experts)
+                a, b = experts_from_peft(pa, pb, experts) if rank else (pa, pb)
+            elif w.dim() == 2:
+                expect_a, expect_b = (rank, w.shape[1]), (w.shape[0], rank)
+                a, b = pa, pb
+            else:
                 raise LoRAError(
-                    f"'{path}': '{module_path}.{tensor_name}' is {w.dim()}-D; only 2-D parameters are supported."
+                    f"'{path}': '{module_path}.{tensor_name}' is {w.dim()}-D; only 2-D parameters "
+                    "and 3-D expert tensors are supported."
                 )
-            expect_a, expect_b = (rank, w.shape[1]), (w.shape[0], rank)
-            a, b = pa, pb
         else:
             raise LoRAError(
                 f"'{path}' adapts '{module_path}', a {type(module).__name__}; import_peft supports "
-                "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, HF Conv1D and single 2-D parameters "
-                "(target_parameters)."
+                "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, HF Conv1D, and 2-D parameters and 3-D "
+                "expert tensors listed in target_parameters."
             )
         if tuple(pa.shape) != tuple(expect_a) or tuple(pb.shape) != tuple(expect_b):
             raise LoRAError(
@@ -703,9 +764,10 @@ def import_peft(
                 f"expected {tuple(expect_a)} and {tuple(expect_b)} for this model; "
                 "is this the base model the adapter was trained on?"
             )
-        alpha_key = _peft_pattern_key(alpha_pattern, module_path)
+        key = f"{module_path}.{tensor_name}" if param_names else module_path
+        alpha_key = _peft_pattern_key(alpha_pattern, key)
         alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else alpha_default
-        rank_key = _peft_pattern_key(rank_pattern, module_path)
+        rank_key = _peft_pattern_key(rank_pattern, key)
         declared = int(rank_pattern[rank_key]) if rank_key is not None else r_default
         if declared != rank:
             raise LoRAError(
@@ -792,8 +854,8 @@ def _plan_peft_copies(
                 if f"{owner}.{rest}" in extras:
                     continue
             found[f"{owner}.{rest}"] = ("module", owner, key)
-        elif key.endswith(".base_layer.bias") and key[: -len(".base_layer.bias")] in lora_modules:
-            found[key[: -len(".base_layer.bias")] + ".bias"] = ("bias", "", key)
+        elif key.endswith(f".{BASE_LAYER}.bias") and split_wrappers(key[:-5])[0] in lora_modules:
+            found[split_wrappers(key[:-5])[0] + ".bias"] = ("bias", "", key)
         elif key.rpartition(".")[2] == "bias" and config.get("bias", "none") not in ("none", None):
             found[key] = ("bias", "", key)
         else:
