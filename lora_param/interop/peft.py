@@ -472,7 +472,11 @@ def _export_copies(
             )
         biases.add(module_path)
         # PEFT wraps a LoRA layer once per adapted tensor; the bias sits under every wrapper.
-        depth = sum(1 for t, *_ in iter_lora(model) if t.rpartition(".")[0] == module_path)
+        depth = sum(
+            1
+            for t, _, _, p in iter_lora(model)
+            if p.adapter == adapter and t.rpartition(".")[0] == module_path
+        )
         wrappers = f".{BASE_LAYER}" * depth if module_path in lora_modules else ""
         tensors[f"{PREFIX}{module_path}{wrappers}.bias"] = value
     bias = "none"
