@@ -96,6 +96,8 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
                 "dropout": p.dropout_p,
                 "init": p.init,
             }
+            if p.kind == "experts":
+                config[p.adapter]["layers"][path]["experts"] = p.lora_A.shape[0]
     for path, _, _, c in iter_copies(model):
         if c.adapter in config:
             config[c.adapter]["copies"][path] = {
@@ -103,8 +105,6 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
                 "owner": c.owner,
                 "shape": list(c.value.shape),
             }
-            if p.kind == "experts":
-                config[p.adapter]["layers"][path]["experts"] = p.lora_A.shape[0]
     return config
 
 
