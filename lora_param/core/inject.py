@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .classes import own_class
+from .distributed import is_sharded
 from .errors import LoRAError
 from .experts import ExpertLayout, ExpertLoRAParametrization, is_experts_module
 from .factored import factored_forward_applies, install_factored_forward
@@ -320,7 +322,10 @@ def add_lora(
             parameter path (``"block.0.my_param"``) adapts that parameter as a matrix over its
             first dimension.
         rank: Rank, or a mapping ``{glob: rank}`` (first matching key wins, e.g.
-            ``{"fc1": 8, "*": 2}``).
+            ``{"fc1": 8, "*": 2}``). A layer found by a pattern (``targets=None``, a glob, a
+            regex, a callable) whose ``min(fan_in, fan_out)`` is below its rank gets that
+            smaller rank, and one warning lists such layers; for a layer named literally in
+            ``targets`` a too-large rank is a ``LoRAError``.
         alpha: Scale numerator (``scale = alpha / rank``); None means ``alpha = rank``. A
             number or a mapping like ``rank``.
         exclude: Patterns (same forms as ``targets``) removing matches.
@@ -374,11 +379,17 @@ def add_lora(
     if not found:
         raise LoRAError(f"exclude={exclude!r} removes every layer targets={targets!r} matched.")
     plan = []
+    named = {p for p in as_patterns(targets, "targets") if is_literal(p)}
+    lowered: list[str] = []
     for target in found:
         names = [target.module_name, target.path]
         r = pick(rank, names, "rank")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise LoRAError(f"rank for '{target.path}' must be a positive integer, got {r!r}.")
+        if r > min(target.fan_in, target.fan_out) and not named & set(names):
+            # Found by a pattern, not named: give the small layer the largest rank it can hold.
+            r = min(target.fan_in, target.fan_out)
+            lowered.append(f"{target.path} ({r})")
         if r > min(target.fan_in, target.fan_out):
             raise LoRAError(
                 f"rank {r} for '{target.path}' exceeds min(fan_in={target.fan_in}, "
@@ -392,6 +403,12 @@ def add_lora(
         a = r if a is None else _check_number(a, "alpha", target.path)
         options = dict(rank=r, alpha=a, dropout=dropout, init=init, use_rslora=use_rslora)
         plan.append((target, options))
+    sharded = [t.path for t, _ in plan if is_sharded(base_tensor(t.module, t.param_name))]
+    if sharded:
+        raise LoRAError(
+            f"add_lora cannot adapt sharded (FSDP2) weights {sharded[:5]}: FSDP2 manages them. "
+            "Call add_lora before fully_shard (with the same seed on every rank)."
+        )
     keep = trainable_modules(model, trainable)
     copies = plan_copies(model, keep, bias, [t.module for t in found])
     # Copies first: they replace the pretrained value, the LoRA updates add on top of them.
@@ -402,6 +419,13 @@ def add_lora(
         for c in reversed(copies):
             drop_copies(c.module, c.tensor_name, lambda q: q.adapter == adapter)
         raise
+    if lowered:
+        warnings.warn(
+            f"adapter {adapter!r}: {len(lowered)} layer(s) are smaller than the rank asked for "
+            f"and got the largest rank they can hold: {', '.join(lowered)}. Name a layer in "
+            "targets to make a too-large rank an error instead.",
+            stacklevel=2,
+        )
     if freeze:
         freeze_base(model, [], "none")
     return model

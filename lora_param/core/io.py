@@ -13,12 +13,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .distributed import check_in, copy_into, gather_full, is_sharded, write_once
 from .errors import LoRAError
 from .experts import ExpertLayout
 from .freeze import freeze_base
 from .inject import _ADAPTER_NAME, Mode, inject
 from .layers import base_tensor, join, parameter_target, tensor_names
 from .merge import remove_lora
+from .paths import check_input_file, check_output_file
 from .registry import check_adapters_exist, iter_lora, list_adapters
 from .trainable_copies import (
     CopyPlan,
@@ -151,7 +153,11 @@ def save_lora(
     """Save adapters (all, or one) with their config to one file, atomically.
 
     The file holds only tensors, strings and numbers, and is read back with
-    ``torch.load(weights_only=True)``: loading a stranger's file runs no code.
+    ``torch.load(weights_only=True)``: loading a stranger's file runs no code. The path is
+    checked first (not a folder, a writable place; missing parent folders are created).
+
+    On a sharded (FSDP2) model this is a collective: call it on every rank; the shards are
+    gathered and rank 0 alone writes the file.
 
     Args:
         model: A model with adapters.
@@ -164,20 +170,31 @@ def save_lora(
         The path written.
     """
     config = adapter_config(model, adapter)
+    tensors = lora_state_dict(model, adapter)
     copies: dict[str, Tensor] = {}
     for tensor_path, _, _, c in iter_copies(model):
         if c.adapter in config and include_trainable:
-            copies[f"{c.adapter}.{tensor_path}"] = c.value.detach().contiguous().cpu()
+            copies[f"{c.adapter}.{tensor_path}"] = c.value.detach()
     if not include_trainable:
         for spec in config.values():
             spec["copies"] = {}
+    sharded = any(is_sharded(t) for t in [*tensors.values(), *copies.values()])
+    if sharded:
+        check_in("save_lora")
+    else:
+        check_output_file(path, "adapter file")
     payload = {
         "format": FORMAT,
         "config": json.dumps({"adapters": config}),
-        "tensors": {k: v.contiguous().cpu() for k, v in lora_state_dict(model, adapter).items()},
-        "copies": copies,
+        "tensors": gather_full(tensors),
+        "copies": gather_full(copies),
     }
-    return atomic_write(path, lambda f: torch.save(payload, f))
+
+    def write() -> None:
+        check_output_file(path, "adapter file")
+        atomic_write(path, lambda f: torch.save(payload, f))
+
+    return write_once(path, write, collective=sharded)
 
 
 _LAYER_FIELDS: dict[str, Any] = {
@@ -253,9 +270,9 @@ def read_lora_file(
         The adapters' config, the adapter tensors, and the adapters' trained copies keyed
         ``"<adapter>.<tensor path>"`` (described by each adapter's ``"copies"`` config).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise LoRAError(f"adapter file {str(path)!r} does not exist.")
+    path = check_input_file(
+        path, "adapter file", "; save_lora writes one file (a PEFT folder? use import_peft)"
+    )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged files
@@ -405,6 +422,9 @@ def load_lora(
     loaded adapters come back with their trained heads and biases (their own copies) and are
     enabled; other adapters of the model keep their state.
 
+    On a sharded (FSDP2) model that already has the adapters, each rank reads the file and
+    keeps its own shard (no communication).
+
     Args:
         model: The base model (with or without the adapters already added).
         path: File written by :func:`save_lora`.
@@ -456,6 +476,17 @@ def load_lora(
                         f"{p.fan_out}x{p.fan_in} in the model, but rank {layer['rank']} and "
                         f"{layer['fan_out']}x{layer['fan_in']} in {str(path)!r}."
                     )
+    sharded = [
+        t.path
+        for plan in plans.values()
+        for t, _ in plan
+        if is_sharded(base_tensor(t.module, t.param_name))
+    ]
+    if sharded:
+        raise LoRAError(
+            f"load_lora would add adapters to sharded (FSDP2) layers {sharded[:5]}; add them "
+            "before fully_shard (add_lora with the same targets and ranks), then load_lora."
+        )
     injected: list[str] = []
     copied: list[str] = []
     try:
@@ -479,14 +510,14 @@ def load_lora(
         for name, spec in adapters.items():
             for tpath in spec["layers"]:
                 p = loaded[(name, tpath)]
-                p.lora_A.copy_(tensors[f"{name}.{tpath}.lora_A"])
-                p.lora_B.copy_(tensors[f"{name}.{tpath}.lora_B"])
+                copy_into(p.lora_A, tensors[f"{name}.{tpath}.lora_A"])
+                copy_into(p.lora_B, tensors[f"{name}.{tpath}.lora_B"])
                 p.enabled = True
                 p.lora_A.requires_grad_(trainable)
                 p.lora_B.requires_grad_(trainable)
             for tpath in spec.get("copies", {}):
                 c = held[(name, tpath)]
-                c.value.copy_(copies[f"{name}.{tpath}"])
+                copy_into(c.value, copies[f"{name}.{tpath}"])
                 c.enabled = True
                 c.value.requires_grad_(trainable)
     if freeze:

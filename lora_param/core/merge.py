@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .classes import own_class
+from .distributed import refuse_sharded
 from .errors import LoRAError
 from .factored import remove_factored_forward
 from .parametrization import LoRAParametrization
@@ -21,6 +22,11 @@ Entry = LoRAParametrization | TrainableCopy
 Take = Callable[[Entry], bool]
 
 __all__ = ["drop_adapters", "merge_lora", "remove_lora"]
+
+_UNSHARDED_COPY = (
+    "Call save_lora on every rank, then on one rank load_lora the file into an unsharded copy "
+    "of the base model and change that copy."
+)
 
 
 def _has_lora(module: nn.Module, tensor_name: str = "weight") -> bool:
@@ -209,6 +215,7 @@ def merge_lora(model: nn.Module, adapter: str | None = None, *, safe: bool = Fal
         LoRAError: No such adapter; a merged weight is not finite (``safe=True``); one adapter
             cannot be merged alone exactly (another adapter holds its own copy of that tensor).
     """
+    refuse_sharded(model, "merge_lora", _UNSHARDED_COPY)
     if adapter is not None:
         check_adapters_exist(model, [adapter])
 
@@ -271,6 +278,7 @@ def remove_lora(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """
     if adapter is not None:
         check_adapters_exist(model, [adapter])
+    refuse_sharded(model, "remove_lora", _UNSHARDED_COPY)
     for module, name, _ in _tensors_with_lora(model):
         _drop(module, name, lambda p: adapter is None or p.adapter == adapter)
     return model
