@@ -305,6 +305,12 @@ def read_lora_file(
             copies = spec.setdefault("copies", {})
             copies[tpath] = {"role": role, "owner": module_name, "shape": list(value.shape)}
             extras[f"{name}.{tpath}"] = value
+    described = {f"{n}.{t}" for n, spec in adapters.items() for t in spec.get("copies", {})}
+    if set(extras) - described:
+        raise LoRAError(
+            f"adapter file {str(path)!r} has copies its config does not describe: "
+            f"{sorted(set(extras) - described)[:5]}"
+        )
     for name, spec in adapters.items():
         for tpath, copy in spec.get("copies", {}).items():
             value = extras.get(f"{name}.{tpath}")

@@ -957,6 +957,10 @@ def _plan_peft_copies(
     saved = config.get("modules_to_save") or []
     if isinstance(saved, str):
         saved = [saved]
+    if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+        raise LoRAError(
+            f"'{where}' sets modules_to_save={saved!r}; PEFT writes a list of module names."
+        )
     owners = [n for n in names if any(n.endswith(s) for s in saved)]
     owners = [o for o in owners if not any(o.startswith(p + ".") for p in owners)]
     if saved and not owners:
