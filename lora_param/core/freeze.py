@@ -18,7 +18,7 @@ Bias = Literal["none", "all", "lora_only"]
 
 
 def trainable_modules(model: nn.Module, trainable: Targets) -> list[nn.Module]:
-    """Modules matching ``trainable`` patterns; a string pattern that matches nothing is an error."""
+    """Modules matching ``trainable`` patterns; a string pattern matching nothing is an error."""
     patterns = as_patterns(trainable, "trainable")
     named = [(n, m) for n, m in model.named_modules() if n and ".parametrizations" not in f".{n}"]
     found: dict[int, nn.Module] = {}
