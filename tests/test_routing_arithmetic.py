@@ -133,14 +133,14 @@ def test_bad_arguments_change_nothing():
     model = _zoo()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cases = [
-        (dict(weights={"a": 1.0, "zz": 1.0}, name="n"), "no adapter named 'zz'"),
-        (dict(weights={"a": 1.0}, name="b"), "already exists"),
-        (dict(weights={"a": 1.0}, name="n", method="ties"), "needs density"),
-        (dict(weights={"a": 1.0}, name="n", method="cat", rank=3), "sum of the ranks"),
-        (dict(weights={"a": 1.0}, name="n", method="svd", density=0.5), "density= applies"),
-        (dict(weights={"a": 1.0}, name="n", method="mean"), "method must be"),
-        (dict(weights={}, name="n"), "non-empty"),
-        (dict(weights={"a": True}, name="n"), "must be a number"),
+        ({"weights": {"a": 1.0, "zz": 1.0}, "name": "n"}, "no adapter named 'zz'"),
+        ({"weights": {"a": 1.0}, "name": "b"}, "already exists"),
+        ({"weights": {"a": 1.0}, "name": "n", "method": "ties"}, "needs density"),
+        ({"weights": {"a": 1.0}, "name": "n", "method": "cat", "rank": 3}, "sum of the ranks"),
+        ({"weights": {"a": 1.0}, "name": "n", "method": "svd", "density": 0.5}, "density= applies"),
+        ({"weights": {"a": 1.0}, "name": "n", "method": "mean"}, "method must be"),
+        ({"weights": {}, "name": "n"}, "non-empty"),
+        ({"weights": {"a": True}, "name": "n"}, "must be a number"),
     ]
     for kwargs, message in cases:
         with pytest.raises(LoRAError, match=message):

@@ -21,7 +21,7 @@ from lora_param.routing import hotswap_lora, mixed_adapters, prepare_hotswap
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounter  # noqa: E402
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 class Net(nn.Module):
@@ -91,7 +91,7 @@ def test_swaps_under_compile_without_recompiling(tmp_path):
 
 
 def test_prepared_adapters_train_save_and_mix(tmp_path):
-    path, ref = _adapter_file(tmp_path, "a", None, 1, rank=2, alpha=4, adapter="a")
+    path, _ref = _adapter_file(tmp_path, "a", None, 1, rank=2, alpha=4, adapter="a")
     model = load_lora(_base(), path)
     add_lora(model, ["fc1"], rank=3, adapter="b")
     _randomize(model, 5)
@@ -134,7 +134,7 @@ def test_swaps_that_do_not_fit_change_nothing(tmp_path):
         hotswap_lora(model, big)
     prepare_hotswap(model, max_rank=4)
     snap = _snapshot(model)
-    with pytest.raises(LoRAError, match="rank 5 on '.*', more than the 4"):
+    with pytest.raises(LoRAError, match=r"rank 5 on '.*', more than the 4"):
         hotswap_lora(model, big)
     _assert_same(model, snap)
     with pytest.raises(LoRAError, match=r"adapts \['fc2.weight'\]"):

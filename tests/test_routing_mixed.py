@@ -16,7 +16,7 @@ from lora_param import (
 )
 from lora_param.routing import mixed_adapters
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _hf_conv1d(nf: int, nx: int) -> nn.Module:
@@ -160,14 +160,17 @@ def test_repeated_rows_follow_their_example():
             torch.testing.assert_close(out[3 * i : 3 * i + 3], ref.expand(3, -1), **TOL)
 
 
+def _enter(model: nn.Module, names) -> None:
+    with mixed_adapters(model, names):
+        pass
+
+
 def test_unknown_names_are_listed_and_nothing_changes():
     model = _zoo()
     with pytest.raises(LoRAError, match=r"'typo'.*\['a', 'c', 'b'\]"):
-        with mixed_adapters(model, ["a", "typo"]):
-            pass
+        _enter(model, ["a", "typo"])
     with pytest.raises(LoRAError, match="one adapter name per example"):
-        with mixed_adapters(model, "a"):
-            pass
+        _enter(model, "a")
     assert not any("_lora_route" in m.__dict__ for m in model.modules())
 
 
@@ -190,11 +193,9 @@ def test_directly_read_tensors_are_refused_by_name_or_left_at_base():
     _randomize(model)
     model.eval()
     with pytest.raises(LoRAError, match=r"attn\.in_proj_weight \('attn_only'\)"):
-        with mixed_adapters(model, ["attn_only", "fc_only"]):
-            pass
+        _enter(model, ["attn_only", "fc_only"])
     with pytest.raises(LoRAError, match=r"attn\.out_proj\.weight \('out'\)"):
-        with mixed_adapters(model, ["out", "fc_only"]):
-            pass
+        _enter(model, ["out", "fc_only"])
     # Adapters on MHA that are not in the mix: MHA reads its base weights, exactly.
     x = torch.randn(2, 4, 8)
     with torch.no_grad():
@@ -212,9 +213,8 @@ def test_non_plain_lora_entries_are_refused():
     for *_, p in iter_lora(model):
         if p.adapter == "c":
             p.__class__ = DoRALike
-    with pytest.raises(LoRAError, match="'c' is a DoRALike"):
-        with mixed_adapters(model, ["a", "c"]):
-            pass
+    with pytest.raises(LoRAError, match="'c' is a DoRALike"), mixed_adapters(model, ["a", "c"]):
+        pass
     x = _ids(2)
     with torch.no_grad(), mixed_adapters(model.eval(), ["a", "b"]):  # c present, not mixed
         out = model(x)
@@ -261,7 +261,7 @@ def test_beam_search_generation_routes_each_example():
     _randomize(model)
     prompts = torch.randint(1, 39, (3, 4), generator=torch.Generator().manual_seed(3))
     names = ["a", "b", "__base__"]
-    kwargs = dict(max_new_tokens=5, num_beams=2, do_sample=False, pad_token_id=39)
+    kwargs = {"max_new_tokens": 5, "num_beams": 2, "do_sample": False, "pad_token_id": 39}
     with torch.no_grad():
         with mixed_adapters(model, names):
             mixed = model.generate(prompts, **kwargs)

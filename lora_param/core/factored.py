@@ -85,7 +85,7 @@ FACTORED_KINDS = frozenset(_OPS)
 
 def base_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     """What a factored layer computes with ``weight`` and no adapter (its own forward's math)."""
-    return _OPS[module._lora_kind][0](module, x, weight)
+    return _OPS[str(module._lora_kind)][0](module, x, weight)
 
 
 def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:

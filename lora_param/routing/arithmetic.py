@@ -59,7 +59,9 @@ class CombineReport:
         return max(self.relative_error.values(), default=0.0)
 
     def __str__(self) -> str:
-        lines = [f"adapter {self.adapter!r} ({self.method}): max relative error {self.max_error:.3g}"]
+        lines = [
+            f"adapter {self.adapter!r} ({self.method}): max relative error {self.max_error:.3g}"
+        ]
         lines += [
             f"  {path}: rank {self.ranks[path]}, relative error {err:.3g}"
             for path, err in self.relative_error.items()
@@ -153,7 +155,7 @@ def _svd_of_product(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _prune(t: Tensor, density: float) -> Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude."""
-    keep = int(round(density * t.numel()))
+    keep = round(density * t.numel())
     if keep >= t.numel():
         return t
     mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
@@ -256,7 +258,13 @@ def _register(
     for path, (module, tensor, _) in layers.items():
         target = parameter_target(names[id(module)], module, tensor)
         k = factors[path][0].shape[0]
-        options = dict(rank=k, alpha=float(k), dropout=0.0, init="kaiming", use_rslora=False)
+        options = {
+            "rank": k,
+            "alpha": float(k),
+            "dropout": 0.0,
+            "init": "kaiming",
+            "use_rslora": False,
+        }
         mode = "factored" if "_lora_kind" in type(module).__dict__ else "materialized"
         plans[mode].append((target, options))
     try:

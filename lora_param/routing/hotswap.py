@@ -70,7 +70,11 @@ def prepare_hotswap(model: nn.Module, max_rank: int, adapter: str | None = None)
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
         raise LoRAError(f"max_rank must be a positive integer, got {max_rank!r}.")
     entries = _entries(model, adapter)
-    too_big = [f"{k} (rank {p.lora_A.shape[0]})" for k, p in entries.items() if p.lora_A.shape[0] > max_rank]
+    too_big = [
+        f"{k} (rank {p.lora_A.shape[0]})"
+        for k, p in entries.items()
+        if p.lora_A.shape[0] > max_rank
+    ]
     if too_big:
         raise LoRAError(
             f"max_rank={max_rank} is smaller than the rank of {', '.join(too_big[:5])}; pass "
@@ -143,7 +147,7 @@ def _plan_swap(
             f"target in this model (it targets {sorted(entries)[:5]}...); a swap cannot add "
             "layers: add the adapter on every layer any swapped adapter uses, then prepare."
         )
-    plan = []
+    plan: list[tuple[LoRAParametrization, Tensor | None, Tensor | None, float]] = []
     for tpath, p in entries.items():
         layer = layers.get(tpath)
         if layer is None:
@@ -160,10 +164,19 @@ def _plan_swap(
                 f"adapter file {path!r} has rank {rank} on '{tpath}', more than the "
                 f"{room} prepare_hotswap made room for; prepare with a larger max_rank."
             )
-        lora_a, lora_b = tensors.get(f"{name}.{tpath}.lora_A"), tensors.get(f"{name}.{tpath}.lora_B")
-        if lora_a is None or lora_b is None or lora_a.shape != (rank, p.fan_in) or lora_b.shape != (
-            p.fan_out,
-            rank,
+        lora_a, lora_b = (
+            tensors.get(f"{name}.{tpath}.lora_A"),
+            tensors.get(f"{name}.{tpath}.lora_B"),
+        )
+        if (
+            lora_a is None
+            or lora_b is None
+            or lora_a.shape != (rank, p.fan_in)
+            or lora_b.shape
+            != (
+                p.fan_out,
+                rank,
+            )
         ):
             raise LoRAError(f"adapter file {path!r} lacks well-shaped factors for '{tpath}'.")
         denom = math.sqrt(rank) if layer["use_rslora"] else rank
@@ -219,7 +232,7 @@ def hotswap_lora(
             if lora_a is not None and lora_b is not None:
                 p.lora_A[:rank].copy_(lora_a)
                 p.lora_B[:, :rank].copy_(lora_b)
-            p.scale.fill_(scale)  # type: ignore[union-attr]
+            p.scale.fill_(scale)  # type: ignore[attr-defined]  # a tensor once prepared
             p.alpha = _alpha_for(scale, p.lora_A.shape[0], p.use_rslora)
             p.clear_cache()
         for key, value in extras.items():

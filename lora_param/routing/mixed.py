@@ -79,7 +79,7 @@ def _scale_key(scale: float | Tensor) -> Any:
     return (scale._version, scale.data_ptr()) if isinstance(scale, Tensor) else scale
 
 
-def _base_weight(plist: nn.Module) -> Tensor:
+def _base_weight(plist: Any) -> Tensor:
     """The weight with every non-LoRA parametrization applied and no adapter."""
     entries = list(plist._modules.values())
     if plist.is_tensor and all(isinstance(p, LoRAParametrization) for p in entries):
@@ -104,7 +104,7 @@ class LayerRoute:
         self._cache: tuple[tuple, Tensor, Tensor] | None = None
 
     def __call__(self, module: nn.Module, x: Tensor) -> Tensor:
-        plist = module._modules["parametrizations"]._modules["weight"]
+        plist: Any = module._modules["parametrizations"]._modules["weight"]  # type: ignore[union-attr]
         y = base_forward(module, x, _base_weight(plist))
         entries = [
             p
@@ -135,17 +135,15 @@ class LayerRoute:
         if torch.compiler.is_compiling() or torch.is_grad_enabled():
             self._cache = None
             return self._build(entries)
-        stamp = tuple(
-            (
-                p,
-                p.lora_A._version,
-                p.lora_A.data_ptr(),
-                p.lora_B._version,
-                p.lora_B.data_ptr(),
-                _scale_key(p.scale),
-            )
+        versions = [
+            (p, p.lora_A._version, p.lora_A.data_ptr(), p.lora_B._version, p.lora_B.data_ptr())
             for p in entries
-        ) + (len(self.state.slots),)
+        ]
+        stamp = (
+            tuple(versions),
+            tuple(_scale_key(p.scale) for p in entries),
+            len(self.state.slots),
+        )
         cache = self._cache
         if cache is not None and cache[0] == stamp:
             return cache[1], cache[2]
@@ -182,9 +180,7 @@ def _embedding_update(x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor) ->
     return torch.bmm(rows.reshape(x.shape[0], -1, rank), lora_a[idx])
 
 
-def _conv_update(
-    module: nn.Module, x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor
-) -> Tensor:
+def _conv_update(module: Any, x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor) -> Tensor:
     # Each example gets its own kernels: fold the batch into conv groups.
     n, groups, rank = x.shape[0], module.groups, lora_a.shape[1]
     kernel = module._modules["parametrizations"]._modules["weight"].original.shape[1:]
