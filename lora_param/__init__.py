@@ -23,11 +23,19 @@ from .core.registry import (
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 from .interop.peft import export_peft, import_peft
+from .routing import (
+    CombineReport,
+    combine_adapters,
+    hotswap_lora,
+    mixed_adapters,
+    prepare_hotswap,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FACTORED_KINDS",
+    "CombineReport",
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
@@ -35,10 +43,12 @@ __all__ = [
     "adapter_parameters",
     "add_lora",
     "clear_lora_cache",
+    "combine_adapters",
     "disable_lora",
     "enable_lora",
     "export_peft",
     "find_targets",
+    "hotswap_lora",
     "import_peft",
     "iter_lora",
     "list_adapters",
@@ -47,7 +57,9 @@ __all__ = [
     "lora_disabled",
     "lora_state_dict",
     "merge_lora",
+    "mixed_adapters",
     "parameter_counts",
+    "prepare_hotswap",
     "remove_lora",
     "save_lora",
     "set_active_adapters",
