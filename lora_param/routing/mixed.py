@@ -120,21 +120,20 @@ class LayerRoute:
                     f"'{self.name}' has dropout={p.dropout_p} in training mode; call "
                     "model.eval() or train these adapters one at a time."
                 )
-        lora_a, lora_b = self._stacks(entries)
-        idx = self.state.rows(x.shape[0], self.name)
         kind = module._lora_kind
+        lora_a, lora_b = self._stacks(entries, kind == "embedding" or kind == "conv")
+        idx = self.state.rows(x.shape[0], self.name)
         if kind == "embedding":
-            update = _embedding_update(x, lora_a, lora_b, idx)
-        elif kind == "conv":
-            update = _conv_update(module, x, lora_a, lora_b, idx)
-        else:
-            update = _linear_update(x, lora_a, lora_b, idx)
-        return y + update.view(y.shape)
+            return y + _embedding_update(x, lora_a, lora_b, idx).view(y.shape)
+        if kind == "conv":
+            return y + _conv_update(module, x, lora_a, lora_b, idx)
+        return _linear_add(y, x, lora_a, lora_b, idx)
 
-    def _stacks(self, entries: list[LoRAParametrization]) -> tuple[Tensor, Tensor]:
+    def _stacks(self, entries: list[LoRAParametrization], canonical: bool) -> tuple[Tensor, Tensor]:
+        """The stacked factors: canonical, or transposed for ``x @ A^T @ B^T`` (linear kinds)."""
         if torch.compiler.is_compiling() or torch.is_grad_enabled():
             self._cache = None
-            return self._build(entries)
+            return self._build(entries, canonical)
         versions = [
             (p, p.lora_A._version, p.lora_A.data_ptr(), p.lora_B._version, p.lora_B.data_ptr())
             for p in entries
@@ -147,12 +146,13 @@ class LayerRoute:
         cache = self._cache
         if cache is not None and cache[0] == stamp:
             return cache[1], cache[2]
-        lora_a, lora_b = self._build(entries)
+        lora_a, lora_b = self._build(entries, canonical)
         self._cache = (stamp, lora_a, lora_b)
         return lora_a, lora_b
 
-    def _build(self, entries: list[LoRAParametrization]) -> tuple[Tensor, Tensor]:
-        """``A`` stacked ``(slots, rank, fan_in)``, scaled ``B`` ``(slots, fan_out, rank)``."""
+    def _build(self, entries: list[LoRAParametrization], canonical: bool) -> tuple[Tensor, Tensor]:
+        """``A`` stacked ``(slots, rank, fan_in)`` and scaled ``B`` ``(slots, fan_out, rank)``;
+        not ``canonical``: both transposed, contiguous (gathers then feed bmm directly)."""
         rank = max(p.lora_A.shape[0] for p in entries)
         first = entries[0]
         zero_a = first.lora_A.new_zeros(rank, first.lora_A.shape[1])
@@ -164,13 +164,19 @@ class LayerRoute:
             slot = self.state.slots[p.adapter]
             a_slots[slot] = F.pad(p.lora_A, (0, 0, 0, pad))
             b_slots[slot] = F.pad(p.lora_B * p.scale, (0, pad))
-        return torch.stack(a_slots), torch.stack(b_slots)
+        lora_a, lora_b = torch.stack(a_slots), torch.stack(b_slots)
+        if canonical:
+            return lora_a, lora_b
+        return lora_a.transpose(1, 2).contiguous(), lora_b.transpose(1, 2).contiguous()
 
 
-def _linear_update(x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor) -> Tensor:
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-    z = torch.bmm(x3, lora_a[idx].transpose(1, 2))
-    return torch.bmm(z, lora_b[idx].transpose(1, 2))
+def _linear_add(y: Tensor, x: Tensor, a_t: Tensor, b_t: Tensor, idx: Tensor) -> Tensor:
+    """``y + x A_i^T B_i^T`` per row, from ``A^T`` ``(slots, fan_in, rank)`` and ``B^T``."""
+    n = x.shape[0]
+    z = torch.bmm(x.reshape(n, -1, x.shape[-1]), a_t[idx])
+    # In place: y is this forward's fresh base output, which the base op's backward does not use.
+    y.view(n, -1, y.shape[-1]).baddbmm_(z, b_t[idx])
+    return y
 
 
 def _embedding_update(x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor) -> Tensor:
