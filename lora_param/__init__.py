@@ -8,7 +8,9 @@ Example:
 """
 
 from .core.errors import LoRAError
+from .core.experts import ExpertLoRAParametrization
 from .core.factored import FACTORED_KINDS
+from .core.hf_save import merged_state_dict
 from .core.inject import add_lora, find_targets
 from .core.io import load_base_state_dict, load_lora, lora_state_dict, save_lora
 from .core.merge import merge_lora, remove_lora
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FACTORED_KINDS",
     "CombineReport",
+    "ExpertLoRAParametrization",
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
@@ -57,6 +60,7 @@ __all__ = [
     "lora_disabled",
     "lora_state_dict",
     "merge_lora",
+    "merged_state_dict",
     "mixed_adapters",
     "parameter_counts",
     "prepare_hotswap",

@@ -10,12 +10,18 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .classes import own_class
+from .distributed import refuse_sharded
 from .errors import LoRAError
 from .factored import remove_factored_forward
 from .parametrization import LoRAParametrization
 from .registry import check_adapters_exist, iter_lora
 
 __all__ = ["drop_adapters", "merge_lora", "remove_lora"]
+
+_UNSHARDED_COPY = (
+    "Call save_lora on every rank, then on one rank load_lora the file into an unsharded copy "
+    "of the base model and change that copy."
+)
 
 
 def _has_lora(module: nn.Module, tensor_name: str = "weight") -> bool:
@@ -137,6 +143,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Returns:
         The same model object, merged.
     """
+    refuse_sharded(model, "merge_lora", _UNSHARDED_COPY)
     plans = []
     for module, name, path in _tensors_with_lora(model):
         plist = module.parametrizations[name]
@@ -175,6 +182,7 @@ def remove_lora(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """
     if adapter is not None:
         check_adapters_exist(model, [adapter])
+    refuse_sharded(model, "remove_lora", _UNSHARDED_COPY)
     for module, name, _ in _tensors_with_lora(model):
         drop_adapters(module, name, lambda p: adapter is None or p.adapter == adapter)
     return model

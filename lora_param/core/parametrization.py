@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 __all__ = ["Init", "LayerKind", "LoRAParametrization"]
 
-LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param"]
+LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param", "experts"]
 Init = Literal["kaiming", "gaussian"]
 
 
