@@ -25,6 +25,7 @@ from .core.registry import (
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 from .interop.peft import export_peft, import_peft
+from .quant import RequantizationWarning, dequantize_base, quantize_base
 from .routing import (
     CombineReport,
     combine_adapters,
@@ -42,11 +43,13 @@ __all__ = [
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
+    "RequantizationWarning",
     "active_adapters",
     "adapter_parameters",
     "add_lora",
     "clear_lora_cache",
     "combine_adapters",
+    "dequantize_base",
     "disable_lora",
     "enable_lora",
     "export_peft",
@@ -64,6 +67,7 @@ __all__ = [
     "mixed_adapters",
     "parameter_counts",
     "prepare_hotswap",
+    "quantize_base",
     "remove_lora",
     "save_lora",
     "set_active_adapters",

@@ -277,3 +277,21 @@ def _generate_alone(model, prompt, name, kwargs):
             return model.generate(prompt, **kwargs)
     set_active_adapters(model, [name])
     return model.generate(prompt, **kwargs)
+
+
+def test_quantized_base_is_computed_once_by_its_packed_forward():
+    from lora_param import quantize_base
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    quantize_base(model, method="int8")
+    add_lora(model, rank=2, adapter="a")
+    add_lora(model, ["2"], rank=3, adapter="b")
+    _randomize(model)
+    x = torch.randn(3, 64)
+    names = ["a", "__base__", "b"]
+    with torch.no_grad():
+        with mixed_adapters(model.eval(), names):
+            mixed = model(x)
+        for i, name in enumerate(names):
+            torch.testing.assert_close(mixed[i], _alone(model, x[i : i + 1], name)[0], **TOL)

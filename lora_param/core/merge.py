@@ -43,7 +43,9 @@ def drop_adapters(
     if not drop:
         return
     own_class(module)
-    if len(drop) == len(plist):
+    rest = [p for i, p in enumerate(plist) if i not in drop]
+    # An entry that exists only to carry LoRA (lora_param.quant's bitsandbytes weight) goes too.
+    if len(drop) == len(plist) or all(getattr(p, "removed_with_lora", False) for p in rest):
         order = module.__dict__.get("_lora_param_order")
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         if order is not None:
@@ -128,7 +130,7 @@ def _plan_merge_through(module: nn.Module, name: str, path: str) -> tuple[list, 
     return list(values), planned
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, *, requantize: bool = False) -> nn.Module:
     """Bake the enabled adapters into the weights and drop every adapter.
 
     The result is a plain model (state_dict keys such as ``fc.weight``) whose outputs equal
@@ -137,15 +139,25 @@ def merge_lora(model: nn.Module) -> nn.Module:
     user's own) stay; LoRA is folded into their inputs through their ``right_inverse``.
     Everything is computed and checked before anything changes.
 
+    A packed (quantized) base becomes a plain weight in its compute dtype,
+    ``dequant(Q) + s·B·A`` summed in float32 and rounded once; with ``requantize=True`` it
+    stays packed instead, and a ``RequantizationWarning`` reports the error that added.
+
     Args:
         model: A model with adapters.
+        requantize: Keep packed weights packed (lossy, see above).
 
     Returns:
         The same model object, merged.
     """
     refuse_sharded(model, "merge_lora", _UNSHARDED_COPY)
+    from ..quant.merge import plan_packed_merges  # the quant package builds on core
+
+    packed = plan_packed_merges(model, requantize)
     plans = []
     for module, name, path in _tensors_with_lora(model):
+        if packed.covers(module, name):
+            continue
         plist = module.parametrizations[name]
         if all(isinstance(p, LoRAParametrization) for p in plist):
             with torch.no_grad():
@@ -153,6 +165,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             plans.append((module, name, merged, plist.original.requires_grad))
         else:
             plans.append((module, name, _plan_merge_through(module, name, path), None))
+    packed.apply()
     for module, name, value, requires_grad in plans:
         if requires_grad is not None:
             drop_adapters(module, name, lambda p: True)

@@ -105,7 +105,14 @@ class LayerRoute:
 
     def __call__(self, module: nn.Module, x: Tensor) -> Tensor:
         plist: Any = module._modules["parametrizations"]._modules["weight"]  # type: ignore[union-attr]
-        y = base_forward(module, x, _base_weight(plist))
+        head = next(iter(plist._modules.values()))
+        packed = (
+            None if isinstance(head, LoRAParametrization) else getattr(head, "base_forward", None)
+        )
+        if packed is not None:  # a packed frozen base (lora_param.quant) computes its own output
+            y = packed(module, x)
+        else:
+            y = base_forward(module, x, _base_weight(plist))
         entries = [
             p
             for p in plist._modules.values()
