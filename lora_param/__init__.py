@@ -26,11 +26,19 @@ from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 from .interop.peft import export_peft, import_peft
 from .quant import RequantizationWarning, dequantize_base, quantize_base
+from .routing import (
+    CombineReport,
+    combine_adapters,
+    hotswap_lora,
+    mixed_adapters,
+    prepare_hotswap,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FACTORED_KINDS",
+    "CombineReport",
     "ExpertLoRAParametrization",
     "LoRAError",
     "LoRAParametrization",
@@ -40,11 +48,13 @@ __all__ = [
     "adapter_parameters",
     "add_lora",
     "clear_lora_cache",
+    "combine_adapters",
     "dequantize_base",
     "disable_lora",
     "enable_lora",
     "export_peft",
     "find_targets",
+    "hotswap_lora",
     "import_peft",
     "iter_lora",
     "list_adapters",
@@ -54,7 +64,9 @@ __all__ = [
     "lora_state_dict",
     "merge_lora",
     "merged_state_dict",
+    "mixed_adapters",
     "parameter_counts",
+    "prepare_hotswap",
     "quantize_base",
     "remove_lora",
     "save_lora",
