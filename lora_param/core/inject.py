@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 from torch import Tensor, nn
@@ -257,6 +257,8 @@ def inject(
     try:
         for target, options in plan:
             like = base_tensor(target.module, target.param_name)
+            if not like.is_floating_point():  # packed (bitsandbytes): adapters take its dtype
+                like = getattr(target.module, target.param_name)
             cls = ExpertLoRAParametrization if target.kind == "experts" else LoRAParametrization
             p = cls(
                 target.fan_in,
@@ -306,6 +308,7 @@ def add_lora(
     bias: Bias = "none",
     mode: Mode = "factored",
     expert_layout: ExpertLayout | None = None,
+    quantize: Literal["nf4", "int8"] | None = None,
 ) -> nn.Module:
     """Add a LoRA adapter to every matching layer of an existing model, in one call.
 
@@ -347,6 +350,8 @@ def add_lora(
         expert_layout: How 3-D expert tensors (mixture-of-experts) are stored: ``"out_in"``
             (``W[e]`` is ``(out, in)``, as Mixtral's ``F.linear(x, W[e])``) or ``"in_out"``;
             None follows each experts module's ``is_transposed`` flag (transformers sets it).
+        quantize: ``"nf4"`` or ``"int8"`` first stores the adapted layers' weights packed
+            (QLoRA; see :func:`lora_param.quantize_base`, whose defaults apply); None keeps them.
 
     Returns:
         The model, with the new adapter enabled and trainable.
@@ -411,13 +416,19 @@ def add_lora(
         )
     keep = trainable_modules(model, trainable)
     copies = plan_copies(model, keep, bias, [t.module for t in found])
+    undo_quantize = _quantize_for_lora(model, found, quantize, keep)
     # Copies first: they replace the pretrained value, the LoRA updates add on top of them.
-    register_copies(copies, adapter)
+    try:
+        register_copies(copies, adapter)
+    except BaseException:
+        undo_quantize()
+        raise
     try:
         inject(model, plan, adapter=adapter, mode=mode)
     except BaseException:
         for c in reversed(copies):
             drop_copies(c.module, c.tensor_name, lambda q: q.adapter == adapter)
+        undo_quantize()
         raise
     if lowered:
         warnings.warn(
@@ -429,3 +440,36 @@ def add_lora(
     if freeze:
         freeze_base(model, [], "none")
     return model
+
+
+def _quantize_for_lora(
+    model: nn.Module, found: list[AdaptTarget], method: str | None, keep: list[nn.Module]
+) -> Callable[[], None]:
+    """Pack the targets' weights for ``add_lora(quantize=...)``; return the undo.
+
+    Layers bitsandbytes quantized get their packed-weight entry here too, with or without
+    ``quantize``.
+    """
+    from ..quant.api import prepare_bnb_layers, quantize_targets  # quant builds on core
+
+    if method is None:
+        return prepare_bnb_layers(found)
+    packed = {id(t.module): t.path for t in found}
+    trained = [packed[id(m)] for m in keep if id(m) in packed]
+    if trained:
+        raise LoRAError(
+            f"{trained[:5]} would be stored packed (quantize={method!r}) and cannot train; "
+            "remove them from trainable= or exclude them from targets."
+        )
+    undo_quantize = quantize_targets(found, method=method, root=model)  # type: ignore[arg-type]
+    try:
+        undo_bnb = prepare_bnb_layers(found)
+    except BaseException:
+        undo_quantize()
+        raise
+
+    def undo() -> None:
+        undo_bnb()
+        undo_quantize()
+
+    return undo

@@ -152,6 +152,11 @@ def module_targets(
     says (None: the block's ``is_transposed`` flag).
     """
     kind = layer_kind(module)
+    if kind == "linear":
+        from ..quant.bnb import bnb_kind, bnb_target  # imports no bitsandbytes
+
+        if bnb_kind(module) is not None:  # a packed bitsandbytes weight, adapted as (out, in)
+            return [bnb_target(module_name, module)]
     if kind is not None:
         return [_make(module_name, module, "weight", kind, fan_in_fan_out=kind == "conv1d_hf")]
     if isinstance(module, nn.MultiheadAttention):

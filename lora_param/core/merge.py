@@ -48,7 +48,9 @@ def drop_adapters(
     if not drop:
         return
     own_class(module)
-    if len(drop) == len(plist):
+    rest = [p for i, p in enumerate(plist) if i not in drop]
+    # An entry that exists only to carry LoRA (lora_param.quant's bitsandbytes weight) goes too.
+    if len(drop) == len(plist) or all(getattr(p, "removed_with_lora", False) for p in rest):
         order = module.__dict__.get("_lora_param_order")
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         if order is not None:
@@ -180,6 +182,13 @@ def _check_one_adapter_merge(plist: nn.ModuleList, adapter: str, path: str) -> N
         )
 
 
+def _own(p: nn.Module) -> list[Tensor]:
+    """The tensors an adapter entry holds (factors, or a copy)."""
+    if isinstance(p, LoRAParametrization):
+        return [p.lora_A, p.lora_B]
+    return [cast(TrainableCopy, p).value]
+
+
 def _check_finite(path: str, values: list[Tensor]) -> None:
     if not all(bool(torch.isfinite(v).all()) for v in values):
         raise LoRAError(
@@ -188,7 +197,9 @@ def _check_finite(path: str, values: list[Tensor]) -> None:
         )
 
 
-def merge_lora(model: nn.Module, adapter: str | None = None, *, safe: bool = False) -> nn.Module:
+def merge_lora(
+    model: nn.Module, adapter: str | None = None, *, safe: bool = False, requantize: bool = False
+) -> nn.Module:
     """Bake adapters into the weights: every enabled adapter (dropping all), or one by name.
 
     With ``adapter=None`` the result is a plain model (state_dict keys such as ``fc.weight``)
@@ -202,11 +213,16 @@ def merge_lora(model: nn.Module, adapter: str | None = None, *, safe: bool = Fal
     through their ``right_inverse``. Everything is computed and checked before anything
     changes.
 
+    A packed (quantized) base becomes a plain weight in its compute dtype,
+    ``dequant(Q) + s·B·A`` summed in float32 and rounded once; with ``requantize=True`` it
+    stays packed instead, and a ``RequantizationWarning`` reports the error that added.
+
     Args:
         model: A model with adapters.
         adapter: Merge only this adapter; None merges every enabled one and drops them all.
         safe: Check every merged weight for NaN/inf first; raise (naming the layer) before any
             weight changes.
+        requantize: Keep packed weights packed (lossy, see above).
 
     Returns:
         The same model object, merged.
@@ -218,6 +234,9 @@ def merge_lora(model: nn.Module, adapter: str | None = None, *, safe: bool = Fal
     refuse_sharded(model, "merge_lora", _UNSHARDED_COPY)
     if adapter is not None:
         check_adapters_exist(model, [adapter])
+    from ..quant.merge import plan_packed_merges  # the quant package builds on core
+
+    packed = plan_packed_merges(model, requantize)
 
     def take(p: Entry) -> bool:
         return p.enabled if adapter is None else p.adapter == adapter
@@ -228,9 +247,21 @@ def merge_lora(model: nn.Module, adapter: str | None = None, *, safe: bool = Fal
     plans: list[tuple[nn.Module, str, Any, bool | None]] = []
     for module, name, path in _tensors_with_lora(model):
         plist = parametrization_list(module, name)
+        if adapter is not None and not any(_is_entry(p) and p.adapter == adapter for p in plist):
+            continue
+        if packed.covers(module, name):
+            if adapter is not None:
+                raise LoRAError(
+                    f"merge_lora(adapter={adapter!r}) cannot merge one adapter into the packed "
+                    f"(quantized) base of '{path}'; merge every adapter (merge_lora(model)) or "
+                    "dequantize_base(model) first."
+                )
+            if safe:
+                _check_finite(
+                    path, [t for p in plist if _is_entry(p) and p.enabled for t in _own(p)]
+                )
+            continue
         if adapter is not None:
-            if not any(_is_entry(p) and p.adapter == adapter for p in plist):
-                continue
             _check_one_adapter_merge(plist, adapter, path)
         if all(_is_entry(p) for p in plist):
             with torch.no_grad():
@@ -243,6 +274,8 @@ def merge_lora(model: nn.Module, adapter: str | None = None, *, safe: bool = Fal
             if safe:
                 _check_finite(path, values)
             plans.append((module, name, (values, planned), None))
+    if adapter is None:
+        packed.apply()
     for module, name, value, requires_grad in plans:
         if requires_grad is not None:
             _drop(module, name, doomed)

@@ -130,10 +130,13 @@ class LoRAParametrization(nn.Module):
         lora_a = self.lora_A
         if dropout and self.dropout_p > 0 and self.training:
             lora_a = lora_a * self.dropout(torch.ones_like(lora_a[:1]))
+        lora_b, scale = self.lora_B, self.scale
+        if isinstance(scale, Tensor):  # hot-swap-ready (routing.hotswap): alpha takes numbers only
+            lora_b, scale = lora_b * scale, 1.0
         if self.fan_in_fan_out:
-            return torch.addmm(weight, lora_a.t(), self.lora_B.t(), alpha=self.scale)
+            return torch.addmm(weight, lora_a.t(), lora_b.t(), alpha=scale)
         matrix = weight.reshape(self.fan_out, self.fan_in)
-        return torch.addmm(matrix, self.lora_B, lora_a, alpha=self.scale).view(weight.shape)
+        return torch.addmm(matrix, lora_b, lora_a, alpha=scale).view(weight.shape)
 
     def clear_cache(self) -> None:
         """Forget the cached weight (needed only after edits through ``.data``)."""
