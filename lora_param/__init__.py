@@ -24,6 +24,7 @@ from .core.registry import (
 )
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
+from .core.trainable_copies import TrainableCopy, iter_copies
 from .interop.peft import export_peft, import_peft
 from .quant import RequantizationWarning, dequantize_base, quantize_base
 from .routing import (
@@ -44,6 +45,7 @@ __all__ = [
     "LoRAParametrization",
     "ParameterCounts",
     "RequantizationWarning",
+    "TrainableCopy",
     "active_adapters",
     "adapter_parameters",
     "add_lora",
@@ -56,6 +58,7 @@ __all__ = [
     "find_targets",
     "hotswap_lora",
     "import_peft",
+    "iter_copies",
     "iter_lora",
     "list_adapters",
     "load_base_state_dict",

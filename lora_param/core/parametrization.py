@@ -36,8 +36,8 @@ class LoRAParametrization(nn.Module):
         kind: Layer kind the weight belongs to (decides the factored forward, if any).
         dropout: Dropout probability on the layer input (factored path) or on the input
             features of ``A`` (materialized path).
-        init: ``"kaiming"`` (uniform, as loralib/PEFT) or ``"gaussian"`` (A ~ N(0, 1), as the
-            well-known tutorial) for ``A``.
+        init: ``"kaiming"`` (uniform, as loralib/PEFT; N(0, 1) for embeddings, as PEFT) or
+            ``"gaussian"`` (A ~ N(0, 1), as the well-known tutorial) for ``A``.
         use_rslora: Use ``alpha / sqrt(rank)`` as the scale.
         fan_in_fan_out: The weight is stored ``(fan_in, fan_out)``.
         device: Device of ``A`` and ``B`` (the weight's).
@@ -82,9 +82,13 @@ class LoRAParametrization(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Draw ``A`` anew with the chosen init and set ``B`` to zero (the update becomes zero)."""
+        """Draw ``A`` anew with the chosen init and set ``B`` to zero (the update becomes zero).
+
+        For embeddings ``A`` is always N(0, 1), as PEFT: PEFT zeroes ``lora_embedding_A`` and
+        draws ``lora_embedding_B`` N(0, 1), which are this layout's ``B`` and ``A`` transposed.
+        """
         with torch.no_grad():
-            if self.init == "gaussian":
+            if self.init == "gaussian" or self.kind == "embedding":
                 nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
