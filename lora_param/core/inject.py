@@ -406,7 +406,13 @@ def add_lora(
             )
         a = pick(alpha, names, "alpha")
         a = r if a is None else _check_number(a, "alpha", target.path)
-        options = dict(rank=r, alpha=a, dropout=dropout, init=init, use_rslora=use_rslora)
+        options = {
+            "rank": r,
+            "alpha": a,
+            "dropout": dropout,
+            "init": init,
+            "use_rslora": use_rslora,
+        }
         plan.append((target, options))
     sharded = [t.path for t, _ in plan if is_sharded(base_tensor(t.module, t.param_name))]
     if sharded:
