@@ -467,6 +467,7 @@ def _quantize_for_lora(
             f"{trained[:5]} would be stored packed (quantize={method!r}) and cannot train; "
             "remove them from trainable= or exclude them from targets."
         )
+    # The user's string; quantize_targets checks it (check_method) before packing anything.
     undo_quantize = quantize_targets(found, method=method, root=model)  # type: ignore[arg-type]
     try:
         undo_bnb = prepare_bnb_layers(found)

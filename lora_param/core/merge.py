@@ -89,12 +89,13 @@ def _chain(
     """Apply parametrizations in order; adapter entries ``take`` selects apply (no dropout)."""
     for p in entries:
         if isinstance(p, LoRAParametrization):
+            # A LoRA entry adapts one tensor, so x is a single tensor by now.
             x = p.add_update(x) if take(p) else x  # type: ignore[arg-type]
         elif isinstance(p, TrainableCopy):
             x = p.value.detach().clone() if take(p) else x
         else:
             x = p(*x) if isinstance(x, tuple) else p(x)
-    return x  # type: ignore[return-value]
+    return x  # type: ignore[return-value]  # every chain ends in a single tensor
 
 
 def _drop(module: nn.Module, name: str, doomed: Take) -> None:

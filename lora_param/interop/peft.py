@@ -53,7 +53,13 @@ from ..core.layers import base_tensor, is_hf_conv1d, tensor_names
 from ..core.merge import remove_lora
 from ..core.paths import check_input_file, check_input_folder, check_output_folder
 from ..core.registry import iter_lora, list_adapters
-from ..core.trainable_copies import CopyPlan, check_copyable, iter_copies, register_copies
+from ..core.trainable_copies import (
+    CopyPlan,
+    CopyRole,
+    check_copyable,
+    iter_copies,
+    register_copies,
+)
 from .peft_params import (
     BASE_LAYER,
     experts_from_peft,
@@ -993,7 +999,7 @@ def _plan_peft_copies(
             f"'{where}' sets modules_to_save={saved!r}, which matches no module of this model; "
             "is this the base model the adapter was trained on?"
         )
-    found: dict[str, tuple[str, str, str]] = {}  # tensor path -> (role, owner, file key)
+    found: dict[str, tuple[CopyRole, str, str]] = {}  # tensor path -> (role, owner, file key)
     unknown = []
     for key in extras:
         owner = next((o for o in owners if key.startswith(o + ".")), None)
@@ -1035,5 +1041,5 @@ def _plan_peft_copies(
                 f"but {have} in this model; is this the base model the adapter was trained on?"
             )
         check_copyable(tensor_path, module, tensor)
-        plans.append((CopyPlan(tensor_path, module, tensor, role, owner), extras[key]))  # type: ignore[arg-type]
+        plans.append((CopyPlan(tensor_path, module, tensor, role, owner), extras[key]))
     return plans
