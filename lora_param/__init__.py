@@ -8,6 +8,7 @@ Example:
 """
 
 from .core.errors import LoRAError
+from .core.eval_cache import eval_cache_bytes, set_eval_cache
 from .core.factored import FACTORED_KINDS
 from .core.inject import add_lora, find_targets
 from .core.io import load_base_state_dict, load_lora, lora_state_dict, save_lora
@@ -37,6 +38,7 @@ __all__ = [
     "clear_lora_cache",
     "disable_lora",
     "enable_lora",
+    "eval_cache_bytes",
     "export_peft",
     "find_targets",
     "import_peft",
@@ -51,5 +53,6 @@ __all__ = [
     "remove_lora",
     "save_lora",
     "set_active_adapters",
+    "set_eval_cache",
     "trainable_summary",
 ]
