@@ -24,6 +24,7 @@ from .core.registry import (
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 from .interop.peft import export_peft, import_peft
+from .quant import dequantize_base, quantize_base
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "adapter_parameters",
     "add_lora",
     "clear_lora_cache",
+    "dequantize_base",
     "disable_lora",
     "enable_lora",
     "eval_cache_bytes",
@@ -50,6 +52,7 @@ __all__ = [
     "lora_state_dict",
     "merge_lora",
     "parameter_counts",
+    "quantize_base",
     "remove_lora",
     "save_lora",
     "set_active_adapters",

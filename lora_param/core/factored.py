@@ -11,6 +11,7 @@ what the merged model costs; otherwise it stays factored and keeps no copy of th
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,10 @@ def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
     base, branch = _OPS[self._lora_kind]
     plist = self._modules["parametrizations"]._modules["weight"]
     entries = plist._modules.values()
+    head = next(iter(entries))
+    packed = getattr(head, "base_forward", None) if type(head) is not LoRAParametrization else None
+    if packed is not None:
+        return _packed_base_forward(self, x, packed, list(entries)[1:], base, branch)
     compiling = torch.compiler.is_compiling()
     cached = not compiling and not torch.is_grad_enabled()
     for p in entries:
@@ -99,6 +104,28 @@ def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
         if not compiling and p._cache is not None:
             p._cache = None  # training moves on; free the eval copy
         if p._enabled:
+            y = branch(self, x, p, y)
+    return y
+
+
+def _packed_base_forward(
+    self: nn.Module,
+    x: Tensor,
+    base_forward: Callable[[nn.Module, Tensor], Tensor],
+    entries: list[nn.Module | None],
+    base: BaseOp,
+    branch: BranchOp,
+) -> Tensor:
+    """A packed frozen base (``lora_param.quant``) first, then LoRA branches; never cached.
+
+    The base entry computes its own output (dequantizing again in backward); caching
+    ``W + sBA`` would keep a full-precision copy of the weight the packing exists to avoid.
+    """
+    if not all(type(p) is LoRAParametrization for p in entries):
+        return base(self, x, cast(Tensor, self.weight))
+    y = base_forward(self, x)
+    for p in entries:
+        if isinstance(p, LoRAParametrization) and p._enabled:
             y = branch(self, x, p, y)
     return y
 

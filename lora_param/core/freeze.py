@@ -32,7 +32,26 @@ def trainable_modules(model: nn.Module, trainable: Targets) -> list[nn.Module]:
                 + ("" if not is_literal(pattern) else " (patterns match full module names)")
             )
         found.update((id(m), m) for m in hits)
+    for name, module in named:
+        if id(module) not in found:
+            continue
+        packed = [t for t, p in module.named_parameters() if _is_packed(t, p)]
+        if packed:
+            raise LoRAError(
+                f"trainable= names '{name}', whose weight is stored packed (quantized: "
+                f"{packed[0]}) and cannot train; dequantize_base(model) first, or train it "
+                "through LoRA instead of trainable=."
+            )
     return list(found.values())
+
+
+def _is_packed(name: str, param: nn.Parameter) -> bool:
+    """A module's own parametrized tensor stored as integers (lora_param.quant's packing)."""
+    return (
+        name.startswith("parametrizations.")
+        and name.count(".") == 2
+        and not (param.is_floating_point())
+    )
 
 
 def _biases(module: nn.Module) -> list[nn.Parameter]:
@@ -61,7 +80,7 @@ def freeze_base(model: nn.Module, keep: list[nn.Module], bias: Bias) -> None:
             param.requires_grad_(False)
     for module in keep:
         for param in module.parameters():
-            if id(param) not in lora:
+            if id(param) not in lora and param.is_floating_point():
                 param.requires_grad_(True)
     if bias == "all":
         modules = list(model.modules())

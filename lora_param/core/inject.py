@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 from torch import nn
@@ -248,6 +248,7 @@ def add_lora(
     trainable: Targets = None,
     bias: Bias = "none",
     mode: Mode = "factored",
+    quantize: Literal["nf4", "int8"] | None = None,
 ) -> nn.Module:
     """Add a LoRA adapter to every matching layer of an existing model, in one call.
 
@@ -278,6 +279,8 @@ def add_lora(
         bias: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of adapted layers train).
         mode: ``"factored"`` computes ``x W^T + s (x A^T) B^T`` in Linear, Conv, Embedding and
             HF Conv1D forwards (faster, leaner); ``"materialized"`` always builds ``W + sBA``.
+        quantize: ``"nf4"`` or ``"int8"`` first stores the adapted layers' weights packed
+            (QLoRA; see :func:`lora_param.quantize_base`, whose defaults apply); None keeps them.
 
     Returns:
         The model, with the new adapter enabled and trainable.
@@ -327,7 +330,30 @@ def add_lora(
         options = dict(rank=r, alpha=a, dropout=dropout, init=init, use_rslora=use_rslora)
         plan.append((target, options))
     keep = trainable_modules(model, trainable) if freeze else []
-    inject(model, plan, adapter=adapter, mode=mode)
+    undo_quantize = _quantize_for_lora(model, found, quantize, keep)
+    try:
+        inject(model, plan, adapter=adapter, mode=mode)
+    except BaseException:
+        undo_quantize()
+        raise
     if freeze:
         freeze_base(model, keep, bias)
     return model
+
+
+def _quantize_for_lora(
+    model: nn.Module, found: list[AdaptTarget], method: str | None, keep: list[nn.Module]
+) -> Callable[[], None]:
+    """Pack the targets' weights for ``add_lora(quantize=...)``; return the undo."""
+    if method is None:
+        return lambda: None
+    from ..quant.api import quantize_targets  # the quant package builds on core
+
+    packed = {id(t.module): t.path for t in found}
+    trained = [packed[id(m)] for m in keep if id(m) in packed]
+    if trained:
+        raise LoRAError(
+            f"{trained[:5]} would be stored packed (quantize={method!r}) and cannot train; "
+            "remove them from trainable= or exclude them from targets."
+        )
+    return quantize_targets(found, method=method, root=model)  # type: ignore[arg-type]

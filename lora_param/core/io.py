@@ -399,6 +399,10 @@ def load_base_state_dict(
     Returns:
         The model.
     """
+    from ..quant.state import pack_plain_weights  # the quant package builds on core
+
+    # A packed (quantized) layer takes a plain weight quantized with its own settings.
+    state_dict = pack_plain_weights(model, state_dict)
     renamed: dict[str, str] = {}
     for module_name, module in model.named_modules():
         if parametrize.is_parametrized(module):

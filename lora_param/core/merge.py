@@ -122,7 +122,7 @@ def _plan_merge_through(module: nn.Module, name: str, path: str) -> tuple[list, 
     return list(values), planned
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, *, requantize: bool = False) -> nn.Module:
     """Bake the enabled adapters into the weights and drop every adapter.
 
     The result is a plain model (state_dict keys such as ``fc.weight``) whose outputs equal
@@ -131,14 +131,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
     user's own) stay; LoRA is folded into their inputs through their ``right_inverse``.
     Everything is computed and checked before anything changes.
 
+    A packed (quantized) base becomes a plain weight in its compute dtype,
+    ``dequant(Q) + s·B·A`` summed in float32 and rounded once; with ``requantize=True`` it
+    stays packed instead, and a ``RequantizationWarning`` reports the error that added.
+
     Args:
         model: A model with adapters.
+        requantize: Keep packed weights packed (lossy, see above).
 
     Returns:
         The same model object, merged.
     """
+    from ..quant.merge import plan_packed_merges  # the quant package builds on core
+
+    packed = plan_packed_merges(model, requantize)
     plans = []
     for module, name, path in _tensors_with_lora(model):
+        if packed.covers(module, name):
+            continue
         plist = module.parametrizations[name]
         if all(isinstance(p, LoRAParametrization) for p in plist):
             with torch.no_grad():
@@ -146,6 +156,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             plans.append((module, name, merged, plist.original.requires_grad))
         else:
             plans.append((module, name, _plan_merge_through(module, name, path), None))
+    packed.apply()
     for module, name, value, requires_grad in plans:
         if requires_grad is not None:
             drop_adapters(module, name, lambda p: True)
