@@ -459,6 +459,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--quick", action="store_true", help="tiny Llama, one repeat (smoke run)")
     parser.add_argument("--phases", nargs="+", default=["train", "train-gc", "generate"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(set(TRAIN_VARIANTS + GEN_VARIANTS)),
+        help="only these variants (default: all); time-boxed runs on a busy machine",
+    )
+    parser.add_argument("--no-time", action="store_true", help="memory only")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=32)
@@ -486,16 +493,20 @@ def main(argv: list[str] | None = None) -> int:
         f"# training batch {args.batch}x{args.seq}; generation batch 1, prompt {args.prompt}, "
         f"{args.new_tokens} new tokens; {args.repeats} timed repeats"
     )
-    train_variants = [v for v in TRAIN_VARIANTS if v != "peft-bnb-nf4" or _bnb_available()]
+    chosen = set(args.variants or TRAIN_VARIANTS + GEN_VARIANTS)
+    train_variants = [
+        v for v in TRAIN_VARIANTS if v in chosen and (v != "peft-bnb-nf4" or _bnb_available())
+    ]
+    gen_variants = [v for v in GEN_VARIANTS if v in chosen]
     for dtype_name in args.dtype:
         t0 = time.perf_counter()
-        plan = [("generate", list(GEN_VARIANTS))] if "generate" in args.phases else []
+        plan = [("generate", gen_variants)] if "generate" in args.phases else []
         plan += [(p, train_variants) for p in train_phases]
         mem = {} if args.no_memory else measure_memory(args, dtype_name, plan, log)
-        time_plan = [(["generate"], list(GEN_VARIANTS))] if "generate" in args.phases else []
+        time_plan = [(["generate"], gen_variants)] if "generate" in args.phases else []
         if train_phases:
             time_plan.append((train_phases, train_variants))
-        times = measure_time(args, dtype_name, time_plan, log)
+        times = {} if args.no_time else measure_time(args, dtype_name, time_plan, log)
         print("\n".join(report(dtype_name, mem, times, args)))
         print("\n".join(goals(mem, times, DTYPES[dtype_name], build_base_meta(args.config))))
         log(f"  {dtype_name}: {time.perf_counter() - t0:.0f} s")
