@@ -84,14 +84,13 @@ def test_quantized_run_reports_base_bytes_and_keeps_the_checks(method, plain, tm
 
 @pytest.mark.skipif(not HAVE_MNIST, reason=f"real MNIST is not in {DATA}")
 def test_nf4_accuracy_is_within_half_a_point_of_fp32_on_real_mnist():
+    # A short run (200 pretraining steps on 10,000 images) on the whole test set. The balanced
+    # recipe: the tutorial's (one digit only) swings LoRA-on accuracy by points on any change.
     full = load_mnist(str(DATA), download=False)
     data = MNISTTensors(
-        full.train_images[:10_000],
-        full.train_labels[:10_000],
-        full.test_images[:2_000],
-        full.test_labels[:2_000],
+        full.train_images[:10_000], full.train_labels[:10_000], full.test_images, full.test_labels
     )
-    kw = {"pretrain": PretrainConfig(steps=200), "finetune_steps": 30}
+    kw = {"pretrain": PretrainConfig(steps=200), "finetune_steps": 60, "recipe": "balanced"}
     plain = run_pipeline(_config(**kw), data=data).report
     nf4 = run_pipeline(_config(quantize="nf4", **kw), data=data).report
     for key in ("pretrained", "lora_on"):
