@@ -9,7 +9,9 @@ Example:
 
 from .core.errors import LoRAError
 from .core.eval_cache import eval_cache_bytes, set_eval_cache
+from .core.experts import ExpertLoRAParametrization
 from .core.factored import FACTORED_KINDS
+from .core.hf_save import merged_state_dict
 from .core.inject import add_lora, find_targets
 from .core.io import load_base_state_dict, load_lora, lora_state_dict, save_lora
 from .core.merge import merge_lora, remove_lora
@@ -24,15 +26,17 @@ from .core.registry import (
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 from .interop.peft import export_peft, import_peft
-from .quant import dequantize_base, quantize_base
+from .quant import RequantizationWarning, dequantize_base, quantize_base
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FACTORED_KINDS",
+    "ExpertLoRAParametrization",
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
+    "RequantizationWarning",
     "active_adapters",
     "adapter_parameters",
     "add_lora",
@@ -51,6 +55,7 @@ __all__ = [
     "lora_disabled",
     "lora_state_dict",
     "merge_lora",
+    "merged_state_dict",
     "parameter_counts",
     "quantize_base",
     "remove_lora",

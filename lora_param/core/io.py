@@ -13,11 +13,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .distributed import check_in, copy_into, gather_full, is_sharded, write_once
 from .errors import LoRAError
+from .experts import ExpertLayout
 from .freeze import freeze_base
 from .inject import Mode, inject
 from .layers import base_tensor, join, parameter_target, tensor_names
 from .merge import remove_lora
+from .paths import check_input_file, check_output_file
 from .registry import check_adapters_exist, iter_lora, list_adapters
 
 __all__ = [
@@ -82,6 +85,8 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
                 "init": p.init,
                 "enabled": p.enabled,
             }
+            if p.kind == "experts":
+                config[p.adapter]["layers"][path]["experts"] = p.lora_A.shape[0]
     return config
 
 
@@ -138,7 +143,11 @@ def save_lora(
     """Save adapters (all, or one) with their config to one file, atomically.
 
     The file holds only tensors, strings and numbers, and is read back with
-    ``torch.load(weights_only=True)``: loading a stranger's file runs no code.
+    ``torch.load(weights_only=True)``: loading a stranger's file runs no code. The path is
+    checked first (not a folder, a writable place; missing parent folders are created).
+
+    On a sharded (FSDP2) model this is a collective: call it on every rank; the shards are
+    gathered and rank 0 alone writes the file.
 
     Args:
         model: A model with adapters.
@@ -151,13 +160,24 @@ def save_lora(
         The path written.
     """
     extras = _trainable_extras(model) if include_trainable else {}
+    tensors = lora_state_dict(model, adapter)
+    sharded = any(is_sharded(t) for t in [*tensors.values(), *extras.values()])
+    if sharded:
+        check_in("save_lora")
+    else:
+        check_output_file(path, "adapter file")
     payload = {
         "format": FORMAT,
         "config": json.dumps({"adapters": adapter_config(model, adapter)}),
-        "tensors": {k: v.contiguous().cpu() for k, v in lora_state_dict(model, adapter).items()},
-        "trainable": {k: v.detach().contiguous().cpu() for k, v in extras.items()},
+        "tensors": gather_full(tensors),
+        "trainable": gather_full(extras),
     }
-    return atomic_write(path, lambda f: torch.save(payload, f))
+
+    def write() -> None:
+        check_output_file(path, "adapter file")
+        atomic_write(path, lambda f: torch.save(payload, f))
+
+    return write_once(path, write, collective=sharded)
 
 
 _LAYER_FIELDS: dict[str, Any] = {
@@ -200,6 +220,14 @@ def _check_config(adapters: Any, path: str) -> None:
                 raise bad(f"layer {tpath!r} of {name!r} has non-positive sizes")
             if not 0 <= layer["dropout"] < 1 or layer["init"] not in ("kaiming", "gaussian"):
                 raise bad(f"layer {tpath!r} of {name!r} has dropout/init out of range")
+            experts = layer.get("experts", 1)
+            if (
+                not isinstance(experts, int)
+                or isinstance(experts, bool)
+                or experts <= 0
+                or ("experts" in layer) != (layer["kind"] == "experts")
+            ):
+                raise bad(f"layer {tpath!r} of {name!r} has experts={layer.get('experts')!r}")
 
 
 def read_lora_file(
@@ -210,9 +238,9 @@ def read_lora_file(
     Returns:
         The adapters' config, the adapter tensors, and the other trainable tensors.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise LoRAError(f"adapter file {str(path)!r} does not exist.")
+    path = check_input_file(
+        path, "adapter file", "; save_lora writes one file (a PEFT folder? use import_peft)"
+    )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged files
@@ -244,9 +272,10 @@ def _check_file_against_model(
     expected = set()
     for name, spec in adapters.items():
         for tpath, layer in spec["layers"].items():
+            stack = (layer["experts"],) if "experts" in layer else ()
             for key, shape in (
-                (f"{name}.{tpath}.lora_A", (layer["rank"], layer["fan_in"])),
-                (f"{name}.{tpath}.lora_B", (layer["fan_out"], layer["rank"])),
+                (f"{name}.{tpath}.lora_A", (*stack, layer["rank"], layer["fan_in"])),
+                (f"{name}.{tpath}.lora_B", (*stack, layer["fan_out"], layer["rank"])),
             ):
                 expected.add(key)
                 if key not in tensors:
@@ -275,6 +304,9 @@ def load_lora(
 
     On a fresh copy of the base model this injects and loads in one call. Keys and shapes are
     checked against the model before anything changes; on error the model is unchanged.
+
+    On a sharded (FSDP2) model that already has the adapters, each rank reads the file and
+    keeps its own shard (no communication).
 
     Args:
         model: The base model (with or without the adapters already added).
@@ -328,6 +360,17 @@ def load_lora(
                         f"{p.fan_out}x{p.fan_in} in the model, but rank {layer['rank']} and "
                         f"{layer['fan_out']}x{layer['fan_in']} in {str(path)!r}."
                     )
+    sharded = [
+        t.path
+        for plan in plans.values()
+        for t, _ in plan
+        if is_sharded(base_tensor(t.module, t.param_name))
+    ]
+    if sharded:
+        raise LoRAError(
+            f"load_lora would add adapters to sharded (FSDP2) layers {sharded[:5]}; add them "
+            "before fully_shard (add_lora with the same targets and ranks), then load_lora."
+        )
     injected: list[str] = []
     try:
         for name, plan in plans.items():
@@ -343,11 +386,11 @@ def load_lora(
         for name, spec in adapters.items():
             for tpath, layer in spec["layers"].items():
                 p = loaded[(name, tpath)]
-                p.lora_A.copy_(tensors[f"{name}.{tpath}.lora_A"])
-                p.lora_B.copy_(tensors[f"{name}.{tpath}.lora_B"])
+                copy_into(p.lora_A, tensors[f"{name}.{tpath}.lora_A"])
+                copy_into(p.lora_B, tensors[f"{name}.{tpath}.lora_B"])
                 p.enabled = layer.get("enabled", True)
         for name, value in extras.items():
-            targets[name].copy_(value)
+            copy_into(targets[name], value)
     if freeze:
         freeze_base(model, [], "none")
         for name in extras:
@@ -367,7 +410,16 @@ def _plan_from_config(
                 f"adapter file {path!r} adapts '{tpath}', which this model does not have; "
                 "load it into the same architecture it was trained on."
             )
-        target = parameter_target(module_name, module, tensor)
+        layout: ExpertLayout | None = None
+        if "experts" in layer:
+            layout = "in_out" if layer["fan_in_fan_out"] else "out_in"
+        target = parameter_target(module_name, module, tensor, layout)
+        if (target.kind == "experts") != (layer["kind"] == "experts"):
+            raise LoRAError(
+                f"adapter file {path!r} adapts '{tpath}' as kind {layer['kind']!r}, but this "
+                f"model's tensor there is adapted as {target.kind!r} (3-D tensors are adapted per "
+                "expert); re-create the adapter with add_lora."
+            )
         if (
             list(target.shape) != list(layer["shape"])
             or target.fan_in_fan_out != layer["fan_in_fan_out"]

@@ -10,12 +10,18 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .classes import own_class
+from .distributed import refuse_sharded
 from .errors import LoRAError
 from .factored import remove_factored_forward
 from .parametrization import LoRAParametrization
 from .registry import check_adapters_exist, iter_lora
 
 __all__ = ["drop_adapters", "merge_lora", "remove_lora"]
+
+_UNSHARDED_COPY = (
+    "Call save_lora on every rank, then on one rank load_lora the file into an unsharded copy "
+    "of the base model and change that copy."
+)
 
 
 def _has_lora(module: nn.Module, tensor_name: str = "weight") -> bool:
@@ -37,7 +43,9 @@ def drop_adapters(
     if not drop:
         return
     own_class(module)
-    if len(drop) == len(plist):
+    rest = [p for i, p in enumerate(plist) if i not in drop]
+    # An entry that exists only to carry LoRA (lora_param.quant's bitsandbytes weight) goes too.
+    if len(drop) == len(plist) or all(getattr(p, "removed_with_lora", False) for p in rest):
         order = module.__dict__.get("_lora_param_order")
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         if order is not None:
@@ -142,6 +150,7 @@ def merge_lora(model: nn.Module, *, requantize: bool = False) -> nn.Module:
     Returns:
         The same model object, merged.
     """
+    refuse_sharded(model, "merge_lora", _UNSHARDED_COPY)
     from ..quant.merge import plan_packed_merges  # the quant package builds on core
 
     packed = plan_packed_merges(model, requantize)
@@ -186,6 +195,7 @@ def remove_lora(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """
     if adapter is not None:
         check_adapters_exist(model, [adapter])
+    refuse_sharded(model, "remove_lora", _UNSHARDED_COPY)
     for module, name, _ in _tensors_with_lora(model):
         drop_adapters(module, name, lambda p: adapter is None or p.adapter == adapter)
     return model

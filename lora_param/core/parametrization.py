@@ -16,7 +16,7 @@ __all__ = ["AUTO_EVAL_CACHE_MAX_NUMEL", "Init", "LayerKind", "LoRAParametrizatio
 #: would add a whole weight's memory (see ``lora_param.core.eval_cache``).
 AUTO_EVAL_CACHE_MAX_NUMEL = 1 << 21
 
-LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param"]
+LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param", "experts"]
 Init = Literal["kaiming", "gaussian"]
 
 

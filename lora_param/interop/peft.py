@@ -34,6 +34,7 @@ Neither function needs ``peft`` itself; both need ``safetensors`` (``pip install
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -44,11 +45,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.distributed import check_in, full_tensor, is_sharded, write_once
 from ..core.errors import LoRAError
 from ..core.inject import add_lora
 from ..core.io import atomic_write
 from ..core.layers import base_tensor, is_hf_conv1d, tensor_names
+from ..core.paths import check_input_file, check_input_folder, check_output_folder
 from ..core.registry import iter_lora, list_adapters
+from .peft_params import (
+    BASE_LAYER,
+    experts_from_peft,
+    experts_to_peft,
+    split_wrappers,
+    wrapper_depths,
+)
 
 __all__ = ["export_peft", "import_peft"]
 
@@ -167,7 +177,7 @@ def _peft_tensors(
 ) -> tuple[str, dict[str, Tensor]]:
     """PEFT keys and tensors for one adapted tensor, and the target kind ('module'|'param')."""
     kind = p.kind
-    a, b = p.lora_A.detach(), p.lora_B.detach()
+    a, b = full_tensor(p.lora_A), full_tensor(p.lora_B)  # all-gathered if sharded (FSDP2)
     where = f"'{module_path}.{tensor_name}'" if module_path else f"'{tensor_name}'"
     if not module_path:
         raise LoRAError(
@@ -209,6 +219,21 @@ def _peft_tensors(
         # PEFT: delta = (B_peft @ A_peft).T with A_peft (r, num), B_peft (dim, r);
         # lora_param: delta = B @ A with B (num, r), A (r, dim).
         return "module", {f"{pre}.lora_embedding_A": b.t(), f"{pre}.lora_embedding_B": a.t()}
+    if getattr(p, "dropout_p", 0.0) and kind in ("param", "experts"):
+        raise LoRAError(
+            f"{where}: PEFT refuses lora_dropout on parameters given by name (target_parameters); "
+            "add the adapter with dropout=0 to export it."
+        )
+    if kind == "experts":
+        if p.fan_in_fan_out != bool(getattr(module, "is_transposed", False)):
+            raise LoRAError(
+                f"{where} was adapted with expert_layout="
+                f"{'in_out' if p.fan_in_fan_out else 'out_in'!r}, but PEFT reads the layout from "
+                f"the module's is_transposed flag ({getattr(module, 'is_transposed', False)}) and "
+                "would apply the update transposed. Add the adapter with expert_layout=None."
+            )
+        flat_a, flat_b = experts_to_peft(a, b)
+        return "param", {f"{pre}.lora_A.weight": flat_a, f"{pre}.lora_B.weight": flat_b}
     # a parameter adapted by name: PEFT's target_parameters (ParamWrapper), 2-D only
     if len(p.weight_shape) != 2 or p.fan_in_fan_out:
         raise LoRAError(
@@ -221,6 +246,21 @@ def _peft_tensors(
             "add the adapter with dropout=0 to export it."
         )
     return "param", {f"{pre}.lora_A.weight": a, f"{pre}.lora_B.weight": b}
+
+
+def _nested_parameters(model: nn.Module, adapter: str) -> dict[str, int]:
+    """Wrapper depth of each tensor adapted by name in a module where PEFT nests several."""
+    by_module: dict[int, tuple[nn.Module, str, dict[str, str]]] = {}
+    for tensor_path, module, tensor_name, p in iter_lora(model):
+        if p.adapter == adapter:
+            entry = by_module.setdefault(id(module), (module, tensor_path, {}))
+            entry[2][tensor_name] = tensor_path
+    depths: dict[str, int] = {}
+    for module, _, named in by_module.values():
+        if len(named) > 1 and "weight" not in named:
+            for name, depth in wrapper_depths(module, list(named)).items():
+                depths[named[name]] = depth
+    return depths
 
 
 def _build_export(
@@ -246,12 +286,19 @@ def _build_export(
     entries = []  # (module path, target kind, parametrization, tensor path)
     tensors: dict[str, Tensor] = {}
     owners: dict[str, str] = {}
+    nested = _nested_parameters(model, adapter)
     for tensor_path, module, tensor_name, p in iter_lora(model):
         if p.adapter != adapter:
             continue
         module_path = tensor_path[: -len(tensor_name)].rstrip(".")
         target_kind, pair = _peft_tensors(module_path, module, tensor_name, p)
-        if module_path in owners:
+        if tensor_path in nested:  # PEFT nests one wrapper per adapted parameter
+            depth = f".{BASE_LAYER}" * nested[tensor_path]
+            pair = {
+                PREFIX + module_path + depth + k[len(PREFIX + module_path) :]: t
+                for k, t in pair.items()
+            }
+        elif module_path in owners:
             raise LoRAError(
                 f"adapter {adapter!r} adapts both '{owners[module_path]}' and '{tensor_path}' of module "
                 f"'{module_path}'; PEFT keys adapters by module, so only one adapted tensor per module "
@@ -260,13 +307,7 @@ def _build_export(
         owners[module_path] = tensor_path
         entries.append((module_path, target_kind, p, tensor_path))
         for key, t in pair.items():
-            if hasattr(t, "full_tensor"):  # a DTensor: FSDP2 / tensor parallel
-                raise LoRAError(
-                    f"'{tensor_path}' is sharded ({type(t).__name__}); gather the adapter first "
-                    "(every rank: {k: v.full_tensor() for k, v in lora_state_dict(model).items()}), "
-                    "copy it into an unsharded copy of the model on rank 0 and export that."
-                )
-            tensors[key] = t.to("cpu").contiguous().clone()
+            tensors[key] = t.contiguous().clone()
 
     # The model's MultiheadAttention never calls out_proj.forward, so PEFT's (forward-replacing)
     # LoRA on out_proj would be silently ignored by PEFT: refuse rather than write a file that
@@ -300,7 +341,8 @@ def _build_export(
     param_paths = [
         f"{path}.{t.rsplit('.', 1)[1]}" for path, kind, _, t in entries if kind == "param"
     ]
-    all_paths = [path for path, *_ in entries]
+    # PEFT looks up patterns by module path, or by "<module>.<parameter>" for target_parameters
+    all_paths = [t if kind == "param" else path for path, kind, _, t in entries]
 
     # rank_pattern / alpha_pattern: plain module paths where PEFT resolves them unambiguously,
     # anchored exact regexes otherwise.
@@ -409,8 +451,12 @@ def export_peft(
     Returns:
         The folder, as a Path.
 
+    On a sharded (FSDP2) model this is a collective: call it on every rank; the adapter is
+    gathered and rank 0 alone writes the folder.
+
     Raises:
-        LoRAError: the adapter has a layer PEFT cannot represent the same way (grouped or
+        LoRAError: the folder cannot be written (it is a file, a place that is not writable), or
+            the adapter has a layer PEFT cannot represent the same way (grouped or
             dilated convolutions, several adapted tensors in one module, the out_proj of an
             ``nn.MultiheadAttention``, ...); nothing is written.
         ImportError: safetensors is not installed (``pip install "lora_param[peft]"``).
@@ -418,15 +464,26 @@ def export_peft(
     st = _safetensors()
     if base_model_name_or_path is None:
         base_model_name_or_path = _default_name_or_path(model)
-    config, tensors = _build_export(model, adapter, base_model_name_or_path, task_type)
     out = Path(save_directory)
-    if out.exists() and not out.is_dir():
-        raise LoRAError(f"'{out}' exists and is not a folder; PEFT adapters are folders.")
-    out.mkdir(parents=True, exist_ok=True)
-    blob = st.save(tensors, metadata={"format": "pt"})
-    atomic_write(out / SAFETENSORS_NAME, lambda f: f.write(blob))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(out / CONFIG_NAME, lambda f: f.write(text.encode("utf-8")))
+    sharded = any(is_sharded(p.lora_A) for *_, p in iter_lora(_unwrap(model)))
+    if sharded:
+        check_in("export_peft")
+    else:
+        check_output_folder(out, "PEFT adapter folder")
+    config, tensors = _build_export(model, adapter, base_model_name_or_path, task_type)
+
+    def write() -> None:
+        check_output_folder(out, "PEFT adapter folder")
+        for name in (SAFETENSORS_NAME, CONFIG_NAME):
+            if (out / name).is_dir():
+                raise LoRAError(f"cannot write '{out / name}': it is a folder.")
+        out.mkdir(parents=True, exist_ok=True)
+        blob = st.save(tensors, metadata={"format": "pt"})
+        atomic_write(out / SAFETENSORS_NAME, lambda f: f.write(blob))
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        atomic_write(out / CONFIG_NAME, lambda f: f.write(text.encode("utf-8")))
+
+    write_once(out, write, collective=sharded)
     return out
 
 
@@ -434,26 +491,106 @@ def export_peft(
 # import
 
 
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _read_folder(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    if not path.is_dir():
-        raise LoRAError(f"'{path}' is not a folder; a PEFT adapter is a folder with {CONFIG_NAME}.")
+    hint = f"; a PEFT adapter is a folder with {CONFIG_NAME}"
+    check_input_folder(path, "PEFT adapter folder", hint)
     cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file():
+    if not cfg_file.exists():
         raise LoRAError(f"'{path}' has no {CONFIG_NAME}; is it a PEFT adapter folder?")
+    check_input_file(cfg_file, "PEFT adapter config")
     try:
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LoRAError(f"'{cfg_file}' is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LoRAError(
+            f"'{cfg_file}' is damaged: not valid UTF-8 JSON ({_first_line(exc)})."
+        ) from None
     if not isinstance(config, dict):
-        raise LoRAError(f"'{cfg_file}' does not hold a JSON object.")
-    if (path / SAFETENSORS_NAME).is_file():
+        raise LoRAError(f"'{cfg_file}' is damaged: it does not hold a JSON object.")
+    if (path / SAFETENSORS_NAME).exists():
+        weights = check_input_file(path / SAFETENSORS_NAME, "PEFT adapter weights")
         st = _safetensors()
-        tensors = st.load_file(str(path / SAFETENSORS_NAME), device="cpu")
-    elif (path / BIN_NAME).is_file():
-        tensors = torch.load(path / BIN_NAME, map_location="cpu", weights_only=True)
+        try:
+            tensors = st.load_file(str(weights), device="cpu")
+        except Exception as exc:  # safetensors raises its own error, OSError, ValueError ...
+            raise LoRAError(
+                f"'{weights}' is damaged or truncated: safetensors cannot read it "
+                f"({_first_line(exc)})."
+            ) from None
+    elif (path / BIN_NAME).exists():
+        weights = check_input_file(path / BIN_NAME, "PEFT adapter weights")
+        try:
+            tensors = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for damaged files
+            raise LoRAError(
+                f"'{weights}' is damaged, truncated or not a weights-only state dict "
+                f"({_first_line(exc)})."
+            ) from None
     else:
         raise LoRAError(f"'{path}' has no {SAFETENSORS_NAME} (nor {BIN_NAME}).")
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) and v.is_floating_point()
+        for k, v in tensors.items()
+    ):
+        raise LoRAError(f"'{weights}' must map names to floating-point tensors; it does not.")
     return config, tensors
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _dropout(value: Any) -> bool:
+    return value is None or (_is_number(value) and 0 <= value < 1)
+
+
+def _optional_bool(value: Any) -> bool:
+    return value is None or isinstance(value, bool)
+
+
+def _pattern_of(check: Any) -> Any:
+    return lambda value: (
+        value is None or (isinstance(value, dict) and all(check(v) for v in value.values()))
+    )
+
+
+def _list_of_str(value: Any) -> bool:
+    return value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+# Every config field import_peft reads, with what it must hold.
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "r": (_positive_int, "a positive integer"),
+    "lora_alpha": (_positive_number, "a positive finite number"),
+    "lora_dropout": (_dropout, "a number in [0, 1) or null"),
+    "use_rslora": (_optional_bool, "true, false or null"),
+    "rank_pattern": (_pattern_of(_positive_int), "an object of positive integers or null"),
+    "alpha_pattern": (_pattern_of(_positive_number), "an object of positive numbers or null"),
+    "target_parameters": (_list_of_str, "a list of strings or null"),
+    "bias": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+
+
+def _check_field_types(config: dict[str, Any], cfg_file: Path) -> None:
+    """Each field import_peft reads has the JSON type it needs (a damaged file fails here)."""
+    for field, (ok, expected) in _FIELD_TYPES.items():
+        if field in config and not ok(config[field]):
+            raise LoRAError(
+                f"'{cfg_file}' is damaged: {field}={config[field]!r} must be {expected}."
+            )
 
 
 def _check_config(config: dict[str, Any], where: Path) -> None:
@@ -477,6 +614,15 @@ def _check_config(config: dict[str, Any], where: Path) -> None:
             "import_peft reads only the LoRA factors. Load them with load_base_state_dict, or export "
             "from PEFT with bias='none'."
         )
+
+
+def _our_factors(layout: str, pa: Tensor, pb: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """PEFT's factors (shapes already checked) in lora_param's (rank, fan_in) / (fan_out, rank)."""
+    if layout == "embedding":
+        return pb.t(), pa.t()
+    if layout == "layer":
+        return pa.reshape(rank, -1), pb.reshape(pb.shape[0], rank)
+    return pa, pb
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -520,6 +666,7 @@ def import_peft(
 
     path = Path(directory)
     config, raw = _read_folder(path)
+    _check_field_types(config, path / CONFIG_NAME)
     _check_config(config, path)
     target = _unwrap(model)
     if adapter in list_adapters(target):
@@ -527,15 +674,16 @@ def import_peft(
             f"the model already has an adapter named {adapter!r}; pass another adapter=."
         )
 
-    groups: dict[str, dict[str, Tensor]] = {}
+    groups: dict[tuple[str, int], dict[str, Tensor]] = {}
     unknown = []
     for key, t in raw.items():
         stripped = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        module_path, part = _split_key(stripped)
+        wrapped_path, part = _split_key(stripped)
         if not part:
             unknown.append(key)
             continue
-        groups.setdefault(module_path, {})[part] = t
+        groups.setdefault(split_wrappers(wrapped_path), {})[part] = t
+    depths_seen = Counter(module_path for module_path, _ in groups)
     if unknown:
         raise LoRAError(
             f"'{path}' holds tensors that are not LoRA factors of the supported layer types: "
@@ -553,7 +701,7 @@ def import_peft(
     use_rslora = bool(config.get("use_rslora", False))
 
     plan = []  # (tensor path, module path, A (our layout), B (our layout), rank, alpha)
-    for module_path, parts in groups.items():
+    for (module_path, depth), parts in groups.items():
         module = modules.get(module_path) if module_path else None
         if module is None:
             raise LoRAError(
@@ -571,6 +719,11 @@ def import_peft(
                 f"'{path}': layer '{module_path}' has tensors {sorted(parts)}, expected {a_key} and {b_key}."
             )
         pa, pb = parts[a_key], parts[b_key]
+        if pa.dim() < 2 or pb.dim() < 2 or pa.shape[0] == 0:
+            raise LoRAError(
+                f"'{path}': layer '{module_path}' factors have shapes {tuple(pa.shape)} and "
+                f"{tuple(pb.shape)}; LoRA factors are matrices of rank >= 1."
+            )
         rank = int(pa.shape[0])
         # which tensor of the module carries the adapter
         param_names = [
@@ -589,7 +742,7 @@ def import_peft(
                 (rank, module.num_embeddings),
                 (module.embedding_dim, rank),
             )
-            a, b = pb.t(), pa.t()
+            layout = "embedding"
         elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_hf_conv1d(
             module
         ):
@@ -613,21 +766,36 @@ def import_peft(
             else:  # HF Conv1D, weight (in, out)
                 in_f, out_f = w.shape
                 expect_a, expect_b = (rank, in_f), (out_f, rank)
-            a, b = pa.reshape(rank, -1), pb.reshape(pb.shape[0], rank)
-        elif len(param_names) == 1:
-            tensor_name = param_names[0]
-            w = base_tensor(module, tensor_name)
-            if w.dim() != 2:
+            layout = "layer"
+        elif param_names and len(param_names) == depths_seen[module_path]:
+            by_depth = {d: n for n, d in wrapper_depths(module, param_names).items()}
+            if depth not in by_depth:
                 raise LoRAError(
-                    f"'{path}': '{module_path}.{tensor_name}' is {w.dim()}-D; only 2-D parameters are supported."
+                    f"'{path}': '{module_path}' has factors {depth} wrapper(s) deep, but only "
+                    f"{len(param_names)} of its parameters are in target_parameters."
                 )
-            expect_a, expect_b = (rank, w.shape[1]), (w.shape[0], rank)
-            a, b = pa, pb
+            tensor_name = by_depth[depth]
+            w = base_tensor(module, tensor_name)
+            if w.dim() == 3:  # experts: one LoRA each, flattened (see peft_params)
+                experts = int(w.shape[0])
+                rank = rank // experts
+                transposed = bool(getattr(module, "is_transposed", False))
+                in_f, out_f = (w.shape[1], w.shape[2]) if transposed else (w.shape[2], w.shape[1])
+                expect_a, expect_b = (experts * rank, in_f), (out_f, rank * experts)
+                layout = "experts"
+            elif w.dim() == 2:
+                expect_a, expect_b = (rank, w.shape[1]), (w.shape[0], rank)
+                layout = "param"
+            else:
+                raise LoRAError(
+                    f"'{path}': '{module_path}.{tensor_name}' is {w.dim()}-D; only 2-D parameters "
+                    "and 3-D expert tensors are supported."
+                )
         else:
             raise LoRAError(
                 f"'{path}' adapts '{module_path}', a {type(module).__name__}; import_peft supports "
-                "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, HF Conv1D and single 2-D parameters "
-                "(target_parameters)."
+                "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, HF Conv1D, and 2-D parameters and 3-D "
+                "expert tensors listed in target_parameters."
             )
         if tuple(pa.shape) != tuple(expect_a) or tuple(pb.shape) != tuple(expect_b):
             raise LoRAError(
@@ -635,9 +803,22 @@ def import_peft(
                 f"expected {tuple(expect_a)} and {tuple(expect_b)} for this model; "
                 "is this the base model the adapter was trained on?"
             )
-        alpha_key = _peft_pattern_key(alpha_pattern, module_path)
+        if layout == "experts":
+            a, b = experts_from_peft(pa, pb, experts) if rank else (pa, pb)
+            fan_in, fan_out = a.shape[-1], b.shape[-2]
+        else:
+            a, b = _our_factors(layout, pa, pb, rank)
+            fan_in, fan_out = a.shape[1], b.shape[0]
+        if rank > min(fan_in, fan_out):
+            raise LoRAError(
+                f"'{path}': '{module_path}' has rank {rank}, more than its {fan_out}x"
+                f"{fan_in} matrix can hold; lora_param adapters have rank <= "
+                "min(fan_in, fan_out). Retrain the adapter with a smaller rank for this layer."
+            )
+        key = f"{module_path}.{tensor_name}" if param_names else module_path
+        alpha_key = _peft_pattern_key(alpha_pattern, key)
         alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else alpha_default
-        rank_key = _peft_pattern_key(rank_pattern, module_path)
+        rank_key = _peft_pattern_key(rank_pattern, key)
         declared = int(rank_pattern[rank_key]) if rank_key is not None else r_default
         if declared != rank:
             raise LoRAError(

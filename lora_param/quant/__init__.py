@@ -7,6 +7,7 @@ bitsandbytes lays them out.
 """
 
 from .api import QUANTIZABLE_KINDS, dequantize_base, quantize_base, quantize_targets
+from .merge import RequantizationWarning
 from .registry import iter_quantized, packed_head
 from .weight import METHODS, QuantizedWeight
 
@@ -14,6 +15,7 @@ __all__ = [
     "METHODS",
     "QUANTIZABLE_KINDS",
     "QuantizedWeight",
+    "RequantizationWarning",
     "dequantize_base",
     "iter_quantized",
     "packed_head",

@@ -12,6 +12,8 @@ from ..core.errors import LoRAError
 from ..core.layers import AdaptTarget
 from ..core.matching import Targets
 from ..core.parametrization import LoRAParametrization
+from .bnb import adopt_bnb_layers, bnb_kind, release_bnb_layers
+from .kernels import Kernel, check_kernel
 from .registry import (
     iter_quantized,
     packed_head,
@@ -22,7 +24,13 @@ from .registry import (
 from .state import install_load_checks
 from .weight import Method, QuantizedWeight, check_method
 
-__all__ = ["QUANTIZABLE_KINDS", "dequantize_base", "quantize_base", "quantize_targets"]
+__all__ = [
+    "QUANTIZABLE_KINDS",
+    "dequantize_base",
+    "prepare_bnb_layers",
+    "quantize_base",
+    "quantize_targets",
+]
 
 #: Layer kinds whose weight can be packed (Linear and subclasses, Conv1d/2d/3d, Embedding,
 #: Hugging Face Conv1D).
@@ -61,7 +69,11 @@ def _check_target(target: AdaptTarget) -> None:
 
 
 def _quantizable(found: Sequence[AdaptTarget], explicit: bool) -> list[AdaptTarget]:
-    chosen = [t for t in found if t.param_name == "weight" and t.kind in QUANTIZABLE_KINDS]
+    chosen = [
+        t
+        for t in found
+        if t.param_name == "weight" and t.kind in QUANTIZABLE_KINDS and bnb_kind(t.module) is None
+    ]
     skipped = [t.path for t in found if t not in chosen]
     if explicit and skipped:
         raise LoRAError(
@@ -101,6 +113,7 @@ def quantize_targets(
     block_size: int = 64,
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
+    kernel: Kernel = "torch",
     explicit: bool = False,
     root: nn.Module | None = None,
 ) -> Callable[[], None]:
@@ -108,7 +121,7 @@ def quantize_targets(
 
     Args:
         found: Targets from :func:`lora_param.find_targets`.
-        method, block_size, double_quant, compute_dtype: As :func:`quantize_base`.
+        method, block_size, double_quant, compute_dtype, kernel: As :func:`quantize_base`.
         explicit: The caller named these layers: a target that cannot be packed is an error
             (otherwise it is skipped).
         root: The model (its ``load_state_dict`` then checks packed tensors before loading).
@@ -118,6 +131,7 @@ def quantize_targets(
     """
     check_method(method, block_size)
     _check_compute_dtype(compute_dtype)
+    check_kernel(kernel)
     chosen = _quantizable(found, explicit)
     if not chosen:
         raise LoRAError(
@@ -138,9 +152,10 @@ def quantize_targets(
                 double_quant=double_quant,
                 compute_dtype=compute_dtype or weight.dtype,
                 kind=target.kind,
+                kernel=kernel,
             ).to(weight.device)
             undos.append(_register(target, quant))
-            install_load_checks(parametrization_list(target.module))
+            install_load_checks(target.module)
     except BaseException:
         for undo in reversed(undos):
             undo()
@@ -155,6 +170,12 @@ def quantize_targets(
     return undo_all
 
 
+def prepare_bnb_layers(found: Sequence[AdaptTarget]) -> Callable[[], None]:
+    """Ready bitsandbytes-quantized layers among ``found`` for LoRA; return the undo."""
+    adopted = adopt_bnb_layers(list(found))
+    return lambda: release_bnb_layers(adopted)
+
+
 def quantize_base(
     model: nn.Module,
     targets: Targets = None,
@@ -163,6 +184,7 @@ def quantize_base(
     block_size: int = 64,
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
+    kernel: Kernel = "torch",
 ) -> nn.Module:
     """Store the weights of matching layers packed (4-bit NF4 or 8-bit), frozen, in place.
 
@@ -181,6 +203,9 @@ def quantize_base(
         double_quant: Quantize NF4's absmax values again (8-bit, blocks of 256), 0.127
             instead of 0.5 bits per weight of overhead.
         compute_dtype: Dtype the weights are dequantized to; None keeps each weight's dtype.
+        kernel: ``"torch"`` (pure PyTorch, CPU and CUDA, traceable by ``torch.compile``) or
+            ``"bitsandbytes"``: NF4 dequantization by bitsandbytes' compiled kernel (several
+            times faster, bit for bit the same values; needs ``pip install 'lora_param[quant]'``).
 
     Returns:
         The model.
@@ -195,6 +220,7 @@ def quantize_base(
         raise LoRAError(f"quantize_base needs an nn.Module, got {type(model).__name__}.")
     check_method(method, block_size)
     _check_compute_dtype(compute_dtype)
+    check_kernel(kernel)
     found = find_targets(model, targets)
     quantize_targets(
         found,
@@ -202,6 +228,7 @@ def quantize_base(
         block_size=block_size,
         double_quant=double_quant,
         compute_dtype=compute_dtype,
+        kernel=kernel,
         explicit=targets is not None,
         root=model,
     )

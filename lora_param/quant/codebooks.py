@@ -5,8 +5,6 @@ Both are the exact float32 values bitsandbytes uses, so that codes written here 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -33,13 +31,7 @@ NF4_VALUES = (
 )
 
 
-@functools.cache
-def _nf4_cpu() -> Tensor:
-    return torch.tensor(NF4_VALUES, dtype=torch.float32)
-
-
-@functools.cache
-def _dynamic_cpu() -> Tensor:
+def _build_dynamic_map() -> Tensor:
     # Signed dynamic type (Dettmers, arXiv 1511.04561) with 7 exponent bits: for each decade
     # 10^(e-6), e = 0..6, the midpoints of 2^e equal steps over [0.1, 1], with both signs;
     # plus 0 and 1. Computed in float32 exactly as bitsandbytes builds its default map.
@@ -52,14 +44,19 @@ def _dynamic_cpu() -> Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+# Built once at import: torch.compile then reads constants instead of tracing their making.
+_NF4 = torch.tensor(NF4_VALUES, dtype=torch.float32)
+_DYNAMIC = _build_dynamic_map()
+
+
 def nf4_code(device: torch.device | str | None = None) -> Tensor:
     """The 16 NF4 values, float32, on ``device``."""
-    return _nf4_cpu().to(device)
+    return _NF4.to(device)
 
 
 def dynamic_map(device: torch.device | str | None = None) -> Tensor:
     """The 256 values of bitsandbytes' signed 8-bit dynamic map, sorted, float32."""
-    return _dynamic_cpu().to(device)
+    return _DYNAMIC.to(device)
 
 
 def midpoints(code: Tensor) -> Tensor:

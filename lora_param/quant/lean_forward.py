@@ -14,29 +14,30 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["base_output", "layer_op"]
 
-LayerOp = Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]
+LayerOp = Callable[[Any, Tensor, Tensor, Tensor | None], Tensor]
 
 
-def _linear(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+def _linear(layer: Any, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, w, bias)
 
 
-def _conv(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+def _conv(layer: Any, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     return layer._conv_forward(x, w, bias)
 
 
-def _embedding(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+def _embedding(layer: Any, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     return F.embedding(
         x, w, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq,
         layer.sparse,
     )  # fmt: skip
 
 
-def _conv1d_hf(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+def _conv1d_hf(layer: Any, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    assert bias is not None  # Hugging Face's Conv1D always has one
     return torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view((*x.shape[:-1], layer.nf))
 
 
@@ -63,12 +64,12 @@ class _DequantizeTwice(torch.autograd.Function):
     """``op(x, dequant(stored), bias)`` that dequantizes again in backward instead of saving."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         bias: Tensor | None,
-        quant: nn.Module,
-        layer: nn.Module,
+        quant: Any,
+        layer: Any,
         *stored: Tensor,
     ) -> Tensor:
         ctx.quant, ctx.layer = quant, layer
@@ -77,7 +78,7 @@ class _DequantizeTwice(torch.autograd.Function):
         return _OPS[quant.kind](layer, x, quant(*stored), bias)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, *stored = ctx.saved_tensors
         quant, layer = ctx.quant, ctx.layer
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -102,9 +103,7 @@ class _DequantizeTwice(torch.autograd.Function):
         return (grad_x, grad_bias, None, None, *([None] * len(stored)))
 
 
-def base_output(
-    quant: nn.Module, layer: nn.Module, x: Tensor, stored: tuple[Tensor, ...]
-) -> Tensor:
+def base_output(quant: Any, layer: Any, x: Tensor, stored: tuple[Tensor, ...]) -> Tensor:
     """The layer's base output for input ``x`` with its weight dequantized from ``stored``.
 
     Under ``torch.compile`` the plain expression is traced (the compiler plans what backward

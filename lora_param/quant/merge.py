@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..core.merge import drop_adapters
 from ..core.parametrization import LoRAParametrization
+from .bnb import BnbWeight, requantized, set_bnb_weight, to_plain_linear
 from .registry import iter_quantized, parametrization_list, replace_packed, stored_tensors
 from .weight import QuantizedWeight
 
@@ -92,6 +94,43 @@ def _requantized_step(module: nn.Module, packed: tuple[Tensor, ...]) -> Callable
     return step
 
 
+def _bnb_steps(plan: PackedMerges, model: nn.Module, requantize: bool) -> None:
+    """Merges into bitsandbytes layers: ``nn.Linear`` with plain weights, or requantized."""
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        plist = parametrization_list(module)
+        head = plist[0]
+        if not isinstance(head, BnbWeight) or len(plist) == 1:
+            continue
+        path = f"{name}.weight" if name else "weight"
+        with torch.no_grad():
+            merged = head.dequantize_fp32(plist.original)
+            for p in plist:
+                if isinstance(p, LoRAParametrization) and p.enabled:
+                    merged = _add_update_fp32(p, merged)
+            if requantize:
+                fresh = requantized(head, plist.original, merged)
+                rounded = head.dequantize_fp32(fresh)
+                plan.errors[path] = float(
+                    (rounded - merged).norm() / merged.norm().clamp(min=1e-30)
+                )
+                plan.steps[(id(module), "weight")] = _bnb_step(module, fresh, set_bnb_weight)
+            else:
+                value = merged.to(head.compute_dtype)
+                plan.steps[(id(module), "weight")] = _bnb_step(module, value, to_plain_linear)
+
+
+def _bnb_step(
+    module: nn.Module, value: Tensor, install: Callable[[nn.Module, Tensor], None]
+) -> Callable[[], None]:
+    def step() -> None:
+        drop_adapters(module, "weight", lambda p: True)  # gives the bitsandbytes weight back
+        install(module, value)
+
+    return step
+
+
 def plan_packed_merges(model: nn.Module, requantize: bool = False) -> PackedMerges:
     """Plan the merge of every packed weight that carries LoRA.
 
@@ -116,4 +155,5 @@ def plan_packed_merges(model: nn.Module, requantize: bool = False) -> PackedMerg
             else:
                 value = merged.to(head.compute_dtype)
                 plan.steps[(id(module), "weight")] = _plain_step(module, value)
+    _bnb_steps(plan, model, requantize)
     return plan

@@ -24,8 +24,6 @@ def _packed_lists(root: nn.Module) -> list[tuple[str, ParametrizationList]]:
     for name, module in root.named_modules():
         if packed_head(module) is not None:
             found.append((join(name, "parametrizations.weight"), parametrization_list(module)))
-    if isinstance(root, ParametrizationList) and isinstance(root[0], QuantizedWeight):
-        found.append(("", root))
     return found
 
 

@@ -24,6 +24,7 @@ from .blockwise import (
     quantize_nf4,
 )
 from .int8 import dequantize_int8, int8_storage_sizes, quantize_int8
+from .kernels import Kernel, dequantize_nf4_bitsandbytes, usable
 from .lean_forward import base_output
 
 __all__ = ["BNB_BLOCK_SIZES", "METHODS", "Method", "QuantizedWeight", "check_method"]
@@ -64,6 +65,8 @@ class QuantizedWeight(nn.Module):
         double_quant: Quantize NF4's absmax values again (8-bit, blocks of 256).
         compute_dtype: Dtype the weight is dequantized to.
         kind: Kind of the layer owning the weight (decides the memory-lean base forward).
+        kernel: ``"torch"`` or ``"bitsandbytes"`` (NF4 dequantization by its compiled kernel
+            outside ``torch.compile``; the same values).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class QuantizedWeight(nn.Module):
         double_quant: bool = True,
         compute_dtype: torch.dtype = torch.float32,
         kind: str = "param",
+        kernel: Kernel = "torch",
     ) -> None:
         super().__init__()
         check_method(method, block_size)
@@ -83,6 +87,7 @@ class QuantizedWeight(nn.Module):
         self.block_size = block_size
         self.double_quant = bool(double_quant) and method == "nf4"
         self.kind = kind
+        self.kernel = kernel
         self.register_buffer("_compute", torch.empty(0, dtype=compute_dtype), persistent=False)
 
     @property
@@ -133,6 +138,10 @@ class QuantizedWeight(nn.Module):
         absmax = self.absmax(*stored)
         if self.method == "int8":
             return dequantize_int8(stored[0], absmax, self.shape, self.compute_dtype)
+        if self.kernel == "bitsandbytes" and usable(self.shape):
+            return dequantize_nf4_bitsandbytes(
+                stored[0], absmax, self.shape, self.compute_dtype, self.block_size
+            )
         return dequantize_nf4(stored[0], absmax, self.shape, self.compute_dtype, self.block_size)
 
     def dequantize_fp32(self, *stored: Tensor) -> Tensor:
