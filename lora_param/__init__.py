@@ -25,29 +25,42 @@ from .core.registry import (
 )
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
+from .core.trainable_copies import TrainableCopy, iter_copies
 from .interop.peft import export_peft, import_peft
 from .quant import RequantizationWarning, dequantize_base, quantize_base
+from .routing import (
+    CombineReport,
+    combine_adapters,
+    hotswap_lora,
+    mixed_adapters,
+    prepare_hotswap,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FACTORED_KINDS",
+    "CombineReport",
     "ExpertLoRAParametrization",
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
     "RequantizationWarning",
+    "TrainableCopy",
     "active_adapters",
     "adapter_parameters",
     "add_lora",
     "clear_lora_cache",
+    "combine_adapters",
     "dequantize_base",
     "disable_lora",
     "enable_lora",
     "eval_cache_bytes",
     "export_peft",
     "find_targets",
+    "hotswap_lora",
     "import_peft",
+    "iter_copies",
     "iter_lora",
     "list_adapters",
     "load_base_state_dict",
@@ -56,7 +69,9 @@ __all__ = [
     "lora_state_dict",
     "merge_lora",
     "merged_state_dict",
+    "mixed_adapters",
     "parameter_counts",
+    "prepare_hotswap",
     "quantize_base",
     "remove_lora",
     "save_lora",

@@ -388,8 +388,8 @@ def _state(model):
     "config, match",
     [
         ({"use_dora": True}, "use_dora"),
-        ({"bias": "all"}, "bias"),
-        ({"modules_to_save": ["1"]}, "modules_to_save"),
+        ({"bias": "some"}, "bias"),
+        ({"modules_to_save": ["9"]}, "modules_to_save"),
         ({"peft_type": "IA3"}, "LORA"),
     ],
 )

@@ -30,6 +30,7 @@ from .matching import Pattern, Targets, as_patterns, is_literal, matches, neares
 from .merge import drop_adapters
 from .parametrization import Init, LoRAParametrization
 from .registry import list_adapters
+from .trainable_copies import drop_copies, plan_copies, register_copies
 
 __all__ = ["Mode", "add_lora", "find_targets", "inject"]
 
@@ -334,11 +335,16 @@ def add_lora(
         layer_types: Only layers that are instances of these classes.
         adapter: Name of this adapter; several adapters with different names can coexist.
         dropout: Dropout probability on the adapter's input.
-        init: ``"kaiming"`` (as loralib/PEFT) or ``"gaussian"`` (A ~ N(0, 1), as the tutorial).
+        init: ``"kaiming"`` (as loralib/PEFT: uniform, N(0, 1) for embeddings) or
+            ``"gaussian"`` (A ~ N(0, 1), as the tutorial).
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
-        freeze: Freeze every parameter except the enabled adapters, ``trainable`` and ``bias``.
-        trainable: Module patterns whose parameters stay trainable (a classifier head).
-        bias: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of adapted layers train).
+        freeze: Freeze every parameter except what the adapters train.
+        trainable: Module patterns trained in full by this adapter (a classifier head). The
+            adapter gets its own trainable copy of their parameters (PEFT's
+            ``modules_to_save``); the pretrained ones stay untouched and come back whenever
+            the adapter is disabled or inactive.
+        bias: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of adapted layers): biases this
+            adapter trains, again as its own copies.
         mode: ``"factored"`` computes ``x W^T + s (x A^T) B^T`` in Linear, Conv, Embedding and
             HF Conv1D forwards (faster, leaner); ``"materialized"`` always builds ``W + sBA``.
         expert_layout: How 3-D expert tensors (mixture-of-experts) are stored: ``"out_in"``
@@ -408,11 +414,20 @@ def add_lora(
             f"add_lora cannot adapt sharded (FSDP2) weights {sharded[:5]}: FSDP2 manages them. "
             "Call add_lora before fully_shard (with the same seed on every rank)."
         )
-    keep = trainable_modules(model, trainable) if freeze else []
+    keep = trainable_modules(model, trainable)
+    copies = plan_copies(model, keep, bias, [t.module for t in found])
     undo_quantize = _quantize_for_lora(model, found, quantize, keep)
+    # Copies first: they replace the pretrained value, the LoRA updates add on top of them.
+    try:
+        register_copies(copies, adapter)
+    except BaseException:
+        undo_quantize()
+        raise
     try:
         inject(model, plan, adapter=adapter, mode=mode)
     except BaseException:
+        for c in reversed(copies):
+            drop_copies(c.module, c.tensor_name, lambda q: q.adapter == adapter)
         undo_quantize()
         raise
     if lowered:
@@ -423,7 +438,7 @@ def add_lora(
             stacklevel=2,
         )
     if freeze:
-        freeze_base(model, keep, bias)
+        freeze_base(model, [], "none")
     return model
 
 

@@ -50,8 +50,10 @@ from ..core.errors import LoRAError
 from ..core.inject import add_lora
 from ..core.io import atomic_write
 from ..core.layers import base_tensor, is_hf_conv1d, tensor_names
+from ..core.merge import remove_lora
 from ..core.paths import check_input_file, check_input_folder, check_output_folder
 from ..core.registry import iter_lora, list_adapters
+from ..core.trainable_copies import CopyPlan, check_copyable, iter_copies, register_copies
 from .peft_params import (
     BASE_LAYER,
     experts_from_peft,
@@ -75,7 +77,6 @@ _UNSUPPORTED_FIELDS: dict[str, Any] = {
     "use_dora": False,
     "lora_bias": False,
     "use_qalora": False,
-    "modules_to_save": None,
     "trainable_token_indices": None,
     "layer_replication": None,
     "alora_invocation_tokens": None,
@@ -88,7 +89,6 @@ _UNSUPPORTED_FIELDS: dict[str, Any] = {
 _FIELD_HINT = {
     "use_dora": "DoRA adapters carry a magnitude vector lora_param does not model",
     "lora_bias": "a bias on lora_B is not part of lora_param's adapters",
-    "modules_to_save": "fully fine-tuned modules are not LoRA; load them with load_base_state_dict",
     "trainable_token_indices": "trainable tokens are not LoRA",
 }
 
@@ -390,6 +390,9 @@ def _build_export(
         if target_modules is None:
             target_modules = []
 
+    copy_tensors, modules_to_save, bias = _export_copies(model, adapter, owners, base_names)
+    tensors.update(copy_tensors)
+
     conv1d_hf = [p.kind == "conv1d_hf" for p in ps]
     dropouts = [float(getattr(p, "dropout_p", 0.0)) for p in ps]
     config: dict[str, Any] = {
@@ -403,9 +406,9 @@ def _build_export(
         "lora_dropout": Counter(dropouts).most_common(1)[0][0],
         "target_modules": target_modules,
         "fan_in_fan_out": bool(conv1d_hf) and all(conv1d_hf),
-        "bias": "none",
+        "bias": bias,
         "use_rslora": use_rslora,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -416,6 +419,78 @@ def _build_export(
     if target_parameters:
         config["target_parameters"] = target_parameters
     return config, tensors
+
+
+def _export_copies(
+    model: nn.Module, adapter: str, lora_modules: Mapping[str, str], base_names: list[str]
+) -> tuple[dict[str, Tensor], list[str] | None, str]:
+    """PEFT keys for the heads and biases the adapter trains, ``modules_to_save`` and ``bias``.
+
+    PEFT 0.21 stores a ``modules_to_save`` module's tensors under the module's own names
+    (``base_model.model.head.weight``), a trained bias of a LoRA layer under its base layer
+    (``...fc1.base_layer.bias``) and other trained biases under their own names.
+    """
+    copies = [(path, c) for path, _, _, c in iter_copies(model) if c.adapter == adapter]
+    owners = sorted({c.owner for _, c in copies if c.role == "module"})
+    tensors: dict[str, Tensor] = {}
+    for owner in owners:
+        inside = [m for m in lora_modules if m == owner or m.startswith(owner + ".")]
+        if inside:
+            raise LoRAError(
+                f"adapter {adapter!r} trains '{owner}' in full and also puts LoRA on {inside}; "
+                "PEFT's modules_to_save cannot hold LoRA layers. Leave them out of targets."
+            )
+        held = {path for path, c in copies if c.role == "module" and c.owner == owner}
+        wanted = _tensor_paths(owner, model.get_submodule(owner))
+        if not held >= wanted:
+            raise LoRAError(
+                f"adapter {adapter!r} trains only part of '{owner}'; PEFT's modules_to_save "
+                f"holds whole modules (missing {sorted(wanted - held)[:5]})."
+            )
+    if owners:
+        chosen = {n for n in base_names if n and any(n.endswith(o) for o in owners)}
+        if chosen != set(owners):
+            raise LoRAError(
+                f"PEFT's modules_to_save matches module names by suffix and would also train "
+                f"{sorted(chosen - set(owners))[:5]}; adapter {adapter!r} cannot be expressed in "
+                "PEFT's format."
+            )
+    biases: set[str] = set()
+    for path, c in copies:
+        value = full_tensor(c.value)  # all-gathered if sharded (FSDP2)
+        if c.role == "module":
+            tensors[PREFIX + path] = value
+            continue
+        module_path, _, leaf = path.rpartition(".")
+        if leaf != "bias":
+            raise LoRAError(
+                f"adapter {adapter!r} trains '{path}'; PEFT saves only trained biases named "
+                "'bias', so this adapter cannot be exported (add it with bias='none')."
+            )
+        biases.add(module_path)
+        # PEFT wraps a LoRA layer once per adapted tensor; the bias sits under every wrapper.
+        depth = sum(
+            1
+            for t, _, _, p in iter_lora(model)
+            if p.adapter == adapter and t.rpartition(".")[0] == module_path
+        )
+        wrappers = f".{BASE_LAYER}" * depth if module_path in lora_modules else ""
+        tensors[f"{PREFIX}{module_path}{wrappers}.bias"] = value
+    bias = "none"
+    if biases:
+        bias = "lora_only" if biases <= set(lora_modules) else "all"
+    return tensors, owners or None, bias
+
+
+def _tensor_paths(owner: str, module: nn.Module) -> set[str]:
+    """Paths of every tensor of a module and its submodules, as a plain model names them."""
+    out = set()
+    for sub_name, sub in module.named_modules():
+        if "parametrizations" in sub_name.split("."):
+            continue
+        prefix = f"{owner}.{sub_name}" if sub_name else owner
+        out |= {f"{prefix}.{t}" for t in tensor_names(sub)}
+    return out
 
 
 def _default_name_or_path(model: nn.Module) -> str | None:
@@ -608,11 +683,9 @@ def _check_config(config: dict[str, Any], where: Path) -> None:
             f"'{where}' sets {field}={value!r}, which import_peft does not support ({hint})."
         )
     bias = config.get("bias", "none")
-    if bias not in ("none", None):
+    if bias not in ("none", None, "all", "lora_only"):
         raise LoRAError(
-            f"'{where}' was trained with bias={bias!r}: its biases are stored with the adapter and "
-            "import_peft reads only the LoRA factors. Load them with load_base_state_dict, or export "
-            "from PEFT with bias='none'."
+            f"'{where}' sets bias={bias!r}; PEFT's LoRA knows 'none', 'all', 'lora_only'."
         )
 
 
@@ -645,7 +718,8 @@ def import_peft(
     The adapted layers are read from the tensor keys; each layer's rank from its tensors, its
     alpha from ``alpha_pattern`` / ``lora_alpha``; ``use_rslora`` and ``lora_dropout`` are kept.
     Everything is checked (the layers exist, have the right type and shapes) before the model is
-    touched.
+    touched. ``modules_to_save`` heads and trained biases (``bias="all"`` / ``"lora_only"``)
+    become the adapter's own copies (:class:`~lora_param.TrainableCopy`), switched with it.
 
     Args:
         model: The base model the adapter was trained on (without that adapter).
@@ -660,8 +734,8 @@ def import_peft(
 
     Raises:
         LoRAError: not a LoRA folder, a feature lora_param does not model (DoRA, lora_bias,
-            modules_to_save, trained biases, ...), a layer missing from the model, or shapes that do
-            not match; the model is left unchanged.
+            ...), a layer missing from the model, or shapes that do not match; the model is left
+            unchanged.
     """
 
     path = Path(directory)
@@ -675,20 +749,16 @@ def import_peft(
         )
 
     groups: dict[tuple[str, int], dict[str, Tensor]] = {}
-    unknown = []
+    extras: dict[str, Tensor] = {}
     for key, t in raw.items():
         stripped = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         wrapped_path, part = _split_key(stripped)
         if not part:
-            unknown.append(key)
+            extras[stripped] = t
             continue
         groups.setdefault(split_wrappers(wrapped_path), {})[part] = t
     depths_seen = Counter(module_path for module_path, _ in groups)
-    if unknown:
-        raise LoRAError(
-            f"'{path}' holds tensors that are not LoRA factors of the supported layer types: "
-            f"{sorted(unknown)[:5]}{' ...' if len(unknown) > 5 else ''}."
-        )
+    copies = _plan_peft_copies(target, config, extras, {mp for mp, _ in groups}, path)
     if not groups:
         raise LoRAError(f"'{path}' holds no LoRA tensors.")
 
@@ -701,6 +771,7 @@ def import_peft(
     use_rslora = bool(config.get("use_rslora", False))
 
     plan = []  # (tensor path, module path, A (our layout), B (our layout), rank, alpha)
+    by_name: set[str] = set()  # tensors adapted through target_parameters
     for (module_path, depth), parts in groups.items():
         module = modules.get(module_path) if module_path else None
         if module is None:
@@ -775,6 +846,7 @@ def import_peft(
                     f"{len(param_names)} of its parameters are in target_parameters."
                 )
             tensor_name = by_depth[depth]
+            by_name.add(f"{module_path}.{tensor_name}")
             w = base_tensor(module, tensor_name)
             if w.dim() == 3:  # experts: one LoRA each, flattened (see peft_params)
                 experts = int(w.shape[0])
@@ -829,10 +901,8 @@ def import_peft(
 
     wanted = {tp for tp, *_ in plan}
     by_module = {mp: tp for tp, mp, *_ in plan}
-    targets = [
-        _glob_escape(tp) if tp.rsplit(".", 1)[1] != "weight" else _glob_escape(mp)
-        for tp, mp, *_ in plan
-    ]
+    # A tensor from target_parameters is named by its path (even a custom module's "weight").
+    targets = [_glob_escape(tp if tp in by_name else mp) for tp, mp, *_ in plan]
     ranks = {t: r for t, (*_, r, _) in zip(targets, plan)}
     alphas = {t: al for t, (*_, al) in zip(targets, plan)}
     add_lora(
@@ -861,4 +931,84 @@ def import_peft(
         raise LoRAError(
             f"internal error: no adapter was created on {sorted(missing)} ({by_module})."
         )
+    try:
+        register_copies([plan for plan, _ in copies], adapter, {p.path: v for p, v in copies})
+    except BaseException:
+        remove_lora(target, adapter)
+        raise
     return model
+
+
+def _plan_peft_copies(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    extras: Mapping[str, Tensor],
+    lora_modules: set[str],
+    where: Path,
+) -> list[tuple[CopyPlan, Tensor]]:
+    """Read the tensors of a PEFT folder that are not LoRA factors as the adapter's own copies.
+
+    ``modules_to_save`` modules keep their tensors under their own names (PEFT 0.21; older
+    files and ``bias="all"`` add ``<module>.modules_to_save.<name>`` and
+    ``<module>.original_module.<name>``, the latter the pretrained value, skipped); trained
+    biases sit under ``<module>.base_layer.bias`` (LoRA layers) or ``<module>.bias``.
+    """
+    names = [n for n in _module_names(model) if n]
+    saved = config.get("modules_to_save") or []
+    if isinstance(saved, str):
+        saved = [saved]
+    if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+        raise LoRAError(
+            f"'{where}' sets modules_to_save={saved!r}; PEFT writes a list of module names."
+        )
+    owners = [n for n in names if any(n.endswith(s) for s in saved)]
+    owners = [o for o in owners if not any(o.startswith(p + ".") for p in owners)]
+    if saved and not owners:
+        raise LoRAError(
+            f"'{where}' sets modules_to_save={saved!r}, which matches no module of this model; "
+            "is this the base model the adapter was trained on?"
+        )
+    found: dict[str, tuple[str, str, str]] = {}  # tensor path -> (role, owner, file key)
+    unknown = []
+    for key in extras:
+        owner = next((o for o in owners if key.startswith(o + ".")), None)
+        if owner is not None:
+            rest = key[len(owner) + 1 :]
+            if rest.startswith("original_module."):
+                continue
+            if rest.startswith("modules_to_save."):
+                rest = rest[len("modules_to_save.") :]
+                if f"{owner}.{rest}" in extras:
+                    continue
+            found[f"{owner}.{rest}"] = ("module", owner, key)
+        elif key.endswith(f".{BASE_LAYER}.bias") and split_wrappers(key[:-5])[0] in lora_modules:
+            found[split_wrappers(key[:-5])[0] + ".bias"] = ("bias", "", key)
+        elif key.rpartition(".")[2] == "bias" and config.get("bias", "none") not in ("none", None):
+            found[key] = ("bias", "", key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise LoRAError(
+            f"'{where}' holds tensors that are not LoRA factors of the supported layer types, "
+            f"modules_to_save tensors or trained biases: {sorted(unknown)[:5]}"
+            f"{' ...' if len(unknown) > 5 else ''}."
+        )
+    modules = dict(model.named_modules())
+    plans = []
+    for tensor_path, (role, owner, key) in found.items():
+        module_name, _, tensor = tensor_path.rpartition(".")
+        module = modules.get(module_name)
+        if module is None or tensor not in tensor_names(module):
+            raise LoRAError(
+                f"'{where}' trains '{tensor_path}', which this model does not have; "
+                "is this the base model the adapter was trained on?"
+            )
+        have = tuple(base_tensor(module, tensor).shape)
+        if have != tuple(extras[key].shape):
+            raise LoRAError(
+                f"'{where}': '{tensor_path}' has shape {tuple(extras[key].shape)} in the adapter "
+                f"but {have} in this model; is this the base model the adapter was trained on?"
+            )
+        check_copyable(tensor_path, module, tensor)
+        plans.append((CopyPlan(tensor_path, module, tensor, role, owner), extras[key]))  # type: ignore[arg-type]
+    return plans
