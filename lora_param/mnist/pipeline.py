@@ -33,6 +33,7 @@ from lora_param import (
 from .data import MNISTTensors, load_mnist
 from .evaluate import EvalResult, evaluate, worst_digit
 from .model import LINEAR_LAYERS, build_model
+from .quantized import quantize_pretrained, storage_line
 from .report import digit_changes, gain_stops_at, plot_errors, summary_text, sweep_table, write_json
 from .train import RECIPES, FinetuneRecipe, PretrainConfig, finetune, pretrain
 
@@ -66,6 +67,8 @@ class PipelineConfig:
         checkpoint: Pretrained checkpoint: loaded instead of pretraining when it exists, else written
             after pretraining (a cache for repeated runs).
         load_adapter: Evaluate this saved adapter instead of fine-tuning.
+        quantize: "nf4" or "int8" stores the pretrained layers packed (QLoRA) before LoRA;
+            "pretrained" then means the packed model (the fp32 one is in ``base_storage``).
         device: "auto", "cpu", "cuda", ...
         threads: CPU threads for evaluation; None uses every core this process may run on.
         train_threads: CPU threads for the batch-10 training loops. One by default: at batch 10
@@ -93,6 +96,7 @@ class PipelineConfig:
     out: str | None = None
     checkpoint: str | None = None
     load_adapter: str | None = None
+    quantize: str | None = None
     device: str = "auto"
     threads: int | None = None
     train_threads: int | None = 1
@@ -355,6 +359,13 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
             if checkpoint:  # a cache: the next run with the same --checkpoint skips pretraining
                 Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
                 torch.save(base_state(base), checkpoint)
+    plain_state = base_state(base)
+    fp32_accuracy = None
+    if config.quantize:
+        with timer("quantize"):
+            fp32 = evaluate(base, data.test_images, data.test_labels, progress=False)
+            fp32_accuracy = fp32.accuracy
+    base_storage = quantize_pretrained(base, config.quantize, fp32_accuracy)
     with timer("eval_pretrained"):
         pre = evaluate(
             base,
@@ -418,6 +429,7 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
         "lora_off_identical": first["lora_off_identical"],
         "lora_off_max_abs_diff": first["lora_off_max_abs_diff"],
         "frozen_unchanged": first["frozen_unchanged"],
+        "base_storage": base_storage,
         "changes": first["changes"],
         "seed": config.seed,
         "recipe": recipe_info,
@@ -446,7 +458,7 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
             out.mkdir(parents=True, exist_ok=True)
             files = {"report": os.fspath(out / REPORT_FILE)}
             if not config.load_adapter:
-                torch.save(pre_state, out / PRETRAINED_FILE)
+                torch.save(plain_state, out / PRETRAINED_FILE)  # fp32 even when packed
                 save_lora(model, out / ADAPTER_FILE)
                 files.update(
                     pretrained=os.fspath(out / PRETRAINED_FILE),
@@ -475,6 +487,7 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
     if config.verbose:
         print()
         print(summary_text(report))
+        print(storage_line(base_storage))
         if config.ranks:
             print()
             print(f"rank sweep (same pretrained model, recipe {recipe.name!r}, digit {target}):")
