@@ -8,6 +8,7 @@ Example:
 """
 
 from .core.errors import LoRAError
+from .core.eval_cache import eval_cache_bytes, set_eval_cache
 from .core.experts import ExpertLoRAParametrization
 from .core.factored import FACTORED_KINDS
 from .core.hf_save import merged_state_dict
@@ -54,6 +55,7 @@ __all__ = [
     "dequantize_base",
     "disable_lora",
     "enable_lora",
+    "eval_cache_bytes",
     "export_peft",
     "find_targets",
     "hotswap_lora",
@@ -74,5 +76,6 @@ __all__ = [
     "remove_lora",
     "save_lora",
     "set_active_adapters",
+    "set_eval_cache",
     "trainable_summary",
 ]

@@ -50,3 +50,36 @@ def test_bench_lora_quick_mlp_runs_and_prints_table():
         if line.startswith("mlp-b10 ")
     }
     assert rows[("mlp-b10", "factored")][2] == rows[("mlp-b10", "peft")][2] == "6,794"
+
+
+def test_bench_llm_quick_generation_runs_and_prints_goals():
+    pytest.importorskip("transformers")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_llm.py"),
+            "--quick",
+            "--dtype",
+            "bf16",
+            "--phases",
+            "generate",
+            "--markdown",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
+    assert "not measured" not in proc.stderr, proc.stderr
+    rows = {tuple(line.split()[:2]) for line in out.splitlines()}
+    for variant in ("merged", "lora", "lora-nf4", "peft"):
+        assert ("generate", variant) in rows, variant
+    assert "| phase | variant |" in out
+    goals = [line for line in out.splitlines() if line.startswith(("PASS ", "FAIL "))]
+    assert any("generate peak ours" in line for line in goals), out

@@ -18,12 +18,16 @@ import sys
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .errors import LoRAError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+    from typing_extensions import TypeIs
 
 __all__ = [
     "CHECK_IN_TIMEOUT",
@@ -41,7 +45,7 @@ __all__ = [
 CHECK_IN_TIMEOUT = timedelta(seconds=300)
 
 
-def is_sharded(tensor: Any) -> bool:
+def is_sharded(tensor: Any) -> TypeIs[DTensor]:
     """Whether ``tensor`` is a DTensor (a shard of a tensor spread over ranks).
 
     Importing ``torch.distributed.tensor`` takes seconds; when nobody imported it, no tensor can
@@ -97,7 +101,7 @@ def gather_full(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def full_tensor(tensor: Tensor) -> Tensor:
     """A full, detached CPU copy of ``tensor``; all-gathered first if it is sharded."""
-    full = tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+    full = tensor.full_tensor() if is_sharded(tensor) else tensor
     return full.detach().to("cpu").contiguous().clone()
 
 
@@ -150,11 +154,11 @@ def copy_into(param: Tensor, value: Tensor) -> None:
 
     local = distribute_tensor(
         value.to(dtype=param.dtype, device=param.device),
-        param.device_mesh,  # type: ignore[attr-defined]
-        param.placements,  # type: ignore[attr-defined]
+        param.device_mesh,
+        param.placements,
         src_data_rank=None,
     )
-    param.to_local().copy_(local.to_local())  # type: ignore[attr-defined]
+    param.to_local().copy_(local.to_local())
 
 
 def refuse_sharded(model: torch.nn.Module, what: str, fix: str) -> None:

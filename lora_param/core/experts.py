@@ -13,7 +13,7 @@ experts' code (a loop or a grouped matmul) reads the tensor itself.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -91,12 +91,12 @@ class ExpertLoRAParametrization(LoRAParametrization):
     """
 
     def __init__(
-        self, fan_in: int, fan_out: int, weight_shape: tuple[int, ...], **kwargs: object
+        self, fan_in: int, fan_out: int, weight_shape: tuple[int, ...], **kwargs: Any
     ) -> None:
         if len(weight_shape) != 3:
             raise ValueError(f"expert tensors are 3-D, got shape {tuple(weight_shape)}")
         kwargs["kind"] = "experts"
-        super().__init__(fan_in, fan_out, weight_shape, **kwargs)  # type: ignore[arg-type]
+        super().__init__(fan_in, fan_out, weight_shape, **kwargs)
         self.experts = int(weight_shape[0])
         like = self.lora_A
         rank = self.rank

@@ -4,7 +4,8 @@ With ``mode="factored"``, ``add_lora`` sets the forward below on the (private, g
 of Linear, Conv, Embedding and Hugging Face Conv1D layers. The weight stays parametrized, so
 code that reads ``layer.weight`` directly (``nn.MultiheadAttention``'s ``out_proj``, fused
 transformer fast paths) still sees ``W + sBA``. Under ``torch.no_grad()`` the forward uses the
-weight the parametrization caches, which makes evaluation cost what the merged model costs.
+weight the parametrization caches (when its ``eval_cache`` is on), which makes evaluation cost
+what the merged model costs; otherwise it stays factored and keeps no copy of the weight.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
     for p in entries:
         if type(p) is not LoRAParametrization:
             return base(self, x, self.weight)
-        if p.training and p.dropout_p > 0:
+        if (p.training and p.dropout_p > 0) or not p.eval_cache:
             cached = False
     weight = plist._parameters["original"]
     if cached:

@@ -406,7 +406,13 @@ def add_lora(
             )
         a = pick(alpha, names, "alpha")
         a = r if a is None else _check_number(a, "alpha", target.path)
-        options = dict(rank=r, alpha=a, dropout=dropout, init=init, use_rslora=use_rslora)
+        options = {
+            "rank": r,
+            "alpha": a,
+            "dropout": dropout,
+            "init": init,
+            "use_rslora": use_rslora,
+        }
         plan.append((target, options))
     sharded = [t.path for t, _ in plan if is_sharded(base_tensor(t.module, t.param_name))]
     if sharded:
@@ -461,6 +467,7 @@ def _quantize_for_lora(
             f"{trained[:5]} would be stored packed (quantize={method!r}) and cannot train; "
             "remove them from trainable= or exclude them from targets."
         )
+    # The user's string; quantize_targets checks it (check_method) before packing anything.
     undo_quantize = quantize_targets(found, method=method, root=model)  # type: ignore[arg-type]
     try:
         undo_bnb = prepare_bnb_layers(found)

@@ -131,7 +131,7 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
 
 
 def _plain_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """Parameters by the names they have without parametrize (``fc.weight``, not ``...original``)."""
+    """Parameters by their names without parametrize (``fc.weight``, not ``...original``)."""
     out: dict[str, Tensor] = {}
     for module_name, module in model.named_modules():
         if ".parametrizations" in f".{module_name}":

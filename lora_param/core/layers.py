@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ __all__ = [
     "layer_kind",
     "module_targets",
     "parameter_target",
+    "parametrization_list",
     "tensor_names",
 ]
 
@@ -63,8 +65,14 @@ def join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
+    """The parametrization list of one tensor (typed, for mypy)."""
+    lists = cast(nn.ModuleDict, module.parametrizations)
+    return cast(parametrize.ParametrizationList, lists[tensor_name])
+
+
 def is_hf_conv1d(module: nn.Module) -> bool:
-    """True for Hugging Face's ``Conv1D`` (weight stored (in, out)), without importing transformers."""
+    """True for Hugging Face's ``Conv1D`` (weight stored (in, out)), no transformers import."""
     cls = parametrize.type_before_parametrizations(module)
     return cls.__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
@@ -86,14 +94,15 @@ def tensor_names(module: nn.Module) -> list[str]:
     """Names of the module's own parameters, parametrized ones included."""
     names = [n for n, p in module._parameters.items() if p is not None]
     if parametrize.is_parametrized(module):
-        names += [n for n in module.parametrizations.keys() if n not in names]
+        lists = cast(nn.ModuleDict, module.parametrizations)
+        names += [n for n in lists if n not in names]
     return names
 
 
 def base_tensor(module: nn.Module, name: str) -> Tensor:
     """The tensor under ``name`` before any parametrization (``original`` if parametrized)."""
     if parametrize.is_parametrized(module, name):
-        plist = module.parametrizations[name]
+        plist = parametrization_list(module, name)
         if plist.is_tensor:
             return plist.original
         with torch.no_grad():

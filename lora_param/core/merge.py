@@ -31,7 +31,7 @@ _UNSHARDED_COPY = (
 
 def _has_lora(module: nn.Module, tensor_name: str = "weight") -> bool:
     return parametrize.is_parametrized(module, tensor_name) and any(
-        isinstance(p, LoRAParametrization) for p in module.parametrizations[tensor_name]
+        isinstance(p, LoRAParametrization) for p in parametrization_list(module, tensor_name)
     )
 
 
@@ -43,7 +43,7 @@ def drop_adapters(
     When no parametrization is left, the tensor's ``original`` becomes the module's parameter
     again: the very object it was before ``add_lora``, in its original position.
     """
-    plist = module.parametrizations[tensor_name]
+    plist = parametrization_list(module, tensor_name)
     drop = [i for i, p in enumerate(plist) if isinstance(p, LoRAParametrization) and doomed(p)]
     if not drop:
         return
@@ -89,12 +89,13 @@ def _chain(
     """Apply parametrizations in order; adapter entries ``take`` selects apply (no dropout)."""
     for p in entries:
         if isinstance(p, LoRAParametrization):
+            # A LoRA entry adapts one tensor, so x is a single tensor by now.
             x = p.add_update(x) if take(p) else x  # type: ignore[arg-type]
         elif isinstance(p, TrainableCopy):
             x = p.value.detach().clone() if take(p) else x
         else:
             x = p(*x) if isinstance(x, tuple) else p(x)
-    return x  # type: ignore[return-value]
+    return x  # type: ignore[return-value]  # every chain ends in a single tensor
 
 
 def _drop(module: nn.Module, name: str, doomed: Take) -> None:
@@ -114,7 +115,7 @@ def _plan_merge_through(
     Returns:
         New values for the originals, and the planned copies by position in the list.
     """
-    plist = module.parametrizations[name]
+    plist = parametrization_list(module, name)
     entries = list(plist)
     last = max(i for i, p in enumerate(entries) if _is_entry(p))
     originals = (
@@ -128,7 +129,8 @@ def _plan_merge_through(
         if not isinstance(p, (LoRAParametrization, TrainableCopy))
     }
     chain = [planned.get(i, p) for i, p in enumerate(entries[: last + 1])]
-    prefix = [planned[i] for i in sorted(planned)]
+    # User parametrizations, duck-typed: right_inverse is optional (AttributeError below).
+    prefix: list[Any] = [planned[i] for i in sorted(planned)]
     names = [type(p).__name__ for p in prefix]
     with torch.no_grad():
         target = _chain(chain, originals if len(originals) > 1 else originals[0], take)

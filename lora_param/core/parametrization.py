@@ -8,7 +8,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Init", "LayerKind", "LoRAParametrization"]
+__all__ = ["AUTO_EVAL_CACHE_MAX_NUMEL", "Init", "LayerKind", "LoRAParametrization"]
+
+#: The default ("auto") eval-cache rule keeps ``W + sBA`` only for weights of at most this many
+#: elements: there the cache makes evaluation as fast as the merged model, while for bigger
+#: weights the factored ``base(x) + s*B(A x)`` costs almost nothing more and a cached copy
+#: would add a whole weight's memory (see ``lora_param.core.eval_cache``).
+AUTO_EVAL_CACHE_MAX_NUMEL = 1 << 21
 
 LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param", "experts"]
 Init = Literal["kaiming", "gaussian"]
@@ -22,9 +28,11 @@ class LoRAParametrization(nn.Module):
     ``fan_in_fan_out`` it is stored transposed, ``(fan_in, fan_out)``, as Hugging Face's
     ``Conv1D`` does. ``B`` starts at zero, so registering it leaves the model unchanged.
 
-    Under ``torch.no_grad()`` the result is cached and reused until the input weight, ``A``,
-    ``B``, ``scale`` or ``enabled`` change (tensor version counters are checked), so
-    evaluation with LoRA on costs what the merged model costs.
+    Under ``torch.no_grad()`` the result is cached, when ``eval_cache`` is true, and reused
+    until the input weight, ``A``, ``B``, ``scale`` or ``enabled`` change (tensor version
+    counters are checked), so evaluation with LoRA on costs what the merged model costs.
+    ``eval_cache`` starts true for weights of at most ``AUTO_EVAL_CACHE_MAX_NUMEL`` elements;
+    ``set_eval_cache`` chooses per model.
 
     Args:
         fan_in: Columns of the weight matrix (``A`` is ``(rank, fan_in)``).
@@ -79,6 +87,7 @@ class LoRAParametrization(nn.Module):
         self._enabled = True
         self._requires_grad_when_enabled = (True, True)
         self._cache: tuple | None = None  # (weight, A, B, stamp, weight + update)
+        self.eval_cache = math.prod(self.weight_shape) <= AUTO_EVAL_CACHE_MAX_NUMEL
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -161,6 +170,9 @@ class LoRAParametrization(nn.Module):
         if torch.is_grad_enabled() or (self.training and self.dropout_p > 0):
             self._cache = None
             return self.add_update(weight, dropout=True)
+        if not self.eval_cache:
+            self._cache = None
+            return self.add_update(weight)
         # The cache holds the tensors themselves, so identity checks are safe (no id reuse);
         # versions catch in-place updates (optimizer steps, copy_), data_ptr catches `.data =`.
         a, b = self._parameters["lora_A"], self._parameters["lora_B"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .layers import parametrization_list
 from .registry import iter_lora
 
 __all__ = ["ParameterCounts", "parameter_counts", "trainable_summary"]
@@ -46,7 +48,8 @@ def _packed_counts(model: nn.Module) -> dict[int, int]:
     for module in model.modules():
         if not parametrize.is_parametrized(module):
             continue
-        for plist in module.parametrizations.values():
+        for name in cast(nn.ModuleDict, module.parametrizations):
+            plist = parametrization_list(module, name)
             head = plist[0]
             if not hasattr(head, "base_forward"):  # not a packed weight (lora_param.quant)
                 continue
@@ -56,7 +59,7 @@ def _packed_counts(model: nn.Module) -> dict[int, int]:
                 else [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
             )
             counts.update((id(t), 0) for t in stored)
-            counts[id(stored[0])] = math.prod(head.shape)
+            counts[id(stored[0])] = math.prod(cast("tuple[int, ...]", head.shape))
     return counts
 
 
@@ -108,6 +111,8 @@ def trainable_summary(model: nn.Module, per_layer: bool = False) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return text + "\n" + "\n".join(lines)

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from .classes import own_class
 from .errors import LoRAError
-from .layers import base_tensor, join, tensor_names
+from .layers import base_tensor, join, parametrization_list, tensor_names
 from .parametrization import LoRAParametrization
 
 __all__ = [
@@ -108,12 +108,6 @@ def iter_copies(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Trainab
             for entry in parametrization_list(module, tensor_name):
                 if isinstance(entry, TrainableCopy):
                     yield join(module_name, tensor_name), module, tensor_name, entry
-
-
-def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
-    """The parametrization list of one tensor (typed, for mypy)."""
-    lists = cast(nn.ModuleDict, module.parametrizations)
-    return cast(parametrize.ParametrizationList, lists[tensor_name])
 
 
 def _user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

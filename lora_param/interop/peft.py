@@ -40,20 +40,26 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..core.distributed import check_in, full_tensor, is_sharded, write_once
 from ..core.errors import LoRAError
-from ..core.inject import add_lora
+from ..core.inject import Mode, add_lora
 from ..core.io import atomic_write
 from ..core.layers import base_tensor, is_hf_conv1d, tensor_names
 from ..core.merge import remove_lora
 from ..core.paths import check_input_file, check_input_folder, check_output_folder
 from ..core.registry import iter_lora, list_adapters
-from ..core.trainable_copies import CopyPlan, check_copyable, iter_copies, register_copies
+from ..core.trainable_copies import (
+    CopyPlan,
+    CopyRole,
+    check_copyable,
+    iter_copies,
+    register_copies,
+)
 from .peft_params import (
     BASE_LAYER,
     experts_from_peft,
@@ -119,7 +125,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
             "DataParallel",
             "DistributedDataParallel",
         ):
-            model = model.module
+            model = cast(nn.Module, model.module)
             continue
         return model
 
@@ -140,7 +146,10 @@ def _module_names(model: nn.Module) -> list[str]:
 
 
 def _peft_pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
-    """Which rank_pattern / alpha_pattern entry PEFT picks for a module (peft.utils.other.get_pattern_key)."""
+    """Which rank_pattern / alpha_pattern entry PEFT picks for a module.
+
+    Mirrors ``peft.utils.other.get_pattern_key``.
+    """
     for pattern in patterns:
         try:
             if re.match(rf"(.*\.)?({pattern})$", key):
@@ -150,8 +159,17 @@ def _peft_pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
     return None
 
 
+def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
+    """The value PEFT reads for ``key`` from a rank_pattern / alpha_pattern, or ``default``."""
+    pattern = _peft_pattern_key(patterns, key)
+    return default if pattern is None else patterns[pattern]
+
+
 def _peft_targets(target_modules: list[str] | str | None, key: str) -> bool:
-    """Whether PEFT's target_modules selects the module ``key`` (tuners_utils.check_target_module_exists)."""
+    """Whether PEFT's target_modules selects the module ``key``.
+
+    Mirrors ``peft.tuners.tuners_utils.check_target_module_exists``.
+    """
     if not target_modules:
         return False
     if isinstance(target_modules, str):
@@ -196,9 +214,10 @@ def _peft_tensors(
             )
         if module.groups != 1:
             raise LoRAError(
-                f"{where} is a grouped convolution (groups={module.groups}); PEFT's LoRA for grouped "
-                "convolutions has a different structure, so this adapter cannot be exported. "
-                "Exclude grouped/depthwise convolutions (exclude=... or layer_types=...) to export."
+                f"{where} is a grouped convolution (groups={module.groups}); PEFT's LoRA for "
+                "grouped convolutions has a different structure, so this adapter cannot be "
+                "exported. Exclude grouped/depthwise convolutions (exclude=... or "
+                "layer_types=...) to export."
             )
         if any(d != 1 for d in module.dilation):
             raise LoRAError(
@@ -276,8 +295,8 @@ def _build_export(
     if adapter is None:
         if len(names) > 1:
             raise LoRAError(
-                f"the model has several adapters {names}; pass adapter=<name> to choose the one to export "
-                "(a PEFT folder holds one adapter)."
+                f"the model has several adapters {names}; pass adapter=<name> to choose the one "
+                "to export (a PEFT folder holds one adapter)."
             )
         adapter = names[0]
     elif adapter not in names:
@@ -300,9 +319,9 @@ def _build_export(
             }
         elif module_path in owners:
             raise LoRAError(
-                f"adapter {adapter!r} adapts both '{owners[module_path]}' and '{tensor_path}' of module "
-                f"'{module_path}'; PEFT keys adapters by module, so only one adapted tensor per module "
-                "can be exported."
+                f"adapter {adapter!r} adapts both '{owners[module_path]}' and '{tensor_path}' of "
+                f"module '{module_path}'; PEFT keys adapters by module, so only one adapted tensor "
+                "per module can be exported."
             )
         owners[module_path] = tensor_path
         entries.append((module_path, target_kind, p, tensor_path))
@@ -320,10 +339,11 @@ def _build_export(
     ignored = [path for path, kind, _, _ in entries if kind == "module" and path in mha_out]
     if ignored:
         raise LoRAError(
-            f"adapter {adapter!r} adapts {ignored}, the out_proj of nn.MultiheadAttention. lora_param "
-            "applies it (the parametrized weight is what attention reads) but PEFT wraps out_proj's "
-            "forward, which MultiheadAttention never calls, so PEFT would silently drop it. Add the "
-            "adapter without out_proj (exclude='*.out_proj') to export it."
+            f"adapter {adapter!r} adapts {ignored}, the out_proj of nn.MultiheadAttention. "
+            "lora_param applies it (the parametrized weight is what attention reads) but PEFT "
+            "wraps out_proj's forward, which MultiheadAttention never calls, so PEFT would "
+            "silently drop it. Add the adapter without out_proj (exclude='*.out_proj') to "
+            "export it."
         )
 
     ps = [p for _, _, p, _ in entries]
@@ -347,12 +367,16 @@ def _build_export(
     # rank_pattern / alpha_pattern: plain module paths where PEFT resolves them unambiguously,
     # anchored exact regexes otherwise.
     def patterns(values: list, default) -> dict[str, Any]:
-        plain = {path: _plain_number(v) for path, v in zip(all_paths, values) if v != default}
+        plain = {
+            path: _plain_number(v)
+            for path, v in zip(all_paths, values, strict=True)
+            if v != default
+        }
         exact = {f"^{re.escape(k)}": v for k, v in plain.items()}
         for candidate in (plain, exact):
             ok = all(
-                candidate.get(_peft_pattern_key(candidate, path), default) == v
-                for path, v in zip(all_paths, values)
+                _pattern_value(candidate, path, default) == v
+                for path, v in zip(all_paths, values, strict=True)
             )
             if ok:
                 return candidate
@@ -384,8 +408,9 @@ def _build_export(
         }
         if chosen != set(param_paths):
             raise LoRAError(
-                f"PEFT's target_parameters matches by name suffix and would also adapt {sorted(chosen - set(param_paths))}; "
-                "this adapter cannot be expressed in PEFT's format."
+                "PEFT's target_parameters matches by name suffix and would also adapt "
+                f"{sorted(chosen - set(param_paths))}; this adapter cannot be expressed in "
+                "PEFT's format."
             )
         if target_modules is None:
             target_modules = []
@@ -511,8 +536,8 @@ def export_peft(
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``save_directory``
     (created if needed; each file is replaced atomically). Per-layer ranks and alphas go into
-    ``rank_pattern`` / ``alpha_pattern``; ``use_rslora`` is kept (a mix of rsLoRA and plain layers is
-    written as the equivalent ``alpha`` per layer); HF ``Conv1D`` layers set ``fan_in_fan_out``.
+    ``rank_pattern`` / ``alpha_pattern``; ``use_rslora`` is kept (a mix of rsLoRA and plain layers
+    is written as the equivalent ``alpha`` per layer); HF ``Conv1D`` layers set ``fan_in_fan_out``.
 
     Args:
         model: A model with adapters (a ``torch.compile`` or DDP wrapper is looked through).
@@ -711,7 +736,7 @@ def import_peft(
     adapter: str = "default",
     *,
     freeze: bool = True,
-    mode: str = "factored",
+    mode: Mode = "factored",
 ) -> nn.Module:
     """Add the LoRA adapter stored in a PEFT folder to ``model`` (the matching base model).
 
@@ -787,7 +812,8 @@ def import_peft(
         )
         if set(parts) != {a_key, b_key}:
             raise LoRAError(
-                f"'{path}': layer '{module_path}' has tensors {sorted(parts)}, expected {a_key} and {b_key}."
+                f"'{path}': layer '{module_path}' has tensors {sorted(parts)}, expected {a_key} "
+                f"and {b_key}."
             )
         pa, pb = parts[a_key], parts[b_key]
         if pa.dim() < 2 or pb.dim() < 2 or pa.shape[0] == 0:
@@ -796,6 +822,8 @@ def import_peft(
                 f"{tuple(pb.shape)}; LoRA factors are matrices of rank >= 1."
             )
         rank = int(pa.shape[0])
+        expect_a: tuple[int, ...]
+        expect_b: tuple[int, ...]
         # which tensor of the module carries the adapter
         param_names = [
             t.rsplit(".", 1)[1]
@@ -806,7 +834,8 @@ def import_peft(
         if embedding:
             if not isinstance(module, nn.Embedding):
                 raise LoRAError(
-                    f"'{path}': '{module_path}' has embedding factors but is a {type(module).__name__}."
+                    f"'{path}': '{module_path}' has embedding factors but is a "
+                    f"{type(module).__name__}."
                 )
             tensor_name, expect_a, expect_b = (
                 "weight",
@@ -819,7 +848,8 @@ def import_peft(
         ):
             if param_names:
                 raise LoRAError(
-                    f"'{path}': '{module_path}' is targeted both as a layer and via target_parameters."
+                    f"'{path}': '{module_path}' is targeted both as a layer and via "
+                    "target_parameters."
                 )
             tensor_name = "weight"
             w = base_tensor(module, "weight")
@@ -829,8 +859,8 @@ def import_peft(
             elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 if module.groups != 1 or any(d != 1 for d in module.dilation):
                     raise LoRAError(
-                        f"'{path}': '{module_path}' is a grouped or dilated convolution; PEFT's LoRA for it "
-                        "computes something lora_param does not model."
+                        f"'{path}': '{module_path}' is a grouped or dilated convolution; PEFT's "
+                        "LoRA for it computes something lora_param does not model."
                     )
                 expect_a = (rank, module.in_channels, *module.kernel_size)
                 expect_b = (module.out_channels, rank, *([1] * len(module.kernel_size)))
@@ -871,9 +901,9 @@ def import_peft(
             )
         if tuple(pa.shape) != tuple(expect_a) or tuple(pb.shape) != tuple(expect_b):
             raise LoRAError(
-                f"'{path}': '{module_path}' factors have shapes {tuple(pa.shape)} and {tuple(pb.shape)}, "
-                f"expected {tuple(expect_a)} and {tuple(expect_b)} for this model; "
-                "is this the base model the adapter was trained on?"
+                f"'{path}': '{module_path}' factors have shapes {tuple(pa.shape)} and "
+                f"{tuple(pb.shape)}, expected {tuple(expect_a)} and {tuple(expect_b)} for this "
+                "model; is this the base model the adapter was trained on?"
             )
         if layout == "experts":
             a, b = experts_from_peft(pa, pb, experts) if rank else (pa, pb)
@@ -894,7 +924,8 @@ def import_peft(
         declared = int(rank_pattern[rank_key]) if rank_key is not None else r_default
         if declared != rank:
             raise LoRAError(
-                f"'{path}': '{module_path}' has rank {rank} in the tensors but {declared} in the config."
+                f"'{path}': '{module_path}' has rank {rank} in the tensors but {declared} in the "
+                "config."
             )
         tensor_path = f"{module_path}.{tensor_name}"
         plan.append((tensor_path, module_path, a, b, rank, alpha))
@@ -903,8 +934,8 @@ def import_peft(
     by_module = {mp: tp for tp, mp, *_ in plan}
     # A tensor from target_parameters is named by its path (even a custom module's "weight").
     targets = [_glob_escape(tp if tp in by_name else mp) for tp, mp, *_ in plan]
-    ranks = {t: r for t, (*_, r, _) in zip(targets, plan)}
-    alphas = {t: al for t, (*_, al) in zip(targets, plan)}
+    ranks = {t: r for t, (*_, r, _) in zip(targets, plan, strict=True)}
+    alphas = {t: al for t, (*_, al) in zip(targets, plan, strict=True)}
     add_lora(
         target,
         targets,
@@ -968,7 +999,7 @@ def _plan_peft_copies(
             f"'{where}' sets modules_to_save={saved!r}, which matches no module of this model; "
             "is this the base model the adapter was trained on?"
         )
-    found: dict[str, tuple[str, str, str]] = {}  # tensor path -> (role, owner, file key)
+    found: dict[str, tuple[CopyRole, str, str]] = {}  # tensor path -> (role, owner, file key)
     unknown = []
     for key in extras:
         owner = next((o for o in owners if key.startswith(o + ".")), None)
@@ -1010,5 +1041,5 @@ def _plan_peft_copies(
                 f"but {have} in this model; is this the base model the adapter was trained on?"
             )
         check_copyable(tensor_path, module, tensor)
-        plans.append((CopyPlan(tensor_path, module, tensor, role, owner), extras[key]))  # type: ignore[arg-type]
+        plans.append((CopyPlan(tensor_path, module, tensor, role, owner), extras[key]))
     return plans

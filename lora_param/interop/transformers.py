@@ -79,14 +79,18 @@ class _LoRATrainerMixin:
     """The three Trainer hooks that decide what a checkpoint holds and how it is read back."""
 
     save_peft: bool = True
+    # Set by transformers.Trainer, which this mixin is combined with (annotations only).
+    args: Any
+    model: nn.Module
+    state: Any
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the adapters, config, processor and arguments (``state_dict`` is not used)."""
-        args: Any = self.args  # type: ignore[attr-defined]
+        args = self.args
         output_dir = output_dir if output_dir is not None else args.output_dir
         if not args.should_save:
             return
-        model = _unwrap(self.model)  # type: ignore[attr-defined]
+        model = _unwrap(self.model)
         os.makedirs(output_dir, exist_ok=True)
         save_adapters(model, output_dir, peft=self.save_peft)
         config = getattr(model, "config", None)
@@ -107,13 +111,13 @@ class _LoRATrainerMixin:
                 f"'{resume_from_checkpoint}' has no {ADAPTER_FILE}; LoRATrainer resumes from the "
                 "checkpoints it wrote itself (checkpoint-<step> folders under output_dir)."
             )
-        target = model if model is not None else self.model  # type: ignore[attr-defined]
+        target = model if model is not None else self.model
         load_lora(_unwrap(target), path, freeze=False)
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the best checkpoint's adapters."""
-        best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
-        _log.info("loading the best adapters from %s (score %s)", best, self.state.best_metric)  # type: ignore[attr-defined]
+        best = self.state.best_model_checkpoint
+        _log.info("loading the best adapters from %s (score %s)", best, self.state.best_metric)
         self._load_from_checkpoint(best)
 
 

@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_positive_float, help="fine-tuning learning rate (default: the recipe's)"
     )
     g.add_argument(
+        "--quantize",
+        choices=("nf4", "int8"),
+        help="store the pretrained layers packed (QLoRA: 4-bit NormalFloat or 8-bit), LoRA on top",
+    )
+    g.add_argument(
         "--distill",
         type=float,
         help="weight of the KL term to the LoRA-off model on replayed images (balanced recipe)",
@@ -213,6 +218,7 @@ def config_from_args(
         out=args.out,
         checkpoint=args.checkpoint,
         load_adapter=args.load_adapter,
+        quantize=args.quantize,
         device=args.device,
         threads=args.threads,
         train_threads=args.train_threads,

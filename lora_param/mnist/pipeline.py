@@ -36,6 +36,7 @@ from .confusion import confusion_block, plot_confusion_change
 from .data import MNISTTensors, load_mnist
 from .evaluate import EvalResult, evaluate, worst_digit
 from .model import LINEAR_LAYERS, build_model
+from .quantized import quantize_pretrained, storage_line
 from .report import digit_changes, gain_stops_at, plot_errors, summary_text, sweep_table, write_json
 from .split import SPLIT_SEED, VALIDATION_SIZE, SplitInfo, hold_out_validation
 from .train import RECIPES, FinetuneRecipe, PretrainConfig, finetune, pretrain
@@ -75,6 +76,8 @@ class PipelineConfig:
         checkpoint: Pretrained checkpoint: loaded instead of pretraining when it exists, else
             written after pretraining (a cache for repeated runs).
         load_adapter: Evaluate this saved adapter instead of fine-tuning.
+        quantize: "nf4" or "int8" stores the pretrained layers packed (QLoRA) before LoRA;
+            "pretrained" then means the packed model (the fp32 one is in ``base_storage``).
         device: "auto", "cpu", "cuda", ...
         threads: CPU threads for evaluation; None uses every core this process may run on.
         train_threads: CPU threads for the batch-10 training loops. One by default: at batch 10
@@ -104,6 +107,7 @@ class PipelineConfig:
     out: str | None = None
     checkpoint: str | None = None
     load_adapter: str | None = None
+    quantize: str | None = None
     device: str = "auto"
     threads: int | None = None
     train_threads: int | None = 1
@@ -474,6 +478,15 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
                 state = base_state(base)
                 atomic_write(checkpoint, lambda f: torch.save(state, f))
                 write_json(data.split.to_dict(), checkpoint_split_file(checkpoint))
+    plain_state = base_state(base)
+    fp32_accuracy = None
+    if config.quantize:
+        with timer("quantize"):
+            fp32 = evaluate(
+                base, data.test_images, data.test_labels, progress=False, split="test"
+            )  # reported beside the packed model's accuracy, never used for a choice
+            fp32_accuracy = fp32.accuracy
+    base_storage = quantize_pretrained(base, config.quantize, fp32_accuracy)
     with timer("eval_pretrained"):
         pre_selection = evaluate(
             base,
@@ -571,6 +584,7 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
         "lora_off_identical": first["lora_off_identical"],
         "lora_off_max_abs_diff": first["lora_off_max_abs_diff"],
         "frozen_unchanged": first["frozen_unchanged"],
+        "base_storage": base_storage,
         "changes": first["changes"],
         "split": data.split.to_dict(),
         "validation": selection_block if sel_split == "validation" else None,
@@ -601,7 +615,7 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
 
     if config.out:
         with timer("save"):
-            report["files"] = _write_files(config, report, model, pre_state, target, recipe_info)
+            report["files"] = _write_files(config, report, model, plain_state, target, recipe_info)
     timer.seconds["total"] = time.perf_counter() - total_start
     report["seconds"] = dict(timer.seconds)
     if config.out:
@@ -609,6 +623,7 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
     if config.verbose:
         print()
         print(summary_text(report))
+        print(storage_line(base_storage))
         if config.ranks:
             print()
             print(
@@ -633,7 +648,8 @@ def _write_files(
     target: int,
     recipe_info: dict[str, Any],
 ) -> dict[str, str]:
-    """Write pretrained.pt, adapter.pt and the two plots under ``config.out``; return the paths."""
+    """Write pretrained.pt (`pre_state`: the fp32 weights even when the base is packed),
+    adapter.pt and the two plots under ``config.out``; return the paths."""
     assert config.out is not None
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import LoRAError
-from ..core.inject import _ADAPTER_NAME, inject
+from ..core.inject import _ADAPTER_NAME, Mode, inject
 from ..core.layers import parameter_target
 from ..core.merge import remove_lora
 from ..core.parametrization import LoRAParametrization
@@ -254,7 +254,7 @@ def _register(
 ) -> None:
     """Inject the new adapter (factored where the layer is) and fill in its factors."""
     names = {id(m): n for n, m in model.named_modules()}
-    plans: dict[str, list] = {"factored": [], "materialized": []}
+    plans: dict[Mode, list] = {"factored": [], "materialized": []}
     for path, (module, tensor, _) in layers.items():
         target = parameter_target(names[id(module)], module, tensor)
         k = factors[path][0].shape[0]
@@ -265,12 +265,12 @@ def _register(
             "init": "kaiming",
             "use_rslora": False,
         }
-        mode = "factored" if "_lora_kind" in type(module).__dict__ else "materialized"
+        mode: Mode = "factored" if "_lora_kind" in type(module).__dict__ else "materialized"
         plans[mode].append((target, options))
     try:
         for mode, plan in plans.items():
             if plan:
-                inject(model, plan, adapter=name, mode=mode)  # type: ignore[arg-type]
+                inject(model, plan, adapter=name, mode=mode)
     except BaseException:
         if name in list_adapters(model):
             remove_lora(model, name)

@@ -104,6 +104,7 @@ class LayerRoute:
         self._cache: tuple[tuple, Tensor, Tensor] | None = None
 
     def __call__(self, module: nn.Module, x: Tensor) -> Tensor:
+        # Routes sit only on layers whose weight is parametrized, so neither entry is None.
         plist: Any = module._modules["parametrizations"]._modules["weight"]  # type: ignore[union-attr]
         head = next(iter(plist._modules.values()))
         packed = (
