@@ -159,7 +159,10 @@ def naive(data_dir: str, pretrain_steps: int | None, seed: int) -> dict[str, Any
 
 
 def ours(data_dir: str, pretrain_steps: int | None, seed: int) -> dict[str, Any]:
-    """lora_param.mnist's pipeline with its defaults."""
+    """lora_param.mnist's pipeline with its defaults, on the tutorial's data (--tutorial-data).
+
+    No validation split, so both sides pretrain on the same 60,000 images for the same steps.
+    """
     from lora_param.mnist import PipelineConfig, PretrainConfig, run_pipeline
 
     report = run_pipeline(
@@ -168,6 +171,7 @@ def ours(data_dir: str, pretrain_steps: int | None, seed: int) -> dict[str, Any]
             download=False,
             seed=seed,
             pretrain=PretrainConfig(steps=pretrain_steps),
+            validation_size=0,
             verbose=False,
         )
     ).report

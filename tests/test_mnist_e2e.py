@@ -1,4 +1,4 @@
-"""End to end on real MNIST (../shared/data): the tutorial's recipe, its checks, the balanced recipe."""
+"""End to end on real MNIST (../shared/data): the tutorial's recipe, checks, the balanced recipe."""
 
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ from lora_param.mnist.cli import main
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(
     not (DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
-    reason=f"real MNIST is not in {DATA / 'MNIST' / 'raw'} (the shared data folder next to the repository)",
+    reason=f"real MNIST is not in {DATA / 'MNIST' / 'raw'} (the shared data folder next to the "
+    "repository)",
 )
 
 
 @pytest.fixture(scope="module")
 def tutorial(tmp_path_factory: pytest.TempPathFactory):
-    """The whole default pipeline once (pretraining included): ~45 s on 2 CPU cores."""
+    """The whole default pipeline once (pretraining on 50,000 images included): ~40 s on 2 idle
+    CPU cores."""
     out = tmp_path_factory.mktemp("mnist_e2e")
     run = run_pipeline(
         PipelineConfig(
@@ -49,13 +51,26 @@ def test_tutorial_recipe_checks_and_counts(tutorial) -> None:
     assert after <= before / 2, f"digit-9 errors should fall: {before} -> {after}"
     assert report["lora_off"]["wrong_per_digit"] == report["pretrained"]["wrong_per_digit"]
     assert report["recipe"]["steps"] == 100 and report["recipe"]["batch_size"] == 10
-    assert report["pretrain"]["steps"] == 6000
-    for name in ("adapter.pt", "pretrained.pt", "errors.png"):
+    assert report["pretrain"]["steps"] == 5000  # one epoch over the 50,000 left after validation
+    assert report["split"] == {
+        "validation": True,
+        "seed": 0,
+        "train_size": 50_000,
+        "validation_size": 10_000,
+        "test_size": 10_000,
+        "stratified": True,
+    }
+    assert report["validation"]["pretrained"]["total"] == 10_000
+    assert report["test"]["pretrained"] == report["pretrained"]
+    for name in ("adapter.pt", "pretrained.pt", "errors.png", "confusion.png"):
         assert (out / name).is_file()
     print(f"\nend-to-end seconds: {report['seconds']}")
 
 
 def test_balanced_recipe_keeps_the_other_digits(tutorial) -> None:
+    """The balanced recipe (chosen on validation) on the test set, seed 0: at least 75% fewer
+    digit-9 errors and at most 0.5 points of accuracy lost (measured: 46 -> 7, 85% fewer,
+    +0.16 points; 75% leaves room for another CPU's float rounding)."""
     run, out = tutorial
     tut = run.report
     bal = run_pipeline(
@@ -74,9 +89,7 @@ def test_balanced_recipe_keeps_the_other_digits(tutorial) -> None:
     }  # same base model
     assert bal["lora_off_identical"] and bal["frozen_unchanged"]
     before, after = bal["pretrained"]["wrong_per_digit"][9], bal["lora_on"]["wrong_per_digit"][9]
-    # The recipe's goal: >= 80% fewer target errors, at most 0.5 points of accuracy lost (seed 0
-    # measured 52 -> 10, +2.2 points); 75% leaves room for another CPU's float rounding.
-    assert after <= 0.25 * before, f"digit-9 errors should fall by 80%: {before} -> {after}"
+    assert after <= 0.25 * before, f"digit-9 errors should fall by 75%: {before} -> {after}"
     assert bal["lora_on"]["accuracy"] >= bal["pretrained"]["accuracy"] - 0.005
     assert bal["changes"]["others_total_change"] < tut["changes"]["others_total_change"]
 

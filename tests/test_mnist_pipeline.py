@@ -79,6 +79,7 @@ def tiny_config(root: Path, **kw: Any) -> PipelineConfig:
         "data_dir": str(root),
         "download": False,
         "pretrain": PretrainConfig(steps=20),
+        "validation_size": 50,
         "finetune_steps": 5,
         "progress": False,
         "verbose": False,

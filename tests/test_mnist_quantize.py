@@ -36,6 +36,7 @@ def _synthetic(n_train: int = 200, n_test: int = 60) -> MNISTTensors:
 def _config(**kw) -> PipelineConfig:
     base = {
         "pretrain": PretrainConfig(steps=20),
+        "validation_size": 50,  # the tiny data's training images hold a small validation split
         "finetune_steps": 5,
         "progress": False,
         "verbose": False,

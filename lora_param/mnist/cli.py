@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .data import MNISTNotFoundError
+from .split import SPLIT_SEED, VALIDATION_SIZE
 from .train import RECIPES, PretrainConfig
 
 QUICK_PRETRAIN_STEPS = 1000
@@ -42,6 +43,18 @@ def _positive(cast: Callable[[str], float], what: str) -> Callable[[str], float]
 
 
 _positive_int = _positive(int, "a positive integer")
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        x = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return x
+
+
 _positive_float = _positive(float, "a positive number")
 
 
@@ -49,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(
         prog="lora-param-mnist",
-        description="Reference LoRA pipeline: pretrain an MLP on MNIST, then fine-tune a rank-1 LoRA on one "
-        "digit and measure what it fixes and what it breaks.",
+        description="Reference LoRA pipeline: pretrain an MLP on MNIST, then fine-tune a rank-1 "
+        "LoRA on one digit and measure what it fixes and what it breaks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -60,11 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-download", dest="download", action="store_false", help="never try to download MNIST"
     )
+    g.add_argument(
+        "--validation-size",
+        type=_non_negative_int,
+        help=f"training images held out (stratified) for every choice the run makes; pretraining "
+        f"sees the rest [default: {VALIDATION_SIZE:,}; with --load-adapter, the split recorded "
+        "beside the adapter]",
+    )
+    g.add_argument(
+        "--tutorial-data",
+        "--no-validation-split",
+        dest="tutorial_data",
+        action="store_true",
+        help="no validation split: pretrain on all 60,000 training images as the tutorial does "
+        "(side-by-side comparisons); choices are then made on the training images",
+    )
+    g.add_argument(
+        "--split-seed", type=int, default=SPLIT_SEED, help="seed of the validation split"
+    )
     g = p.add_argument_group("LoRA and fine-tuning")
     g.add_argument(
         "--digit",
         type=_digit,
-        help="digit to fine-tune on: 0-9, or 'worst' (the most errors) [default: 9, as the tutorial; "
+        help="digit to fine-tune on: 0-9, or 'worst' (the most validation errors) [default: 9, as "
+        "the tutorial; "
         "with --load-adapter, the digit recorded beside the adapter]",
     )
     g.add_argument("--rank", type=_positive_int, default=1, help="LoRA rank")
@@ -81,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
-        default="tutorial",
-        help="tutorial: the target digit only (shows forgetting); balanced: replay other digits too",
+        nargs="+",
+        default=["tutorial"],
+        help="tutorial: the target digit only (shows forgetting); balanced: replay other digits "
+        "too. With --seeds, several: --recipe tutorial balanced",
     )
     g.add_argument("--steps", type=_positive_int, help="fine-tuning steps (default: the recipe's)")
     g.add_argument(
@@ -114,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--checkpoint",
         metavar="FILE",
-        help="pretrained checkpoint: loaded instead of pretraining if it exists, else written after "
-        "pretraining",
+        help="pretrained checkpoint: loaded instead of pretraining if it exists, else written "
+        "after pretraining (with --seeds: a folder of per-seed checkpoints)",
     )
     g = p.add_argument_group("run")
     g.add_argument(
@@ -130,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--seed", type=int, default=0, help="seed: same seed, same numbers on the same machine"
     )
+    g.add_argument(
+        "--seeds",
+        metavar="SPEC",
+        help="seeds table: run each --recipe for these seeds (e.g. 0-9 or 0,3,5-7), one "
+        "pretraining per seed, and print per-seed test numbers with mean, std and worst case "
+        "(--out writes seeds.json and seeds.txt)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument(
         "--threads",
@@ -140,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-threads",
         type=_positive_int,
         default=1,
-        help="CPU threads for the batch-10 training loops (more threads only pay on an idle machine)",
+        help="CPU threads for the batch-10 training loops (more only pay on an idle machine)",
     )
     g.add_argument(
         "--eval-batch-size", type=_positive_int, default=2000, help="test images per batch"
@@ -159,13 +200,15 @@ def config_from_args(
 
     pretrain_steps = args.pretrain_steps or (QUICK_PRETRAIN_STEPS if args.quick else None)
     return PipelineConfig(
+        validation_size=_validation_size(args),
+        split_seed=args.split_seed,
         data_dir=args.data_dir,
         download=args.download,
         digit=args.digit,
         rank=args.rank,
         alpha=args.alpha,
         ranks=args.ranks,
-        recipe=args.recipe,
+        recipe=args.recipe[0],
         finetune_steps=args.steps,
         finetune_batch_size=args.batch_size,
         finetune_lr=args.lr,
@@ -184,18 +227,52 @@ def config_from_args(
     )
 
 
+def _validation_size(args: argparse.Namespace) -> int:
+    """--tutorial-data: 0; else --validation-size, the adapter's recorded split, or the default."""
+    if args.tutorial_data:
+        return 0
+    if args.validation_size is not None:
+        return int(args.validation_size)
+    if args.load_adapter:
+        from .pipeline import recorded_split
+
+        recorded = recorded_split(args.load_adapter)
+        if recorded is not None:
+            return recorded
+    return VALIDATION_SIZE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the pipeline; exit status 0 when both checks pass, 1 when one fails, 2 on a usage/data error."""
+    """Run the pipeline; exit status 0 when both checks pass, 1 when one fails, 2 on bad input."""
     args = build_parser().parse_args(argv)
+    parser = build_parser()
     if args.load_adapter and args.ranks:
-        build_parser().error(
+        parser.error(
             "--load-adapter evaluates one saved adapter; it cannot be combined with --ranks"
         )
+    if args.tutorial_data and args.validation_size:
+        parser.error("--tutorial-data means no validation split: drop --validation-size")
+    if args.seeds and (args.load_adapter or args.ranks):
+        parser.error(
+            "--seeds runs whole recipes: it cannot be combined with --load-adapter/--ranks"
+        )
+    if len(args.recipe) > 1 and not args.seeds:
+        parser.error("several --recipe values need --seeds (one run fine-tunes one recipe)")
     from lora_param import LoRAError
 
     from .pipeline import run_pipeline
 
     try:
+        if args.seeds:
+            from .seeds import parse_seeds, run_seeds
+
+            result = run_seeds(config_from_args(args), parse_seeds(args.seeds), args.recipe)
+            checks = [
+                r["lora_off_identical"] and r["frozen_unchanged"]
+                for block in result["recipes"].values()
+                for r in block["rows"]
+            ]
+            return 0 if all(checks) else 1
         run = run_pipeline(config_from_args(args))
     except MNISTNotFoundError as exc:
         print(f"lora-param-mnist: error: {exc}", file=sys.stderr)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .split import SplitInfo
 
 MEAN = 0.1307
 STD = 0.3081
@@ -42,25 +46,45 @@ class MNISTNotFoundError(FileNotFoundError):
 
 @dataclass
 class MNISTTensors:
-    """MNIST as in-memory tensors: images (N, 784) float32 normalised, labels (N,) int64."""
+    """MNIST as in-memory tensors: images (N, 784) float32 normalised, labels (N,) int64.
+
+    ``val_images``/``val_labels`` hold the validation split once `split.hold_out_validation` has
+    moved it out of the training images; ``split`` then says how (None: not divided yet).
+    """
 
     train_images: Tensor
     train_labels: Tensor
     test_images: Tensor
     test_labels: Tensor
+    val_images: Tensor | None = None
+    val_labels: Tensor | None = None
+    split: SplitInfo | None = None
 
     def to(self, device: torch.device | str) -> MNISTTensors:
         """Return a copy with every tensor on `device`."""
         return MNISTTensors(
-            *(
-                t.to(device)
-                for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)
-            )
+            self.train_images.to(device),
+            self.train_labels.to(device),
+            self.test_images.to(device),
+            self.test_labels.to(device),
+            val_images=None if self.val_images is None else self.val_images.to(device),
+            val_labels=None if self.val_labels is None else self.val_labels.to(device),
+            split=self.split,
         )
+
+    def selection(self) -> tuple[Tensor, Tensor, str]:
+        """The images choices are made on: (images, labels, split name), never the test set.
+
+        The validation split when there is one; with the tutorial's data (no split), the
+        training images themselves.
+        """
+        if self.val_images is not None and self.val_labels is not None:
+            return self.val_images, self.val_labels, "validation"
+        return self.train_images, self.train_labels, "train"
 
 
 def normalize(images: Tensor) -> Tensor:
-    """Turn uint8 images (N, 28, 28) into float32 (N, 784), as ToTensor + Normalize(0.1307, 0.3081)."""
+    """Turn uint8 images (N, 28, 28) into float32 (N, 784): ToTensor + Normalize(0.1307, 0.3081)."""
     x = images.reshape(images.shape[0], -1).to(torch.float32).div_(255.0)
     return x.sub_(MEAN).div_(STD)
 

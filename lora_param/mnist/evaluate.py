@@ -1,4 +1,8 @@
-"""Evaluation on the test set: accuracy and wrong answers per digit, with large batches."""
+"""Evaluation: accuracy and wrong answers per digit, with large batches, tagged with the split.
+
+A result records which split it was computed on; the functions that make a choice from results
+(`worst_digit`, `report.gain_stops_at`) refuse test-set results, so the test set is never tuned on.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,23 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from lora_param.core.errors import LoRAError
+
 
 @dataclass
 class EvalResult:
-    """Accuracy on the test set and the number of wrong answers for each true digit."""
+    """Accuracy and the number of wrong answers for each true digit on one split.
+
+    Attributes:
+        split: "test", "validation", "train" or None (not said); choices refuse "test".
+    """
 
     accuracy: float
     wrong_per_digit: list[int]
     total: int
     seconds: float = 0.0
     logits: Tensor | None = field(default=None, repr=False)
+    split: str | None = None
 
     @property
     def wrong(self) -> int:
@@ -34,6 +45,7 @@ class EvalResult:
             "wrong": self.wrong,
             "total": self.total,
             "seconds": self.seconds,
+            "split": self.split,
         }
 
 
@@ -69,9 +81,13 @@ def predict_logits(
 
 
 def score(
-    logits: Tensor, labels: Tensor, seconds: float = 0.0, keep_logits: bool = True
+    logits: Tensor,
+    labels: Tensor,
+    seconds: float = 0.0,
+    keep_logits: bool = True,
+    split: str | None = None,
 ) -> EvalResult:
-    """Accuracy and wrong answers per digit from logits (ties go to the lowest class, like argmax)."""
+    """Accuracy and wrong answers per digit from logits (ties go to the lowest class, as argmax)."""
     pred = logits.argmax(dim=1)
     wrong_mask = pred != labels
     wrong = torch.bincount(labels[wrong_mask].cpu(), minlength=10)
@@ -83,6 +99,7 @@ def score(
         total=total,
         seconds=seconds,
         logits=logits.detach().cpu() if keep_logits else None,
+        split=split,
     )
 
 
@@ -94,14 +111,36 @@ def evaluate(
     batch_size: int = 2000,
     desc: str = "evaluate",
     progress: bool = True,
+    split: str | None = None,
 ) -> EvalResult:
-    """Evaluate `model` on (images, labels): accuracy, wrong answers per digit, logits kept for checks."""
+    """Evaluate `model` on (images, labels): accuracy, wrong answers per digit, logits kept.
+
+    `split` names the images ("validation", "test", ...) so that choices can refuse the test set.
+    """
     start = time.perf_counter()
     logits = predict_logits(model, images, batch_size=batch_size, desc=desc, progress=progress)
-    return score(logits, labels, seconds=time.perf_counter() - start)
+    return score(logits, labels, seconds=time.perf_counter() - start, split=split)
+
+
+def refuse_test_split(split: str | None, choice: str) -> None:
+    """Raise when a choice would be made on test-set numbers.
+
+    Raises:
+        LoRAError: `split` is "test".
+    """
+    if split == "test":
+        raise LoRAError(
+            f"{choice} must be chosen on validation (or training) numbers, not on the test set: "
+            "evaluate on data.selection() instead"
+        )
 
 
 def worst_digit(result: EvalResult) -> int:
-    """The digit with the most wrong answers (the lowest such digit on ties)."""
+    """The digit with the most wrong answers (the lowest such digit on ties).
+
+    Raises:
+        LoRAError: `result` was computed on the test set.
+    """
+    refuse_test_split(result.split, "the worst digit")
     counts = result.wrong_per_digit
     return max(range(len(counts)), key=lambda d: (counts[d], -d))

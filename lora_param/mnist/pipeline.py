@@ -18,9 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_param import (
-    __version__ as lora_param_version,
-)
-from lora_param import (
+    LoRAError,
     add_lora,
     iter_lora,
     load_lora,
@@ -29,18 +27,25 @@ from lora_param import (
     save_lora,
     trainable_summary,
 )
+from lora_param import (
+    __version__ as lora_param_version,
+)
+from lora_param.core.io import atomic_write
 
+from .confusion import confusion_block, plot_confusion_change
 from .data import MNISTTensors, load_mnist
 from .evaluate import EvalResult, evaluate, worst_digit
 from .model import LINEAR_LAYERS, build_model
 from .quantized import quantize_pretrained, storage_line
 from .report import digit_changes, gain_stops_at, plot_errors, summary_text, sweep_table, write_json
+from .split import SPLIT_SEED, VALIDATION_SIZE, SplitInfo, hold_out_validation
 from .train import RECIPES, FinetuneRecipe, PretrainConfig, finetune, pretrain
 
 PRETRAINED_FILE = "pretrained.pt"
 ADAPTER_FILE = "adapter.pt"
 REPORT_FILE = "report.json"
 PLOT_FILE = "errors.png"
+CONFUSION_FILE = "confusion.png"
 
 
 @dataclass
@@ -62,10 +67,14 @@ class PipelineConfig:
         finetune_lr: Override the recipe's learning rate.
         distill: Override the recipe's distillation weight.
         pretrain: Pretraining settings.
+        validation_size: Training images held out (stratified) for every choice the run makes;
+            pretraining then sees the rest (50,000 by default). 0 restores the tutorial's data:
+            all 60,000 train, and choices are made on the training images.
+        split_seed: Seed of the validation split (fixed by default, so seeds share one split).
         seed: Seeds the model init, data order, LoRA init.
         out: Folder for report.json, pretrained.pt, adapter.pt, errors.png; None writes nothing.
-        checkpoint: Pretrained checkpoint: loaded instead of pretraining when it exists, else written
-            after pretraining (a cache for repeated runs).
+        checkpoint: Pretrained checkpoint: loaded instead of pretraining when it exists, else
+            written after pretraining (a cache for repeated runs).
         load_adapter: Evaluate this saved adapter instead of fine-tuning.
         quantize: "nf4" or "int8" stores the pretrained layers packed (QLoRA) before LoRA;
             "pretrained" then means the packed model (the fp32 one is in ``base_storage``).
@@ -92,6 +101,8 @@ class PipelineConfig:
     finetune_lr: float | None = None
     distill: float | None = None
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    validation_size: int = VALIDATION_SIZE
+    split_seed: int = SPLIT_SEED
     seed: int = 0
     out: str | None = None
     checkpoint: str | None = None
@@ -198,12 +209,12 @@ def _finetune_once(
     config: PipelineConfig,
     rank: int,
     target: int,
-    pre: EvalResult,
-    pre_state: dict[str, Tensor],
+    pre_selection: EvalResult,
     timer: PhaseTimer,
     device: torch.device,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Add LoRA at `rank` to a copy of `base`, fine-tune (or load the adapter), evaluate, check."""
+    """Add LoRA at `rank` to a copy of `base`, fine-tune (or load the adapter), evaluate on the
+    selection split (validation; the training images with the tutorial's data), never on test."""
     model = copy.deepcopy(base)
     recipe = config.finetune_recipe()
     with timer("add_lora"):
@@ -237,14 +248,52 @@ def _finetune_once(
                 progress=config.progress,
             )
         result["finetune"] = train.to_dict()
+    images, labels, split = data.selection()
+    with timer("eval_lora_on"):
+        on = evaluate(
+            model,
+            images,
+            labels,
+            batch_size=config.eval_batch_size,
+            desc=f"evaluate LoRA on ({split})",
+            progress=config.progress,
+            split=split,
+        )
+    result.update(
+        {
+            "selection": {
+                "split": split,
+                "lora_on": on.to_dict(),
+                "changes": digit_changes(pre_selection.to_dict(), on.to_dict(), target),
+            },
+            "lora_params": counts.lora,
+            "base_params": counts.base,
+            "trainable_params": counts.trainable,
+            "lora_percent_of_base": counts.lora_percent_of_base,
+        }
+    )
+    return model, result
+
+
+def _test_once(
+    model: nn.Module,
+    data: MNISTTensors,
+    config: PipelineConfig,
+    target: int,
+    pre: EvalResult,
+    pre_state: dict[str, Tensor],
+    timer: PhaseTimer,
+) -> dict[str, Any]:
+    """The test set, once, for a fine-tuned model: LoRA on, LoRA off, the checks, the confusion."""
     with timer("eval_lora_on"):
         on = evaluate(
             model,
             data.test_images,
             data.test_labels,
             batch_size=config.eval_batch_size,
-            desc="evaluate LoRA on",
+            desc="evaluate LoRA on (test)",
             progress=config.progress,
+            split="test",
         )
     with timer("eval_lora_off"), lora_disabled(model):
         off = evaluate(
@@ -252,38 +301,42 @@ def _finetune_once(
             data.test_images,
             data.test_labels,
             batch_size=config.eval_batch_size,
-            desc="evaluate LoRA off",
+            desc="evaluate LoRA off (test)",
             progress=config.progress,
+            split="test",
         )
     with timer("checks"):
-        assert pre.logits is not None and off.logits is not None
+        assert pre.logits is not None and off.logits is not None and on.logits is not None
         identical = torch.equal(off.logits, pre.logits)
         max_diff = float((off.logits - pre.logits).abs().max())
         frozen = same_tensors(pre_state, base_state(model))
-    result.update(
-        {
-            "lora_on": on.to_dict(),
-            "lora_off": off.to_dict(),
-            "lora_params": counts.lora,
-            "base_params": counts.base,
-            "trainable_params": counts.trainable,
-            "lora_percent_of_base": counts.lora_percent_of_base,
-            "lora_off_identical": identical,
-            "lora_off_max_abs_diff": max_diff,
-            "frozen_unchanged": frozen,
-            "changes": digit_changes(pre.to_dict(), on.to_dict(), target),
-        }
-    )
-    return model, result
+        confusion = confusion_block(pre.logits, on.logits, data.test_labels, "test")
+    return {
+        "lora_on": on.to_dict(),
+        "lora_off": off.to_dict(),
+        "lora_off_identical": identical,
+        "lora_off_max_abs_diff": max_diff,
+        "frozen_unchanged": frozen,
+        "changes": digit_changes(pre.to_dict(), on.to_dict(), target),
+        "confusion": confusion,
+    }
 
 
 def _sidecar(adapter: str) -> dict[str, Any]:
-    """The report.json written beside an adapter by an earlier run ({} when absent or unreadable)."""
+    """The report.json beside an adapter, written by an earlier run ({} if absent or unreadable)."""
     try:
         report = json.loads(Path(adapter).with_name(REPORT_FILE).read_text())
     except (OSError, ValueError):
         return {}
     return report if isinstance(report, dict) else {}
+
+
+def recorded_split(adapter: str) -> int | None:
+    """The validation size recorded in the report.json beside `adapter` (None if not recorded)."""
+    split = _sidecar(adapter).get("split")
+    if isinstance(split, dict) and isinstance(split.get("validation_size"), int):
+        return int(split["validation_size"])
+    return None
 
 
 @dataclass
@@ -294,7 +347,8 @@ class PipelineRun:
         report: The JSON-ready report (what report.json holds).
         model: The fine-tuned model with its adapter (the first rank of a sweep).
         base: The pretrained model, without LoRA.
-        data: The MNIST tensors used.
+        data: The MNIST tensors used, split as the run split them (pass them back to
+            `run_pipeline` with the same split settings to reuse them).
     """
 
     report: dict[str, Any]
@@ -318,6 +372,67 @@ def run_pipeline(config: PipelineConfig, data: MNISTTensors | None = None) -> Pi
         return _run(config, data, threads)
 
 
+def checkpoint_split_file(checkpoint: str | os.PathLike[str]) -> Path:
+    """Where the split a cached pretrained model was trained under is recorded."""
+    return Path(os.fspath(checkpoint) + ".split.json")
+
+
+def check_checkpoint_split(checkpoint: str | os.PathLike[str], split: SplitInfo) -> None:
+    """Refuse a cached pretrained model trained under another split.
+
+    A model pretrained on all 60,000 images (or under another split seed) has seen this run's
+    validation images, which would make every choice look better than it is. Checkpoints
+    without a record (older files, other tools) are loaded as they are.
+
+    Raises:
+        LoRAError: The recorded split differs from `split`.
+    """
+    path = checkpoint_split_file(checkpoint)
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if (recorded.get("validation_size"), recorded.get("seed")) != (
+        split.validation_size,
+        split.seed,
+    ):
+        raise LoRAError(
+            f"{checkpoint} was pretrained with {recorded.get('validation_size')} validation images "
+            f"held out (split seed {recorded.get('seed')}), this run holds out "
+            f"{split.validation_size} (seed {split.seed}): its choices would see images the model "
+            "was trained on. Use another --checkpoint, or the same split settings"
+        )
+
+
+def split_data(data: MNISTTensors, config: PipelineConfig) -> MNISTTensors:
+    """`data` with the validation split `config` asks for (already-split data is checked, reused).
+
+    Raises:
+        LoRAError: `data` was split with other settings than `config`'s.
+    """
+    if data.split is None:
+        return hold_out_validation(data, config.validation_size, config.split_seed)
+    info = data.split
+    want_seed = config.split_seed if config.validation_size else None
+    if info.validation_size != config.validation_size or info.seed != want_seed:
+        raise LoRAError(
+            f"the data passed in was split with {info.validation_size} validation images "
+            f"(seed {info.seed}), the config asks for {config.validation_size} (seed {want_seed}): "
+            "pass the unsplit tensors from load_mnist()"
+        )
+    return data
+
+
+def _choose_target(config: PipelineConfig, worst: int, sidecar: dict[str, Any]) -> int:
+    if config.digit == "worst":
+        return worst
+    if config.digit is not None:
+        return int(config.digit)
+    if isinstance(sidecar.get("target_digit"), int):
+        return int(sidecar["target_digit"])
+    return 9
+
+
 def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> PipelineRun:
     total_start = time.perf_counter()
     timer = PhaseTimer()
@@ -325,26 +440,29 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
     torch.manual_seed(config.seed)
     recipe = config.finetune_recipe()
 
+    checkpoint = config.checkpoint
+    if config.load_adapter and checkpoint is None:
+        checkpoint = os.fspath(Path(config.load_adapter).with_name(PRETRAINED_FILE))
+    if config.load_adapter and not (checkpoint and Path(checkpoint).is_file()):
+        raise FileNotFoundError(
+            f"--load-adapter needs the pretrained checkpoint it was trained on: "
+            f"{checkpoint} does not exist (pass --checkpoint)"
+        )
     with timer("data"):
         if data is None:
             _say(config, f"loading MNIST from {Path(config.data_dir).resolve() / 'MNIST' / 'raw'}")
             data = load_mnist(config.data_dir, download=config.download)
-        data = data.to(device)
+        data = split_data(data, config).to(device)
+    assert data.split is not None
+    sel_images, sel_labels, sel_split = data.selection()
 
     base = build_model(config.seed, device)
-    checkpoint = config.checkpoint
-    if config.load_adapter and checkpoint is None:
-        checkpoint = os.fspath(Path(config.load_adapter).with_name(PRETRAINED_FILE))
     pretrain_result = None
     with timer("pretrain"):
         if checkpoint and Path(checkpoint).is_file():
             _say(config, f"loading the pretrained model from {checkpoint}")
+            check_checkpoint_split(checkpoint, data.split)
             load_checkpoint(base, checkpoint)
-        elif config.load_adapter:
-            raise FileNotFoundError(
-                f"--load-adapter needs the pretrained checkpoint it was trained on: "
-                f"{checkpoint} does not exist (pass --checkpoint)"
-            )
         else:
             gen = torch.Generator().manual_seed(config.seed)
             with num_threads(config.train_threads):
@@ -357,53 +475,68 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
                     progress=config.progress,
                 )
             if checkpoint:  # a cache: the next run with the same --checkpoint skips pretraining
-                Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-                torch.save(base_state(base), checkpoint)
+                state = base_state(base)
+                atomic_write(checkpoint, lambda f: torch.save(state, f))
+                write_json(data.split.to_dict(), checkpoint_split_file(checkpoint))
     plain_state = base_state(base)
     fp32_accuracy = None
     if config.quantize:
         with timer("quantize"):
-            fp32 = evaluate(base, data.test_images, data.test_labels, progress=False)
+            fp32 = evaluate(
+                base, data.test_images, data.test_labels, progress=False, split="test"
+            )  # reported beside the packed model's accuracy, never used for a choice
             fp32_accuracy = fp32.accuracy
     base_storage = quantize_pretrained(base, config.quantize, fp32_accuracy)
+    with timer("eval_pretrained"):
+        pre_selection = evaluate(
+            base,
+            sel_images,
+            sel_labels,
+            batch_size=config.eval_batch_size,
+            desc=f"evaluate pretrained ({sel_split})",
+            progress=config.progress,
+            split=sel_split,
+        )
+    pre_state = base_state(base)
+    worst = worst_digit(pre_selection)
+    sidecar = _sidecar(config.load_adapter) if config.load_adapter else {}
+    target = _choose_target(config, worst, sidecar)
+
+    ranks = config.ranks or [config.rank]
+    tuned: list[tuple[nn.Module, dict[str, Any]]] = []
+    for rank in ranks:
+        start = time.perf_counter()
+        model_r, row = _finetune_once(
+            base, data, config, rank, target, pre_selection, timer, device
+        )
+        row["seconds"] = time.perf_counter() - start
+        tuned.append((model_r, row))
+        if len(tuned) == 1:
+            _say(config, trainable_summary(model_r))
+        if config.load_adapter:
+            break
+    gain_stop = None
+    if config.ranks:
+        gain_stop = gain_stops_at(
+            [{"rank": row["rank"], **row["selection"]} for _, row in tuned], target
+        )
+
+    # Every choice is made: now the test set, once per model.
     with timer("eval_pretrained"):
         pre = evaluate(
             base,
             data.test_images,
             data.test_labels,
             batch_size=config.eval_batch_size,
-            desc="evaluate pretrained",
+            desc="evaluate pretrained (test)",
             progress=config.progress,
+            split="test",
         )
-    pre_state = base_state(base)
-    worst = worst_digit(pre)
-    sidecar = _sidecar(config.load_adapter) if config.load_adapter else {}
-    if config.digit == "worst":
-        target = worst
-    elif config.digit is not None:
-        target = int(config.digit)
-    elif isinstance(sidecar.get("target_digit"), int):
-        target = sidecar["target_digit"]
-    else:
-        target = 9
-
-    ranks = config.ranks or [config.rank]
-    sweep: list[dict[str, Any]] = []
-    model: nn.Module | None = None
-    first: dict[str, Any] | None = None
-    for rank in ranks:
-        start = time.perf_counter()
-        model_r, row = _finetune_once(
-            base, data, config, rank, target, pre, pre_state, timer, device
-        )
-        row["seconds"] = time.perf_counter() - start
+    sweep = []
+    for model_r, row in tuned:
+        row.update(_test_once(model_r, data, config, target, pre, pre_state, timer))
         sweep.append(row)
-        if first is None:
-            model, first = model_r, row
-            _say(config, trainable_summary(model_r))
-        if config.load_adapter:
-            break
-    assert model is not None and first is not None
+    model, first = tuned[0]
 
     recipe_info: dict[str, Any] = {
         **recipe.to_dict(),
@@ -414,7 +547,29 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
     }
     if config.load_adapter:  # the adapter's own recipe, as recorded beside it (if it was)
         recipe_info = sidecar.get("recipe") or {"name": "loaded adapter"}
+    choices: dict[str, Any] = {
+        "made_on": sel_split,
+        "target_digit": {
+            "value": target,
+            "how": "--digit worst" if config.digit == "worst" else "given",
+        },
+        "worst_digit": {"value": worst, "split": pre_selection.split},
+    }
+    if gain_stop is not None or config.ranks:
+        choices["gain_stops_at_rank"] = {"value": gain_stop, "split": sel_split}
+    selection_block = {
+        "pretrained": pre_selection.to_dict(),
+        "lora_on": first["selection"]["lora_on"],
+        "changes": first["selection"]["changes"],
+    }
+    test_block = {
+        "pretrained": pre.to_dict(),
+        "lora_on": first["lora_on"],
+        "lora_off": first["lora_off"],
+        "changes": first["changes"],
+    }
     report: dict[str, Any] = {
+        # the top-level results are the test set's (as before); "validation" holds the choices'
         "pretrained": pre.to_dict(),
         "lora_on": first["lora_on"],
         "lora_off": first["lora_off"],
@@ -431,6 +586,12 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
         "frozen_unchanged": first["frozen_unchanged"],
         "base_storage": base_storage,
         "changes": first["changes"],
+        "split": data.split.to_dict(),
+        "validation": selection_block if sel_split == "validation" else None,
+        "train_selection": selection_block if sel_split == "train" else None,
+        "test": test_block,
+        "choices": choices,
+        "confusion": first["confusion"],
         "seed": config.seed,
         "recipe": recipe_info,
         "pretrain": pretrain_result.to_dict() if pretrain_result else {"loaded_from": checkpoint},
@@ -448,38 +609,13 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
     }
     if config.ranks:
         report["sweep"] = [
-            {k: v for k, v in row.items() if k not in ("lora_off",)} for row in sweep
+            {k: v for k, v in row.items() if k not in ("lora_off", "confusion")} for row in sweep
         ]
-        report["gain_stops_at_rank"] = gain_stops_at(sweep, target)
+        report["gain_stops_at_rank"] = gain_stop
 
     if config.out:
         with timer("save"):
-            out = Path(config.out)
-            out.mkdir(parents=True, exist_ok=True)
-            files = {"report": os.fspath(out / REPORT_FILE)}
-            if not config.load_adapter:
-                torch.save(plain_state, out / PRETRAINED_FILE)  # fp32 even when packed
-                save_lora(model, out / ADAPTER_FILE)
-                files.update(
-                    pretrained=os.fspath(out / PRETRAINED_FILE),
-                    adapter=os.fspath(out / ADAPTER_FILE),
-                )
-            fig = plot_errors(
-                pre.wrong_per_digit,
-                first["lora_on"]["wrong_per_digit"],
-                out / PLOT_FILE,
-                target=target,
-                title=f"Wrong answers per digit: pretrained vs LoRA on digit {target} "
-                f"({recipe_info.get('name', 'loaded adapter')})",
-            )
-            if fig is None:
-                _say(
-                    config,
-                    "matplotlib is not installed: skipping errors.png (pip install 'lora_param[plot]')",
-                )
-            else:
-                files["plot"] = os.fspath(out / PLOT_FILE)
-            report["files"] = files
+            report["files"] = _write_files(config, report, model, plain_state, target, recipe_info)
     timer.seconds["total"] = time.perf_counter() - total_start
     report["seconds"] = dict(timer.seconds)
     if config.out:
@@ -490,9 +626,61 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
         print(storage_line(base_storage))
         if config.ranks:
             print()
-            print(f"rank sweep (same pretrained model, recipe {recipe.name!r}, digit {target}):")
+            print(
+                f"rank sweep (same pretrained model, recipe {recipe.name!r}, digit {target}; "
+                f"test numbers, and the {sel_split} errors the choice is made on):"
+            )
             print(sweep_table(sweep, target))
-            print(f"gain in digit-{target} errors stops at rank {report['gain_stops_at_rank']}")
+            print(
+                f"gain in digit-{target} errors ({sel_split}) stops at rank "
+                f"{report['gain_stops_at_rank']}"
+            )
         if config.out:
             print(f"\nwrote {', '.join(report['files'].values())}")
     return PipelineRun(report=report, model=model, base=base, data=data)
+
+
+def _write_files(
+    config: PipelineConfig,
+    report: dict[str, Any],
+    model: nn.Module,
+    pre_state: dict[str, Tensor],
+    target: int,
+    recipe_info: dict[str, Any],
+) -> dict[str, str]:
+    """Write pretrained.pt (`pre_state`: the fp32 weights even when the base is packed),
+    adapter.pt and the two plots under ``config.out``; return the paths."""
+    assert config.out is not None
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"report": os.fspath(out / REPORT_FILE)}
+    if not config.load_adapter:
+        torch.save(pre_state, out / PRETRAINED_FILE)
+        save_lora(model, out / ADAPTER_FILE)
+        files.update(
+            pretrained=os.fspath(out / PRETRAINED_FILE), adapter=os.fspath(out / ADAPTER_FILE)
+        )
+    name = recipe_info.get("name", "loaded adapter")
+    fig = plot_errors(
+        report["pretrained"]["wrong_per_digit"],
+        report["lora_on"]["wrong_per_digit"],
+        out / PLOT_FILE,
+        target=target,
+        title=f"Test set: wrong answers per digit, LoRA on digit {target} ({name})",
+    )
+    if fig is None:
+        _say(
+            config,
+            "matplotlib is not installed: skipping errors.png and confusion.png "
+            "(pip install 'lora_param[plot]')",
+        )
+        return files
+    files["plot"] = os.fspath(out / PLOT_FILE)
+    plot_confusion_change(
+        report["confusion"]["change"],
+        out / CONFUSION_FILE,
+        target=target,
+        title=f"Test set: LoRA on digit {target} ({name}) - pretrained",
+    )
+    files["confusion"] = os.fspath(out / CONFUSION_FILE)
+    return files

@@ -10,6 +10,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_param.core.io import atomic_write
+
+from .evaluate import refuse_test_split
+
 DIGITS = range(10)
 
 
@@ -37,7 +41,7 @@ def results_table(rows: Sequence[tuple[str, Mapping[str, Any]]], width: int | No
 
 def change_row(before: Mapping[str, Any], after: Mapping[str, Any], width: int = 20) -> str:
     """The row "after - before": accuracy in points, wrong answers per digit with a sign."""
-    diff = [a - b for a, b in zip(after["wrong_per_digit"], before["wrong_per_digit"])]
+    diff = [a - b for a, b in zip(after["wrong_per_digit"], before["wrong_per_digit"], strict=True)]
     points = 100.0 * (after["accuracy"] - before["accuracy"])
     return _row(
         "change vs pretrained",
@@ -89,9 +93,10 @@ def summary_text(report: Mapping[str, Any]) -> str:
         (f"LoRA on (r={rank}, digit {target})", report["lora_on"]),
         ("LoRA off", report["lora_off"]),
     ]
-    width = max(len(label) for label, _ in rows + [("change vs pretrained", {})])
+    width = max(len(label) for label, _ in [*rows, ("change vs pretrained", {})])
     lines = [
-        f"MNIST test set ({report['pretrained']['total']:,} images): accuracy and wrong answers per digit",
+        f"MNIST TEST SET ({report['pretrained']['total']:,} images, evaluated once per model, "
+        "after every choice): accuracy and wrong answers per digit",
         results_table(rows, width),
         change_row(report["pretrained"], report["lora_on"], width),
     ]
@@ -99,24 +104,22 @@ def summary_text(report: Mapping[str, Any]) -> str:
     t, w = ch["target"], ch["worst_other"]
     lines.append("")
     lines.append(
-        f"recipe {report['recipe']['name']!r}: target digit {target}: {t['before']} -> {t['after']} wrong "
-        f"({-100 * t['reduction']:+.0f}%)"
+        f"recipe {report['recipe']['name']!r}, test set: target digit {target}: "
+        f"{t['before']} -> {t['after']} wrong ({-100 * t['reduction']:+.0f}%)"
     )
     lines.append(
-        f"other digits: {ch['others_total_change']:+d} wrong in total; most hurt: digit {w['digit']} "
-        f"{w['before']} -> {w['after']} ({w['change']:+d})"
+        f"other digits: {ch['others_total_change']:+d} wrong in total; most hurt: "
+        f"digit {w['digit']} {w['before']} -> {w['after']} ({w['change']:+d})"
     )
     lines.append(
-        f"overall accuracy: {report['pretrained']['accuracy']:.4f} -> {report['lora_on']['accuracy']:.4f} "
-        f"({ch['accuracy_change_points']:+.2f} points)"
+        f"overall accuracy: {report['pretrained']['accuracy']:.4f} -> "
+        f"{report['lora_on']['accuracy']:.4f} ({ch['accuracy_change_points']:+.2f} points)"
     )
-    lines.append(
-        f"digit with the most errors before fine-tuning: {report['worst_digit']} "
-        f"({report['pretrained']['wrong_per_digit'][report['worst_digit']]} wrong)"
-    )
+    lines += _choice_lines(report)
     if ch["accuracy_change_points"] < -0.5:
         lines.append(
-            f"note: training on digit {target} alone fixes {target}s and breaks other digits (catastrophic "
+            f"note: training on digit {target} alone fixes {target}s and breaks other digits "
+            "(catastrophic "
             "forgetting): the adapter learned 'answer "
             f"{target}'. `--recipe balanced` replays other digits in every batch to keep them."
         )
@@ -137,24 +140,64 @@ def summary_text(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _choice_lines(report: Mapping[str, Any]) -> list[str]:
+    """Where the choices were made: the split, its numbers, and the worst digit found there."""
+    split = report.get("split") or {}
+    choices = report.get("choices") or {}
+    made_on = choices.get("made_on", "validation")
+    block = report.get("validation") if made_on == "validation" else report.get("train_selection")
+    lines = []
+    if split.get("validation"):
+        lines.append(
+            f"split: {split['validation_size']:,} training images held out for validation "
+            f"(stratified, seed {split['seed']}); pretraining saw the other {split['train_size']:,}"
+        )
+    elif split:
+        lines.append(
+            f"split: none (--tutorial-data): pretraining saw all {split['train_size']:,} training "
+            "images; choices are made on them"
+        )
+    if block:
+        t = block["changes"]["target"]
+        lines.append(
+            f"{made_on} ({block['pretrained']['total']:,} images): target digit "
+            f"{t['before']} -> {t['after']} wrong ({-100 * t['reduction']:+.0f}%), accuracy "
+            f"{block['pretrained']['accuracy']:.4f} -> {block['lora_on']['accuracy']:.4f}"
+        )
+        worst = report["worst_digit"]
+        lines.append(
+            f"digit with the most {made_on} errors before fine-tuning: {worst} "
+            f"({block['pretrained']['wrong_per_digit'][worst]} wrong)"
+        )
+    return lines
+
+
 def _hurt(worst: Mapping[str, Any]) -> str:
     return f"{worst['digit']}: {worst['change']:+d}"
 
 
 def sweep_table(rows: Sequence[Mapping[str, Any]], target: int) -> str:
-    """One row per rank: LoRA parameters, accuracy, target-digit errors, other digits' change."""
+    """One row per rank: LoRA parameters, test accuracy and target-digit errors, the other digits'
+    change, and the target digit's errors on the split the choice is made on (validation)."""
+    split = next((r["selection"]["split"] for r in rows if "selection" in r), None)
     head = (
-        f"{'rank':>4} {'alpha':>5} {'LoRA params':>11} {'% base':>7} {'accuracy':>8} {f'{target}s wrong':>9} "
+        f"{'rank':>4} {'alpha':>5} {'LoRA params':>11} {'% base':>7} {'test acc':>8} "
+        f"{f'{target}s wrong':>9} "
         f"{'others':>7} {'most hurt':>12} {'seconds':>7}"
+        + (f" {f'{split} {target}s':>14}" if split else "")
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         w = r["changes"]["worst_other"]
+        chosen_on = ""
+        if split and "selection" in r:
+            chosen_on = f" {r['selection']['lora_on']['wrong_per_digit'][target]:>14}"
         lines.append(
-            f"{r['rank']:>4} {r['alpha']:>5g} {r['lora_params']:>11,} {r['lora_percent_of_base']:>6.3f}% "
+            f"{r['rank']:>4} {r['alpha']:>5g} {r['lora_params']:>11,} "
+            f"{r['lora_percent_of_base']:>6.3f}% "
             f"{r['lora_on']['accuracy']:>8.4f} {r['lora_on']['wrong_per_digit'][target]:>9} "
             f"{r['changes']['others_total_change']:>+7d} {_hurt(w):>12} "
-            f"{r['seconds']:>7.1f}"
+            f"{r['seconds']:>7.1f}" + chosen_on
         )
     return "\n".join(lines)
 
@@ -166,7 +209,12 @@ def gain_stops_at(rows: Sequence[Mapping[str, Any]], target: int, tolerance: int
         rows: Sweep rows in increasing rank order.
         target: Target digit.
         tolerance: Fewer errors than this does not count as a gain.
+
+    Raises:
+        LoRAError: A row's "lora_on" result is marked as computed on the test set.
     """
+    for row in rows:
+        refuse_test_split(row["lora_on"].get("split"), "the rank where gains stop")
     if not rows:
         return None
     for prev, nxt in itertools.pairwise(rows):
@@ -190,12 +238,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def write_text(text: str, path: str | os.PathLike[str]) -> Path:
+    """Write `text` (UTF-8) atomically: a crash leaves the old file or the new one, never half."""
+    data = text.encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
 def write_json(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write `report` as indented JSON (non-finite floats become null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-    return path
+    """Write `report` as indented JSON (non-finite floats become null), atomically."""
+    return write_text(json.dumps(_jsonable(report), indent=2) + "\n", path)
 
 
 def plot_errors(
@@ -212,7 +263,7 @@ def plot_errors(
     The target digit's tick label, when given, is drawn in bold red.
 
     Returns:
-        The matplotlib Figure, or None when matplotlib is not installed (install ``lora_param[plot]``).
+        The matplotlib Figure, or None without matplotlib (install ``lora_param[plot]``).
     """
     try:
         from matplotlib.figure import Figure

@@ -84,14 +84,16 @@ class FinetuneRecipe:
 #: The well-known tutorial: 100 steps of 10 images of the target digit only, Adam lr 1e-3.
 TUTORIAL = FinetuneRecipe("tutorial")
 #: Target digit plus replayed other digits in every batch, target examples up-weighted, lr decay.
+#: Chosen on the validation split by benchmarks/search_balanced.py (seed 0, digit 9: 37 -> 5
+#: validation errors, -0.15 points), never on the test set.
 BALANCED = FinetuneRecipe(
-    "balanced", steps=2000, batch_size=40, lr=2e-3, replay=0.6, target_weight=10.0, lr_decay=True
+    "balanced", steps=1000, batch_size=40, lr=1e-3, replay=0.6, target_weight=10.0, lr_decay=True
 )
 RECIPES: dict[str, FinetuneRecipe] = {"tutorial": TUTORIAL, "balanced": BALANCED}
 
 
 def make_adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam, fused when this torch build supports it for the parameters' device (same update rule)."""
+    """Adam, fused where this torch build supports it on the parameters' device (same updates)."""
     params = list(params)
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
@@ -126,7 +128,7 @@ def shuffled_batches(
     steps: int | None = None,
     device: torch.device | str = "cpu",
 ) -> Iterator[Tensor]:
-    """Index batches like ``DataLoader(shuffle=True)``: a fresh permutation per epoch, last batch partial.
+    """Index batches as ``DataLoader(shuffle=True)``: a new permutation per epoch, last one partial.
 
     Args:
         n: Number of examples.
