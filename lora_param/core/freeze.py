@@ -55,7 +55,7 @@ def freeze_base(model: nn.Module, keep: list[nn.Module], bias: Bias) -> None:
         bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted
             layers); a bias is a parameter with "bias" in its name (``in_proj_bias`` too).
     """
-    lora = {id(t) for *_, p in iter_lora(model) for t in (p.lora_A, p.lora_B)}
+    lora = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
     for param in model.parameters():
         if id(param) not in lora:
             param.requires_grad_(False)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .classes import own_class
+from .dora import DoRAParametrization
 from .errors import LoRAError
 from .factored import factored_forward_applies, install_factored_forward
 from .freeze import Bias, freeze_base, trainable_modules
@@ -202,7 +203,9 @@ def inject(
     try:
         for target, options in plan:
             like = base_tensor(target.module, target.param_name)
-            p = LoRAParametrization(
+            options = dict(options)
+            dora = {"base_weight": like} if options.pop("use_dora", False) else {}
+            p = (DoRAParametrization if dora else LoRAParametrization)(
                 target.fan_in,
                 target.fan_out,
                 target.shape,
@@ -212,6 +215,7 @@ def inject(
                 device=like.device,
                 dtype=like.dtype,
                 **options,
+                **dora,
             )
             own_class(target.module)
             # Parameter order matters (optimizer state is positional): remember it once.
@@ -248,6 +252,7 @@ def add_lora(
     trainable: Targets = None,
     bias: Bias = "none",
     mode: Mode = "factored",
+    use_dora: bool = False,
 ) -> nn.Module:
     """Add a LoRA adapter to every matching layer of an existing model, in one call.
 
@@ -278,6 +283,8 @@ def add_lora(
         bias: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of adapted layers train).
         mode: ``"factored"`` computes ``x W^T + s (x A^T) B^T`` in Linear, Conv, Embedding and
             HF Conv1D forwards (faster, leaner); ``"materialized"`` always builds ``W + sBA``.
+        use_dora: DoRA: also learn a magnitude per output, ``W' = m (W + sBA) / ||W + sBA||``
+            (see :class:`~lora_param.core.dora.DoRAParametrization`).
 
     Returns:
         The model, with the new adapter enabled and trainable.
@@ -300,6 +307,8 @@ def add_lora(
         raise LoRAError(f"mode must be 'factored' or 'materialized', got {mode!r}.")
     if init not in ("kaiming", "gaussian"):
         raise LoRAError(f"init must be 'kaiming' or 'gaussian', got {init!r}.")
+    if not isinstance(use_dora, bool):
+        raise LoRAError(f"use_dora must be True or False, got {use_dora!r}.")
     if bias not in ("none", "all", "lora_only"):
         raise LoRAError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}.")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
@@ -325,6 +334,8 @@ def add_lora(
         a = pick(alpha, names, "alpha")
         a = r if a is None else _check_number(a, "alpha", target.path)
         options = dict(rank=r, alpha=a, dropout=dropout, init=init, use_rslora=use_rslora)
+        if use_dora:
+            options["use_dora"] = True
         plan.append((target, options))
     keep = trainable_modules(model, trainable) if freeze else []
     inject(model, plan, adapter=adapter, mode=mode)

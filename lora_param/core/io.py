@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .dora import is_dora, magnitude_size
 from .errors import LoRAError
 from .freeze import freeze_base
 from .inject import Mode, inject
@@ -60,6 +61,8 @@ def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, T
         if p.adapter in names:
             out[f"{p.adapter}.{path}.lora_A"] = p.lora_A.detach()
             out[f"{p.adapter}.{path}.lora_B"] = p.lora_B.detach()
+            if is_dora(p):
+                out[f"{p.adapter}.{path}.lora_magnitude"] = p.lora_magnitude.detach()
     return out
 
 
@@ -82,6 +85,8 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
                 "init": p.init,
                 "enabled": p.enabled,
             }
+            if is_dora(p):
+                config[p.adapter]["layers"][path]["use_dora"] = True
     return config
 
 
@@ -107,7 +112,7 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
 
 def _trainable_extras(model: nn.Module) -> dict[str, Tensor]:
     """Trainable parameters that are not adapters (a head, biases), by their plain names."""
-    lora = {id(t) for *_, p in iter_lora(model) for t in (p.lora_A, p.lora_B)}
+    lora = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
     return {
         name: tensor
         for name, tensor in _plain_parameters(model).items()
@@ -200,6 +205,8 @@ def _check_config(adapters: Any, path: str) -> None:
                 raise bad(f"layer {tpath!r} of {name!r} has non-positive sizes")
             if not 0 <= layer["dropout"] < 1 or layer["init"] not in ("kaiming", "gaussian"):
                 raise bad(f"layer {tpath!r} of {name!r} has dropout/init out of range")
+            if not isinstance(layer.get("use_dora", False), bool):
+                raise bad(f"layer {tpath!r} of {name!r} has use_dora={layer['use_dora']!r}")
 
 
 def read_lora_file(
@@ -244,10 +251,13 @@ def _check_file_against_model(
     expected = set()
     for name, spec in adapters.items():
         for tpath, layer in spec["layers"].items():
-            for key, shape in (
+            shapes = [
                 (f"{name}.{tpath}.lora_A", (layer["rank"], layer["fan_in"])),
                 (f"{name}.{tpath}.lora_B", (layer["fan_out"], layer["rank"])),
-            ):
+            ]
+            if layer.get("use_dora", False):
+                shapes.append((f"{name}.{tpath}.lora_magnitude", (magnitude_size(layer),)))
+            for key, shape in shapes:
                 expected.add(key)
                 if key not in tensors:
                     raise LoRAError(f"adapter file {path!r} lacks tensor {key!r}.")
@@ -318,6 +328,12 @@ def load_lora(
         for tpath, layer in spec["layers"].items():
             if present:
                 p = existing[(name, tpath)]
+                if is_dora(p) != layer.get("use_dora", False):
+                    raise LoRAError(
+                        f"adapter {name!r} on '{tpath}' is "
+                        f"{'DoRA' if is_dora(p) else 'plain LoRA'} in the model but not in "
+                        f"{str(path)!r}; remove_lora it first."
+                    )
                 if (p.rank, p.fan_in, p.fan_out) != (
                     layer["rank"],
                     layer["fan_in"],
@@ -345,6 +361,8 @@ def load_lora(
                 p = loaded[(name, tpath)]
                 p.lora_A.copy_(tensors[f"{name}.{tpath}.lora_A"])
                 p.lora_B.copy_(tensors[f"{name}.{tpath}.lora_B"])
+                if is_dora(p):
+                    p.lora_magnitude.copy_(tensors[f"{name}.{tpath}.lora_magnitude"])
                 p.enabled = layer.get("enabled", True)
         for name, value in extras.items():
             targets[name].copy_(value)
@@ -377,6 +395,8 @@ def _plan_from_config(
                 f"{layer['shape']} in adapter file {path!r}."
             )
         options = {k: layer[k] for k in ("rank", "alpha", "use_rslora", "dropout", "init")}
+        if layer.get("use_dora", False):
+            options["use_dora"] = True
         plan.append((target, options))
     return plan
 
@@ -408,7 +428,7 @@ def load_base_state_dict(
                         module_name, f"parametrizations.{tensor}.original"
                     )
     own = model.state_dict()
-    lora_ids = {id(t) for *_, p in iter_lora(model) for t in (p.lora_A, p.lora_B)}
+    lora_ids = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
     lora_keys = {k for k, v in model.named_parameters(remove_duplicate=False) if id(v) in lora_ids}
     mapped = {renamed.get(k, k): v for k, v in state_dict.items()}
     base_keys = set(own) - lora_keys

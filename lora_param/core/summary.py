@@ -41,7 +41,7 @@ class ParameterCounts:
 def parameter_counts(model: nn.Module) -> ParameterCounts:
     """Count trainable, total, adapter and base parameters (shared tensors counted once)."""
     params = {id(p): p for p in model.parameters()}
-    lora = {id(t) for *_, p in iter_lora(model) for t in (p.lora_A, p.lora_B)}
+    lora = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
     total = sum(p.numel() for p in params.values())
     lora_n = sum(p.numel() for i, p in params.items() if i in lora)
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
@@ -76,7 +76,7 @@ def trainable_summary(model: nn.Module, per_layer: bool = False) -> str:
                 "x".join(map(str, p.weight_shape)),
                 str(p.rank),
                 f"{p.alpha:g}",
-                f"{p.lora_A.numel() + p.lora_B.numel():,}",
+                f"{sum(t.numel() for t in p.parameters()):,}",
                 "yes" if p.enabled else "no",
             )
         )
