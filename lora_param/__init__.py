@@ -7,6 +7,7 @@ Example:
     >>> save_lora(model, "adapter.pt"); merge_lora(model)
 """
 
+from .core.dora import DoRAParametrization
 from .core.errors import LoRAError
 from .core.factored import FACTORED_KINDS
 from .core.inject import add_lora, find_targets
@@ -20,25 +21,31 @@ from .core.registry import (
     iter_lora,
     list_adapters,
 )
+from .core.strength import adapter_scale, set_adapter_scale
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
+from .interop.kohya import export_kohya, import_kohya
 from .interop.peft import export_peft, import_peft
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DoRAParametrization",
     "FACTORED_KINDS",
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
     "active_adapters",
     "adapter_parameters",
+    "adapter_scale",
     "add_lora",
     "clear_lora_cache",
     "disable_lora",
     "enable_lora",
+    "export_kohya",
     "export_peft",
     "find_targets",
+    "import_kohya",
     "import_peft",
     "iter_lora",
     "list_adapters",
@@ -51,5 +58,6 @@ __all__ = [
     "remove_lora",
     "save_lora",
     "set_active_adapters",
+    "set_adapter_scale",
     "trainable_summary",
 ]
