@@ -331,8 +331,9 @@ def load_lora(
                 if is_dora(p) != layer.get("use_dora", False):
                     raise LoRAError(
                         f"adapter {name!r} on '{tpath}' is "
-                        f"{'DoRA' if is_dora(p) else 'plain LoRA'} in the model but not in "
-                        f"{str(path)!r}; remove_lora it first."
+                        f"{'DoRA' if is_dora(p) else 'plain LoRA'} in the model but "
+                        f"{'plain LoRA' if is_dora(p) else 'DoRA'} in {str(path)!r}; "
+                        "remove_lora it first."
                     )
                 if (p.rank, p.fan_in, p.fan_out) != (
                     layer["rank"],

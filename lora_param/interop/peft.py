@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.dora import is_dora
 from ..core.errors import LoRAError
 from ..core.inject import add_lora
 from ..core.io import atomic_write
@@ -62,7 +63,6 @@ _EXTRA_HINT = 'pip install "lora_param[peft]"'
 # LoraConfig fields that change what a LoRA adapter computes and that import_peft cannot honour
 # when they are set to anything but these values.
 _UNSUPPORTED_FIELDS: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "use_qalora": False,
     "modules_to_save": None,
@@ -76,7 +76,6 @@ _UNSUPPORTED_FIELDS: dict[str, Any] = {
     "monteclora_config": None,
 }
 _FIELD_HINT = {
-    "use_dora": "DoRA adapters carry a magnitude vector lora_param does not model",
     "lora_bias": "a bias on lora_B is not part of lora_param's adapters",
     "modules_to_save": "fully fine-tuned modules are not LoRA; load them with load_base_state_dict",
     "trainable_token_indices": "trainable tokens are not LoRA",
@@ -223,6 +222,18 @@ def _peft_tensors(
     return "param", {f"{pre}.lora_A.weight": a, f"{pre}.lora_B.weight": b}
 
 
+def _peft_magnitude(module_path: str, target_kind: str, p: Any) -> dict[str, Tensor]:
+    """PEFT's ``lora_magnitude_vector`` for a DoRA layer: (n,), or (1, out, 1, ...) for convs."""
+    if target_kind != "module":
+        raise LoRAError(
+            f"'{module_path}': PEFT has no DoRA for parameters given by name (target_parameters)."
+        )
+    m = p.lora_magnitude.detach()
+    if p.kind == "conv":
+        m = m.reshape(1, -1, *([1] * (len(p.weight_shape) - 2)))
+    return {f"{PREFIX}{module_path}.lora_magnitude_vector": m}
+
+
 def _build_export(
     model: nn.Module,
     adapter: str | None,
@@ -251,6 +262,8 @@ def _build_export(
             continue
         module_path = tensor_path[: -len(tensor_name)].rstrip(".")
         target_kind, pair = _peft_tensors(module_path, module, tensor_name, p)
+        if is_dora(p):
+            pair.update(_peft_magnitude(module_path, target_kind, p))
         if module_path in owners:
             raise LoRAError(
                 f"adapter {adapter!r} adapts both '{owners[module_path]}' and '{tensor_path}' of module "
@@ -348,6 +361,12 @@ def _build_export(
         if target_modules is None:
             target_modules = []
 
+    dora = {is_dora(p) for p in ps}
+    if len(dora) > 1:
+        raise LoRAError(
+            f"adapter {adapter!r} is DoRA on some layers only; PEFT's use_dora is one flag for "
+            "the whole adapter."
+        )
     conv1d_hf = [p.kind == "conv1d_hf" for p in ps]
     dropouts = [float(getattr(p, "dropout_p", 0.0)) for p in ps]
     config: dict[str, Any] = {
@@ -369,7 +388,7 @@ def _build_export(
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "use_dora": False,
+        "use_dora": dora == {True},
     }
     if target_parameters:
         config["target_parameters"] = target_parameters
@@ -480,7 +499,13 @@ def _check_config(config: dict[str, Any], where: Path) -> None:
 
 
 def _split_key(key: str) -> tuple[str, str]:
-    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
+    for suffix in (
+        ".lora_A.weight",
+        ".lora_B.weight",
+        ".lora_embedding_A",
+        ".lora_embedding_B",
+        ".lora_magnitude_vector",
+    ):
         if key.endswith(suffix):
             return key[: -len(suffix)], suffix[1:]
     return key, ""
@@ -551,6 +576,8 @@ def import_peft(
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
+    magnitudes: dict[str, Tensor] = {}
 
     plan = []  # (tensor path, module path, A (our layout), B (our layout), rank, alpha)
     for module_path, parts in groups.items():
@@ -560,6 +587,15 @@ def import_peft(
                 f"'{path}' adapts '{module_path}', which this model does not have; "
                 "is this the base model the adapter was trained on?"
             )
+        magnitude = parts.pop("lora_magnitude_vector", None)
+        if (magnitude is not None) != use_dora:
+            raise LoRAError(
+                f"'{path}': layer '{module_path}' "
+                + ("lacks lora_magnitude_vector" if use_dora else "has a DoRA magnitude")
+                + f" but the config says use_dora={use_dora}."
+            )
+        if magnitude is not None:
+            magnitudes[module_path] = magnitude.reshape(-1)
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a_key, b_key = (
             ("lora_embedding_A", "lora_embedding_B")
@@ -635,6 +671,11 @@ def import_peft(
                 f"expected {tuple(expect_a)} and {tuple(expect_b)} for this model; "
                 "is this the base model the adapter was trained on?"
             )
+        if magnitude is not None and magnitude.numel() != expect_b[0]:
+            raise LoRAError(
+                f"'{path}': '{module_path}' has a DoRA magnitude of {magnitude.numel()} values, "
+                f"expected {expect_b[0]}."
+            )
         alpha_key = _peft_pattern_key(alpha_pattern, module_path)
         alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else alpha_default
         rank_key = _peft_pattern_key(rank_pattern, module_path)
@@ -664,6 +705,7 @@ def import_peft(
         use_rslora=use_rslora,
         freeze=freeze,
         mode=mode,
+        use_dora=use_dora,
     )
     loaded = set()
     factors = {tp: (a, b) for tp, _, a, b, _, _ in plan}
@@ -674,6 +716,8 @@ def import_peft(
             a, b = factors[tensor_path]
             p.lora_A.copy_(a.reshape(p.lora_A.shape))
             p.lora_B.copy_(b.reshape(p.lora_B.shape))
+            if is_dora(p):
+                p.lora_magnitude.copy_(magnitudes[tensor_path.rpartition(".")[0]])
             loaded.add(tensor_path)
     missing = wanted - loaded
     if missing:  # pragma: no cover - add_lora adapts exactly what it was asked to
