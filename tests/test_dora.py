@@ -34,7 +34,7 @@ class Conv1D(nn.Module):
 
     def forward(self, x):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(
-            x.shape[:-1] + (self.nf,)
+            (*x.shape[:-1], self.nf)
         )
 
 
@@ -77,11 +77,12 @@ def close(a, b, atol=1e-5):
 
 def hand_dora(w, p):
     """W' = m * V / ||V||, V = W + sBA, norms per output (per embedding column)."""
-    v = w + p.scale * (p.lora_B @ p.lora_A).view(w.shape) if p.kind != "conv1d_hf" else None
-    if p.kind == "conv1d_hf":
-        v = w + p.scale * (p.lora_B @ p.lora_A).t()
+    update = p.lora_B @ p.lora_A
+    if p.kind == "conv1d_hf":  # stored (in, out): outputs are columns
+        v = w + p.scale * update.t()
         return v * (p.lora_magnitude / v.norm(dim=0))
-    if p.kind == "embedding":
+    v = w + p.scale * update.view(w.shape)
+    if p.kind == "embedding":  # PEFT: one norm per embedding dimension, over the vocabulary
         return v * (p.lora_magnitude / v.norm(dim=0))
     norms = v.flatten(1).norm(dim=1)
     return v * (p.lora_magnitude / norms).view(-1, *([1] * (w.dim() - 1)))

@@ -22,7 +22,7 @@ Dropout, when set, applies to the low-rank branch's input only, in both paths.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ def magnitude_size(layer: dict[str, Any]) -> int:
     return int(layer["fan_out"])
 
 
-def is_dora(p: nn.Module) -> bool:
+def is_dora(p: object) -> TypeGuard[DoRAParametrization]:
     """True for a DoRA adapter entry."""
     return isinstance(p, DoRAParametrization)
 
@@ -141,7 +141,7 @@ class DoRAParametrization(LoRAParametrization):
 
     # ---- LoRAParametrization interface ----------------------------------------------------
 
-    @LoRAParametrization.enabled.setter  # type: ignore[attr-defined,untyped-decorator]
+    @LoRAParametrization.enabled.setter  # type: ignore[attr-defined]
     def enabled(self, value: bool) -> None:
         value = bool(value)
         if value != self._enabled:
@@ -195,7 +195,7 @@ class DoRAParametrization(LoRAParametrization):
         self._cache = (tensors, stamp, out)
         return out
 
-    def factored_forward(self, module: nn.Module, x: Tensor, branch: Any) -> Tensor:
+    def factored_forward(self, module: Any, x: Tensor, branch: Any) -> Tensor:
         """``m / ||W + sBA|| * (base(x) + s * B A x) + bias`` for a layer with only this adapter.
 
         Args:
@@ -226,7 +226,7 @@ class DoRAParametrization(LoRAParametrization):
         return super().extra_repr() + ", dora=True"
 
 
-def _plain(kind: str, m: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+def _plain(kind: str, m: Any, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     """The layer's own computation with weight ``w`` and the given bias (None: no bias)."""
     if kind == "linear":
         return F.linear(x, w, bias)

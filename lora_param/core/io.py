@@ -251,7 +251,7 @@ def _check_file_against_model(
     expected = set()
     for name, spec in adapters.items():
         for tpath, layer in spec["layers"].items():
-            shapes = [
+            shapes: list[tuple[str, tuple[int, ...]]] = [
                 (f"{name}.{tpath}.lora_A", (layer["rank"], layer["fan_in"])),
                 (f"{name}.{tpath}.lora_B", (layer["fan_out"], layer["rank"])),
             ]

@@ -52,7 +52,7 @@ def set_adapter_scale(model: nn.Module, adapter: str, strength: float) -> None:
                 p.scale.fill_(value)  # a tensor scale (hot-swap) keeps its identity
             else:
                 p.scale = value
-            p.strength = float(strength)
+            p.__dict__["strength"] = float(strength)
             p.clear_cache()
 
 

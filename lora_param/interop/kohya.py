@@ -164,10 +164,10 @@ def _sgm_to_diffusers(name: str, model: nn.Module) -> str | None:
     m = re.fullmatch(r"middle_block_(\d+)_(.+)", name)
     if m:
         j, rest = int(m[1]), m[2]
-        part = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}.get(j)
-        if part is None:
+        mid = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}.get(j)
+        if mid is None:
             return None
-        return f"mid_block_{part}_" + (_resnet_leaf(rest) if j != 1 else rest)
+        return f"mid_block_{mid}_" + (_resnet_leaf(rest) if j != 1 else rest)
     m = re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", name)
     if m:
         i, j, rest = int(m[1]), int(m[2]), m[3]
@@ -429,7 +429,7 @@ def import_kohya(
             + ". Nothing was changed; pass strict=False to load the rest."
         )
     if not plan:
-        found = sorted({p for k in state if (p := _which_prefix(_split(k)[0]))})
+        found = sorted({o for k in state if (o := _which_prefix(_split(k)[0]))})
         raise LoRAError(
             f"the file has no loadable '{prefix}_' entries for this model (prefixes in the "
             f"file: {found}); pass the prefix of this model's part."
@@ -437,14 +437,14 @@ def import_kohya(
     if problems:
         warnings.warn("import_kohya skipped " + "; ".join(problems), stacklevel=2)
     inject(model, plan, adapter=adapter, mode=mode)
-    loaded = {tpath: p for tpath, _, _, p in iter_lora(model) if p.adapter == adapter}
+    loaded = {tpath: q for tpath, _, _, q in iter_lora(model) if q.adapter == adapter}
     with torch.no_grad():
         for tpath, lora_a, lora_b, magnitude in values:
-            p = loaded[tpath]
-            p.lora_A.copy_(lora_a)
-            p.lora_B.copy_(lora_b)
-            if magnitude is not None:
-                p.lora_magnitude.copy_(magnitude)  # type: ignore[operator]
+            entry_p = loaded[tpath]
+            entry_p.lora_A.copy_(lora_a)
+            entry_p.lora_B.copy_(lora_b)
+            if magnitude is not None and is_dora(entry_p):
+                entry_p.lora_magnitude.copy_(magnitude)
     if freeze:
         freeze_base(model, [], "none")
     return model
@@ -521,7 +521,7 @@ def export_kohya(
         out[f"{stem}.lora_up.weight"] = b.contiguous().cpu()
         out[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if is_dora(p):
-            m = p.lora_magnitude.detach()  # type: ignore[operator]
+            m = p.lora_magnitude.detach()
             ones = [1] * (len(shape) - 1)
             out[f"{stem}.dora_scale"] = m.reshape(-1, *ones).contiguous().cpu()
     st = _safetensors_torch()
