@@ -140,6 +140,10 @@ def test_mixed_file_matches_diffusers_and_hand_merge(unet, inputs):
     stem = "lora_unet_down_blocks_1_attentions_0_proj_out"
     for part in ("down", "up"):
         flat[f"{stem}.lora_{part}.weight"] = sd[f"{stem}.lora_{part}.weight"].flatten(1)
+    # and 1x1-conv-shaped keys onto a Linear layer
+    ff = f"lora_unet_{(ATTN + 'ff.net.2').replace('.', '_')}"
+    for part in ("down", "up"):
+        flat[f"{ff}.lora_{part}.weight"] = sd[f"{ff}.lora_{part}.weight"][..., None, None]
     torch.testing.assert_close(run(import_kohya(copy.deepcopy(unet), flat), inputs), out)
 
 
