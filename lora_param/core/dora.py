@@ -219,11 +219,49 @@ class DoRAParametrization(LoRAParametrization):
         if kind == "conv":
             shape = (1, -1) + (1,) * (y.dim() - 2)
             scale = scale.view(shape)
-            return y * scale if bias is None else torch.addcmul(bias.view(shape), y, scale)
-        return y * scale if bias is None else torch.addcmul(bias, y, scale)
+            bias = None if bias is None else bias.view(shape)
+        if compiling or not bool(scale.detach().abs().min() > 0):
+            return y * scale if bias is None else torch.addcmul(bias, y, scale)
+        return _RescaleShift.apply(y, scale, bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"
+
+
+class _RescaleShift(torch.autograd.Function):
+    """``y * scale + bias`` that keeps its output, not ``y``, for the backward pass.
+
+    ``scale``'s gradient needs ``y``; it is recomputed as ``(out - bias) / scale``. The output
+    is what the next layer keeps anyway, so DoRA adds no activation-sized tensor to the
+    graph (a plain ``y * scale`` would keep ``y``, one more copy of every adapted layer's
+    output). Used only when no scale is zero.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+        out = y * scale if bias is None else torch.addcmul(bias, y, scale)
+        ctx.save_for_backward(out, scale, bias)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        out, scale, bias = ctx.saved_tensors
+        grad_y = grad * scale if ctx.needs_input_grad[0] else None
+        grad_scale = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            y = out / scale if bias is None else (out - bias).div_(scale)
+            grad_scale = _sum_to(grad * y, scale.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = _sum_to(grad, bias.shape)
+        return grad_y, grad_scale, grad_bias
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast result back to ``shape`` (the inverse of broadcasting)."""
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, s in enumerate(shape) if s == 1]
+    return t.sum(dims, keepdim=False).reshape(shape) if dims else t
 
 
 def _plain(kind: str, m: Any, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
