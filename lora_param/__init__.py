@@ -9,7 +9,9 @@ Example:
 
 from .core.dora import DoRAParametrization
 from .core.errors import LoRAError
+from .core.experts import ExpertLoRAParametrization
 from .core.factored import FACTORED_KINDS
+from .core.hf_save import merged_state_dict
 from .core.inject import add_lora, find_targets
 from .core.io import load_base_state_dict, load_lora, lora_state_dict, save_lora
 from .core.merge import merge_lora, remove_lora
@@ -24,29 +26,46 @@ from .core.registry import (
 from .core.strength import adapter_scale, set_adapter_scale
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
+from .core.trainable_copies import TrainableCopy, iter_copies
 from .interop.kohya import export_kohya, import_kohya
 from .interop.peft import export_peft, import_peft
+from .quant import RequantizationWarning, dequantize_base, quantize_base
+from .routing import (
+    CombineReport,
+    combine_adapters,
+    hotswap_lora,
+    mixed_adapters,
+    prepare_hotswap,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DoRAParametrization",
     "FACTORED_KINDS",
+    "CombineReport",
+    "DoRAParametrization",
+    "ExpertLoRAParametrization",
     "LoRAError",
     "LoRAParametrization",
     "ParameterCounts",
+    "RequantizationWarning",
+    "TrainableCopy",
     "active_adapters",
     "adapter_parameters",
     "adapter_scale",
     "add_lora",
     "clear_lora_cache",
+    "combine_adapters",
+    "dequantize_base",
     "disable_lora",
     "enable_lora",
     "export_kohya",
     "export_peft",
     "find_targets",
+    "hotswap_lora",
     "import_kohya",
     "import_peft",
+    "iter_copies",
     "iter_lora",
     "list_adapters",
     "load_base_state_dict",
@@ -54,7 +73,11 @@ __all__ = [
     "lora_disabled",
     "lora_state_dict",
     "merge_lora",
+    "merged_state_dict",
+    "mixed_adapters",
     "parameter_counts",
+    "prepare_hotswap",
+    "quantize_base",
     "remove_lora",
     "save_lora",
     "set_active_adapters",

@@ -23,6 +23,7 @@ from torch import nn
 from lora_param import (
     adapter_parameters,
     add_lora,
+    list_adapters,
     lora_disabled,
     lora_state_dict,
     save_lora,
@@ -207,16 +208,77 @@ def fsdp2_phase(rank: int, world: int, out: Path) -> dict:
             result["lora_off_equals_base"] = torch.equal(model(x_eval), base(x_eval))
     result["eval_grad_enabled_max_diff"] = float((on_grad - ref_on).abs().max())
     result["eval_no_grad_max_diff"] = float((on_no_grad - ref_on).abs().max())
+    # save_lora / export_peft on the sharded model: collectives, rank 0 writes
+    save_lora(model, out / "fsdp2_adapter.pt")
+    export_peft(model, out / "fsdp2_peft", adapter="default")
     if rank == 0:
-        # save: an unsharded copy of the LoRA model takes the gathered tensors
-        single = make_lora(base, seed=100)
-        with torch.no_grad():
-            for key, value in lora_state_dict(single).items():
-                value.copy_(full[key])
-        save_lora(single, out / "fsdp2_adapter.pt")
+        save_lora(ref, out / "fsdp2_reference.pt")
         torch.save({"x": x_eval, "on": ref_on}, out / "fsdp2_outputs.pt")
+    result.update(_fsdp2_load_and_refusals(rank, world, out, base, mesh, x_eval, ref_on))
     dist.barrier()
     return result
+
+
+def _fsdp2_load_and_refusals(rank, world, out, base, mesh, x_eval, ref_on) -> dict:
+    """load_lora into a sharded model; merging, removing or adding adapters on shards is refused."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lora_param import LoRAError, load_lora, merge_lora, remove_lora
+
+    result = {}
+    fresh = make_lora(base, seed=999)  # other initial A: the file must overwrite every shard
+    for i in (0, 2, 4):
+        fully_shard(fresh[i], mesh=mesh)
+    fully_shard(fresh, mesh=mesh)
+    load_lora(fresh, out / "fsdp2_adapter.pt")
+    fresh.eval()
+    with torch.no_grad():
+        result["sharded_load_max_diff"] = float((fresh(x_eval) - ref_on).abs().max())
+    before = {k: v.to_local().clone() for k, v in fresh.state_dict().items()}
+    errors = []
+    for change in (merge_lora, remove_lora, lambda m: add_lora(m, rank=2, adapter="more")):
+        try:
+            change(fresh)
+        except LoRAError as exc:
+            errors.append(str(exc))
+    bare = make_base()
+    fully_shard(bare, mesh=mesh)
+    try:
+        load_lora(bare, out / "fsdp2_adapter.pt")
+    except LoRAError as exc:
+        errors.append(str(exc))
+    after = fresh.state_dict()
+    result["refusals"] = errors
+    result["unchanged_after_refusal"] = before.keys() == after.keys() and all(
+        torch.equal(before[k], after[k].to_local()) for k in before
+    )
+    result["bare_has_no_adapter"] = not list_adapters(bare)
+    return result
+
+
+def one_rank_only_phase(rank: int, world: int) -> dict:
+    """save_lora on a sharded model called by rank 0 alone: a LoRAError, not a hang. Last phase:
+    the timed-out barrier leaves the process group unusable."""
+    from datetime import timedelta
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lora_param import LoRAError
+    from lora_param.core import distributed
+
+    distributed.CHECK_IN_TIMEOUT = timedelta(seconds=2)
+    mesh = init_device_mesh("cpu", (world,))  # on every rank: may communicate
+    dist.barrier()
+    message = ""
+    if rank == 0:
+        model = make_lora(make_base(), seed=1)
+        fully_shard(model, mesh=mesh)
+        try:
+            save_lora(model, "never-written.pt")
+        except LoRAError as exc:
+            message = str(exc)
+    return {"message": message}
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -234,6 +296,8 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results = {"ddp": ddp_phase(rank, world, out)}
         results["toggle"] = toggle_phase(rank, world)
         results["fsdp2"] = fsdp2_phase(rank, world, out)
+        if "skipped" not in results["fsdp2"]:
+            results["one_rank"] = one_rank_only_phase(rank, world)
         (out / f"result{rank}.json").write_text(json.dumps(results))
     except BaseException:
         (out / f"error{rank}.txt").write_text(traceback.format_exc())

@@ -454,7 +454,7 @@ def test_text_file(h, tmp_path):
 def test_missing_file(h, tmp_path):
     model = Net()
     _refuses(model, h, lambda: load_lora(model, tmp_path / "nope.pt"), r"does not exist")
-    _refuses(model, h, lambda: load_lora(model, tmp_path), r"does not exist")  # a folder
+    _refuses(model, h, lambda: load_lora(model, tmp_path), r"is a folder, not a file")
 
 
 def test_plain_state_dict_file(h, tmp_path):

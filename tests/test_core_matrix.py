@@ -23,6 +23,7 @@ from lora_param import (
     adapter_parameters,
     disable_lora,
     enable_lora,
+    iter_copies,
     iter_lora,
     list_adapters,
     load_lora,
@@ -533,6 +534,60 @@ def test_several_adapters(case, mode, h):
     del both
 
 
+# --------------------------------------------------------------------------- heads and biases
+
+
+def _last_leaf_with_parameters(model):
+    return [
+        n for n, m in model.named_modules() if n and next(m.parameters(False), None) is not None
+    ][-1]
+
+
+def test_heads_and_biases_per_adapter(case, mode, h, tmp_path):
+    """Each adapter trains its own copy of a head and of biases; toggles switch them exactly."""
+    base = case.model()
+    ref = h.frozen_copy(base)
+    head = _last_leaf_with_parameters(base)  # often also carries LoRA: copy and update stack
+    model = add_lora(base, case.targets, rank=case.rank, mode=mode, trainable=head, bias="all")
+    add_lora(model, case.targets, rank=1, mode=mode, adapter="b", bias="lora_only")
+    h.randomize(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for *_, c in iter_copies(model):
+            c.value.add_(torch.randn(c.value.shape, generator=g) * 0.3)
+    assert {c.adapter for *_, c in iter_copies(model)} == {"default", "b"} or not any(
+        "bias" in n for n, _ in ref.named_parameters()
+    )
+    x = case.inputs()
+    base_outs = _all_states(ref, x, h)
+    with lora_disabled(model):
+        for key, out in _all_states(model, x, h).items():
+            assert torch.equal(out, base_outs[key]), f"lora_disabled differs from base in {key}"
+    outs = {}
+    for name in ("default", "b"):
+        set_active_adapters(model, name)
+        outs[name] = h.run(model, x, grad=False)
+        assert all(c.enabled == (c.adapter == name) for *_, c in iter_copies(model))
+    assert not torch.allclose(outs["default"], outs["b"], atol=1e-4)
+    set_active_adapters(model, [])
+    assert torch.equal(h.run(model, x, grad=False), base_outs[(False, False)])
+
+    set_active_adapters(model, "b")
+    loaded = load_lora(case.model(), save_lora(model, tmp_path / "a.pt"), mode=mode).eval()
+    set_active_adapters(loaded, "default")
+    assert torch.allclose(h.run(loaded, x, grad=False), outs["default"], **TIGHT)
+
+    merged = merge_lora(copy.deepcopy(model), adapter="default")
+    assert list_adapters(merged) == ["b"]
+    with lora_disabled(merged):
+        assert torch.allclose(h.run(merged, x, grad=False), outs["default"], **TIGHT)
+
+    remove_lora(model)
+    after = model.state_dict()
+    assert after.keys() == ref.state_dict().keys()
+    assert all(torch.equal(after[k], v) for k, v in ref.state_dict().items())
+
+
 # --------------------------------------------------------------------------- copies, dtypes
 
 
@@ -659,23 +714,27 @@ def test_trainable_and_bias_options_mlp(mode, h):
     assert f["fc1.parametrizations.weight.original"] is False
     assert f["fc1.parametrizations.weight.0.lora_A"] and f["fc1.parametrizations.weight.0.lora_B"]
 
+    # A head and biases are trained as the adapter's own copies; the originals stay frozen.
     m = add_lora(h.MLP(), "fc1", rank=2, mode=mode, trainable="fc2")
     f = flags(m)
-    assert f["fc2.weight"] and f["fc2.bias"] and not f["fc1.bias"]
+    assert f["fc2.parametrizations.weight.0.value"] and f["fc2.parametrizations.bias.0.value"]
+    assert not f["fc2.parametrizations.weight.original"] and not f["fc1.bias"]
     assert not f["fc1.parametrizations.weight.original"]
 
     m = add_lora(h.MLP(), "fc1", rank=2, mode=mode, bias="lora_only")
     f = flags(m)
-    assert f["fc1.bias"] and not f["fc2.bias"] and not f["fc2.weight"]
+    assert f["fc1.parametrizations.bias.0.value"] and not f["fc2.bias"] and not f["fc2.weight"]
+    assert not f["fc1.parametrizations.bias.original"]
 
     m = add_lora(h.MLP(), "fc1", rank=2, mode=mode, bias="all")
     f = flags(m)
-    assert f["fc1.bias"] and f["fc2.bias"] and not f["fc2.weight"]
+    assert f["fc1.parametrizations.bias.0.value"] and f["fc2.parametrizations.bias.0.value"]
+    assert not f["fc2.weight"]
 
     m = add_lora(h.MLP(), "fc1", rank=2, mode=mode, freeze=False)
     assert all(flags(m).values())
 
-    # Training moves exactly what is trainable.
+    # Training moves exactly what is trainable: the adapter's factors and copies.
     m = add_lora(h.MLP(), "fc1", rank=2, mode=mode, trainable=["fc2"], bias="lora_only")
     before = {k: v.clone() for k, v in m.state_dict().items()}
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
@@ -687,24 +746,27 @@ def test_trainable_and_bias_options_mlp(mode, h):
     after = m.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {
-        "fc1.bias",
+        "fc1.parametrizations.bias.0.value",
         "fc1.parametrizations.weight.0.lora_A",
         "fc1.parametrizations.weight.0.lora_B",
-        "fc2.weight",
-        "fc2.bias",
+        "fc2.parametrizations.weight.0.value",
+        "fc2.parametrizations.bias.0.value",
     }
 
 
 def test_bias_options_transformer(mode, h):
     m = add_lora(h.TransformerNet(), rank=2, mode=mode, bias="all")
     for n, p in m.named_parameters():
-        if n.endswith(".bias") and "in_proj" not in n:
+        if n.endswith("bias.0.value"):
             assert p.requires_grad, n
-        elif "lora_" not in n and not n.endswith("bias"):
+        elif "lora_" not in n:
             assert not p.requires_grad, n
     m = add_lora(h.TransformerNet(), "*linear1", rank=2, mode=mode, bias="lora_only")
     trainable = {n for n, p in m.named_parameters() if p.requires_grad and "lora_" not in n}
-    assert trainable == {"encoder.layers.0.linear1.bias", "encoder.layers.1.linear1.bias"}
+    assert trainable == {
+        "encoder.layers.0.linear1.parametrizations.bias.0.value",
+        "encoder.layers.1.linear1.parametrizations.bias.0.value",
+    }
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lora_param import iter_lora, list_adapters, load_lora, lora_disabled
+from lora_param import iter_lora, list_adapters, load_lora, lora_disabled, set_active_adapters
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -93,10 +93,13 @@ def test_ddp_base_and_inactive_adapter_untouched(dist_run):
 
 def test_ddp_rank0_adapter_loads_into_single_process_model(dist_run):
     out, _ = dist_run
-    model, outputs, saved = _fresh_outputs(out, "ddp_adapter.pt", "ddp_outputs.pt")
+    model, _, saved = _fresh_outputs(out, "ddp_adapter.pt", "ddp_outputs.pt")
     assert set(list_adapters(model)) == {"default", "spare"}
-    assert all(not p.enabled for *_, p in iter_lora(model) if p.adapter == "spare")
-    assert torch.equal(outputs, saved["on"])
+    # A file records no on/off state: load enables both; the workers ran with "spare" off.
+    assert all(p.enabled for *_, p in iter_lora(model))
+    set_active_adapters(model, "default")
+    with torch.no_grad():
+        assert torch.equal(model(saved["x"]), saved["on"])
     with torch.no_grad(), lora_disabled(model):
         assert torch.equal(model(saved["x"]), ddp_worker.make_base()(saved["x"]))
 
@@ -150,3 +153,60 @@ def test_fsdp2_gathered_adapter_loads_into_single_process_model(dist_run):
     _fsdp2(results)
     _, outputs, saved = _fresh_outputs(out, "fsdp2_adapter.pt", "fsdp2_outputs.pt")
     torch.testing.assert_close(outputs, saved["on"], rtol=1e-5, atol=1e-6)
+
+
+def _tensors(path):
+    payload = torch.load(path, weights_only=True)
+    return json.loads(payload["config"]), payload["tensors"]
+
+
+def test_fsdp2_save_lora_on_every_rank_writes_the_single_process_file(dist_run):
+    """save_lora on the sharded model gathers the shards itself; rank 0 writes one file equal to
+    the one single-process training on the same data writes (to float rounding)."""
+    out, results = dist_run
+    _fsdp2(results)
+    config, tensors = _tensors(out / "fsdp2_adapter.pt")
+    ref_config, ref_tensors = _tensors(out / "fsdp2_reference.pt")
+    assert config == ref_config
+    assert tensors.keys() == ref_tensors.keys()
+    for key, value in ref_tensors.items():
+        assert type(tensors[key]) is torch.Tensor and tensors[key].shape == value.shape
+        torch.testing.assert_close(tensors[key], value, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files
+
+
+def test_fsdp2_export_peft_on_every_rank_loads_into_a_plain_model(dist_run):
+    pytest.importorskip("safetensors")
+    from lora_param.interop.peft import import_peft
+
+    out, results = dist_run
+    _fsdp2(results)
+    model = import_peft(ddp_worker.make_base(), out / "fsdp2_peft").eval()
+    saved = torch.load(out / "fsdp2_outputs.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(saved["x"]), saved["on"], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_load_lora_into_sharded_model_matches_plain(dist_run):
+    _, results = dist_run
+    for r in _fsdp2(results):
+        assert r["sharded_load_max_diff"] < 1e-5
+
+
+def test_fsdp2_merge_remove_and_add_on_shards_are_refused_without_change(dist_run):
+    _, results = dist_run
+    for r in _fsdp2(results):
+        merge, remove, add, inject = r["refusals"]
+        assert "merge_lora cannot change a sharded (FSDP2) model" in merge
+        assert "remove_lora cannot change a sharded (FSDP2) model" in remove
+        assert "add_lora cannot adapt sharded (FSDP2) weights" in add
+        assert "add them before fully_shard" in inject
+        assert r["unchanged_after_refusal"] and r["bare_has_no_adapter"]
+
+
+def test_fsdp2_save_called_on_one_rank_only_says_so(dist_run):
+    _, results = dist_run
+    _fsdp2(results)
+    message = results[0]["one_rank"]["message"]
+    assert "is a collective: every rank must call it" in message
+    assert "save_lora" in message

@@ -127,7 +127,7 @@ def test_grouped_conv_rank_too_large_has_a_clear_message():
     # a depthwise 3x3 conv is (C, 1, 3, 3): a (C, 9) matrix, so its rank is at most 9
     conv = nn.Sequential(nn.Conv2d(16, 16, 3, groups=16))
     with pytest.raises(LoRAError, match="exceeds"):
-        add_lora(conv, rank=12)
+        add_lora(conv, "0", rank=12)  # named literally: an error; found by a pattern: rank 9
     assert not list(iter_lora(conv))
 
 

@@ -388,8 +388,8 @@ def _state(model):
     "config, match",
     [
         ({"use_dora": True}, "use_dora"),
-        ({"bias": "all"}, "bias"),
-        ({"modules_to_save": ["1"]}, "modules_to_save"),
+        ({"bias": "some"}, "bias"),
+        ({"modules_to_save": ["9"]}, "modules_to_save"),
         ({"peft_type": "IA3"}, "LORA"),
     ],
 )
@@ -432,7 +432,7 @@ def test_import_refuses_unknown_tensors_and_missing_folder(tmp_path):
     _write_peft_folder(tmp_path / "a", {}, tensors)
     with pytest.raises(LoRAError, match="not LoRA factors"):
         import_peft(nn.Sequential(nn.Linear(4, 3)), tmp_path / "a")
-    with pytest.raises(LoRAError, match="not a folder"):
+    with pytest.raises(LoRAError, match="does not exist"):
         import_peft(nn.Sequential(nn.Linear(4, 3)), tmp_path / "missing")
 
 

@@ -10,6 +10,7 @@ weight the parametrization caches, which makes evaluation cost what the merged m
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from .parametrization import LoRAParametrization
 
 __all__ = [
     "FACTORED_KINDS",
+    "base_forward",
     "factored_forward_applies",
     "install_factored_forward",
     "remove_factored_forward",
@@ -30,12 +32,17 @@ BaseOp = Callable[[nn.Module, Tensor, Tensor], Tensor]
 BranchOp = Callable[[nn.Module, Tensor, LoRAParametrization, Tensor], Tensor]
 
 
+def _add_scaled(y: Tensor, update: Tensor, scale: float | Tensor) -> Tensor:
+    # A hot-swap-ready adapter keeps its scale in a tensor; add's alpha takes numbers only.
+    return y + update * scale if isinstance(scale, Tensor) else y.add(update, alpha=scale)
+
+
 def _linear_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
     return F.linear(x, w, m.bias)
 
 
 def _linear_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
-    return y.add(F.linear(F.linear(p.dropout(x), p.lora_A), p.lora_B), alpha=p.scale)
+    return _add_scaled(y, F.linear(F.linear(p.dropout(x), p.lora_A), p.lora_B), p.scale)
 
 
 def _conv_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
@@ -52,7 +59,7 @@ def _conv_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> 
         lora_a = lora_a.repeat(groups, *([1] * (lora_a.dim() - 1)))
     z = m._conv_forward(p.dropout(x), lora_a, None)
     lora_b = p.lora_B.view(p.fan_out, rank, *([1] * (lora_a.dim() - 2)))
-    return y.add(_CONV[lora_a.dim() - 2](z, lora_b, None, 1, 0, 1, groups), alpha=p.scale)
+    return _add_scaled(y, _CONV[lora_a.dim() - 2](z, lora_b, None, 1, 0, 1, groups), p.scale)
 
 
 def _embedding_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
@@ -61,7 +68,7 @@ def _embedding_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
 
 def _embedding_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
     rows = F.embedding(x, p.lora_B)
-    return y.add(rows @ p.lora_A, alpha=p.scale)
+    return _add_scaled(y, rows @ p.lora_A, p.scale)
 
 
 def _conv1d_hf_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
@@ -77,10 +84,22 @@ _OPS: dict[str, tuple[BaseOp, BranchOp]] = {
 FACTORED_KINDS = frozenset(_OPS)
 
 
+def base_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """What a factored layer computes with ``weight`` and no adapter (its own forward's math)."""
+    return _OPS[str(module._lora_kind)][0](module, x, weight)
+
+
 def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
+    route = self.__dict__.get("_lora_route")
+    if route is not None:  # per-example adapters: lora_param.routing.mixed
+        return route(self, x)
     base, branch = _OPS[self._lora_kind]
     plist = self._modules["parametrizations"]._modules["weight"]
     entries = plist._modules.values()
+    head = next(iter(entries))
+    packed = getattr(head, "base_forward", None) if type(head) is not LoRAParametrization else None
+    if packed is not None:
+        return _packed_base_forward(self, x, packed, list(entries)[1:], base, branch)
     compiling = torch.compiler.is_compiling()
     cached = not compiling and not torch.is_grad_enabled()
     for p in entries:
@@ -100,6 +119,28 @@ def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
         if not compiling and p._cache is not None:
             p._cache = None  # training moves on; free the eval copy
         if p._enabled:
+            y = branch(self, x, p, y)
+    return y
+
+
+def _packed_base_forward(
+    self: nn.Module,
+    x: Tensor,
+    base_forward: Callable[[nn.Module, Tensor], Tensor],
+    entries: list[nn.Module | None],
+    base: BaseOp,
+    branch: BranchOp,
+) -> Tensor:
+    """A packed frozen base (``lora_param.quant``) first, then LoRA branches; never cached.
+
+    The base entry computes its own output (dequantizing again in backward); caching
+    ``W + sBA`` would keep a full-precision copy of the weight the packing exists to avoid.
+    """
+    if not all(type(p) is LoRAParametrization for p in entries):
+        return base(self, x, cast(Tensor, self.weight))
+    y = base_forward(self, x)
+    for p in entries:
+        if isinstance(p, LoRAParametrization) and p._enabled:
             y = branch(self, x, p, y)
     return y
 

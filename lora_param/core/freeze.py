@@ -1,4 +1,4 @@
-"""Freezing: only adapter weights, plus what the caller names, stay trainable."""
+"""Freezing: only what the adapters train (LoRA factors, their own copies) stays trainable."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .errors import LoRAError
 from .layers import base_tensor, tensor_names
 from .matching import Targets, as_patterns, is_literal, matches, nearest
 from .registry import iter_lora
+from .trainable_copies import iter_copies
 
 __all__ = ["Bias", "freeze_base", "trainable_modules"]
 
@@ -17,7 +18,7 @@ Bias = Literal["none", "all", "lora_only"]
 
 
 def trainable_modules(model: nn.Module, trainable: Targets) -> list[nn.Module]:
-    """Modules matching ``trainable`` patterns; a string pattern that matches nothing is an error."""
+    """Modules matching ``trainable`` patterns; a string pattern matching nothing is an error."""
     patterns = as_patterns(trainable, "trainable")
     named = [(n, m) for n, m in model.named_modules() if n and ".parametrizations" not in f".{n}"]
     found: dict[int, nn.Module] = {}
@@ -32,7 +33,26 @@ def trainable_modules(model: nn.Module, trainable: Targets) -> list[nn.Module]:
                 + ("" if not is_literal(pattern) else " (patterns match full module names)")
             )
         found.update((id(m), m) for m in hits)
+    for name, module in named:
+        if id(module) not in found:
+            continue
+        packed = [t for t, p in module.named_parameters() if _is_packed(t, p)]
+        if packed:
+            raise LoRAError(
+                f"trainable= names '{name}', whose weight is stored packed (quantized: "
+                f"{packed[0]}) and cannot train; dequantize_base(model) first, or train it "
+                "through LoRA instead of trainable=."
+            )
     return list(found.values())
+
+
+def _is_packed(name: str, param: nn.Parameter) -> bool:
+    """A module's own parametrized tensor stored as integers (lora_param.quant's packing)."""
+    return (
+        name.startswith("parametrizations.")
+        and name.count(".") == 2
+        and not (param.is_floating_point())
+    )
 
 
 def _biases(module: nn.Module) -> list[nn.Parameter]:
@@ -47,21 +67,27 @@ def _biases(module: nn.Module) -> list[nn.Parameter]:
 
 
 def freeze_base(model: nn.Module, keep: list[nn.Module], bias: Bias) -> None:
-    """Freeze every parameter except adapters (which follow ``enabled``), ``keep`` and biases.
+    """Freeze every parameter except the adapters' own (which follow ``enabled``).
+
+    An adapter's own parameters are its LoRA factors and its copies of the heads and biases it
+    trains (``add_lora(trainable=, bias=)`` puts those in the adapter, see
+    :mod:`.trainable_copies`). ``keep`` and ``bias`` make base tensors trainable *in place*,
+    shared by every adapter; ``add_lora`` no longer uses them.
 
     Args:
         model: The model with adapters.
-        keep: Modules whose parameters stay trainable (a classifier head).
-        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted
-            layers); a bias is a parameter with "bias" in its name (``in_proj_bias`` too).
+        keep: Modules whose parameters stay trainable in place.
+        bias: ``"none"``, ``"all"`` (every bias trains in place) or ``"lora_only"`` (biases of
+            adapted layers); a bias is a parameter with "bias" in its name (``in_proj_bias`` too).
     """
     lora = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
+    lora |= {id(c.value) for *_, c in iter_copies(model)}
     for param in model.parameters():
         if id(param) not in lora:
             param.requires_grad_(False)
     for module in keep:
         for param in module.parameters():
-            if id(param) not in lora:
+            if id(param) not in lora and param.is_floating_point():
                 param.requires_grad_(True)
     if bias == "all":
         modules = list(model.modules())

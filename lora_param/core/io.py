@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +13,24 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .distributed import check_in, copy_into, gather_full, is_sharded, write_once
 from .dora import is_dora, magnitude_size
 from .errors import LoRAError
+from .experts import ExpertLayout
 from .freeze import freeze_base
-from .inject import Mode, inject
+from .inject import _ADAPTER_NAME, Mode, inject
 from .layers import base_tensor, join, parameter_target, tensor_names
 from .merge import remove_lora
+from .paths import check_input_file, check_output_file
 from .registry import check_adapters_exist, iter_lora, list_adapters
+from .trainable_copies import (
+    CopyPlan,
+    TrainableCopy,
+    check_copyable,
+    drop_copies,
+    iter_copies,
+    register_copies,
+)
 
 __all__ = [
     "FORMAT",
@@ -67,9 +78,15 @@ def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, T
 
 
 def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, Any]:
-    """JSON-ready description of adapters: per layer kind, shape, rank, alpha and options."""
+    """JSON-ready description of adapters: what each one is, never its transient state.
+
+    Per adapted tensor: kind, shape, rank, alpha and options; per trained copy (a head from
+    ``trainable=``, a bias from ``bias=``): its role, owning module and shape. Whether an
+    adapter is enabled is not recorded: that is the model's state (``lora_disabled`` is a
+    context), and :func:`load_lora` enables what it loads.
+    """
     names = _selected(model, adapter)
-    config: dict[str, Any] = {name: {"layers": {}} for name in names}
+    config: dict[str, Any] = {name: {"layers": {}, "copies": {}} for name in names}
     for path, _, _, p in iter_lora(model):
         if p.adapter in config:
             config[p.adapter]["layers"][path] = {
@@ -83,10 +100,18 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
                 "use_rslora": p.use_rslora,
                 "dropout": p.dropout_p,
                 "init": p.init,
-                "enabled": p.enabled,
             }
+            if p.kind == "experts":
+                config[p.adapter]["layers"][path]["experts"] = p.lora_A.shape[0]
             if is_dora(p):
                 config[p.adapter]["layers"][path]["use_dora"] = True
+    for path, _, _, c in iter_copies(model):
+        if c.adapter in config:
+            config[c.adapter]["copies"][path] = {
+                "role": c.role,
+                "owner": c.owner,
+                "shape": list(c.value.shape),
+            }
     return config
 
 
@@ -110,18 +135,8 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     return path
 
 
-def _trainable_extras(model: nn.Module) -> dict[str, Tensor]:
-    """Trainable parameters that are not adapters (a head, biases), by their plain names."""
-    lora = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
-    return {
-        name: tensor
-        for name, tensor in _plain_parameters(model).items()
-        if tensor.requires_grad and id(tensor) not in lora
-    }
-
-
 def _plain_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """Parameters by the names they have without parametrize (``fc.weight``, not ``...original``)."""
+    """Parameters by their names without parametrize (``fc.weight``, not ``...original``)."""
     out: dict[str, Tensor] = {}
     for module_name, module in model.named_modules():
         if ".parametrizations" in f".{module_name}":
@@ -143,26 +158,48 @@ def save_lora(
     """Save adapters (all, or one) with their config to one file, atomically.
 
     The file holds only tensors, strings and numbers, and is read back with
-    ``torch.load(weights_only=True)``: loading a stranger's file runs no code.
+    ``torch.load(weights_only=True)``: loading a stranger's file runs no code. The path is
+    checked first (not a folder, a writable place; missing parent folders are created).
+
+    On a sharded (FSDP2) model this is a collective: call it on every rank; the shards are
+    gathered and rank 0 alone writes the file.
 
     Args:
         model: A model with adapters.
         path: Where to write.
         adapter: Save only this adapter; None saves all of them.
-        include_trainable: Also save the other trainable parameters (a head made trainable
-            with ``trainable=``, biases from ``bias=``), so that ``load_lora`` restores them.
+        include_trainable: Also save the adapters' own copies of the heads and biases they
+            train (``trainable=``, ``bias=``), so that ``load_lora`` restores them.
 
     Returns:
         The path written.
     """
-    extras = _trainable_extras(model) if include_trainable else {}
+    config = adapter_config(model, adapter)
+    tensors = lora_state_dict(model, adapter)
+    copies: dict[str, Tensor] = {}
+    for tensor_path, _, _, c in iter_copies(model):
+        if c.adapter in config and include_trainable:
+            copies[f"{c.adapter}.{tensor_path}"] = c.value.detach()
+    if not include_trainable:
+        for spec in config.values():
+            spec["copies"] = {}
+    sharded = any(is_sharded(t) for t in [*tensors.values(), *copies.values()])
+    if sharded:
+        check_in("save_lora")
+    else:
+        check_output_file(path, "adapter file")
     payload = {
         "format": FORMAT,
-        "config": json.dumps({"adapters": adapter_config(model, adapter)}),
-        "tensors": {k: v.contiguous().cpu() for k, v in lora_state_dict(model, adapter).items()},
-        "trainable": {k: v.detach().contiguous().cpu() for k, v in extras.items()},
+        "config": json.dumps({"adapters": config}),
+        "tensors": gather_full(tensors),
+        "copies": gather_full(copies),
     }
-    return atomic_write(path, lambda f: torch.save(payload, f))
+
+    def write() -> None:
+        check_output_file(path, "adapter file")
+        atomic_write(path, lambda f: torch.save(payload, f))
+
+    return write_once(path, write, collective=sharded)
 
 
 _LAYER_FIELDS: dict[str, Any] = {
@@ -207,6 +244,25 @@ def _check_config(adapters: Any, path: str) -> None:
                 raise bad(f"layer {tpath!r} of {name!r} has dropout/init out of range")
             if not isinstance(layer.get("use_dora", False), bool):
                 raise bad(f"layer {tpath!r} of {name!r} has use_dora={layer['use_dora']!r}")
+            experts = layer.get("experts", 1)
+            if (
+                not isinstance(experts, int)
+                or isinstance(experts, bool)
+                or experts <= 0
+                or ("experts" in layer) != (layer["kind"] == "experts")
+            ):
+                raise bad(f"layer {tpath!r} of {name!r} has experts={layer.get('experts')!r}")
+        copies = spec.get("copies", {})
+        if not isinstance(copies, dict):
+            raise bad(f"adapter {name!r} has copies that are not a mapping")
+        for tpath, copy in copies.items():
+            if (
+                not isinstance(copy, dict)
+                or copy.get("role") not in ("module", "bias")
+                or not isinstance(copy.get("owner"), str)
+                or not isinstance(copy.get("shape"), list)
+            ):
+                raise bad(f"copy {tpath!r} of {name!r} is not described by role, owner and shape")
 
 
 def read_lora_file(
@@ -214,12 +270,16 @@ def read_lora_file(
 ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
     """Read and check a file written by :func:`save_lora`.
 
+    Files from before per-adapter copies kept the trained heads and biases under
+    ``"trainable"``, by plain tensor path; they are read as copies of every adapter in the file.
+
     Returns:
-        The adapters' config, the adapter tensors, and the other trainable tensors.
+        The adapters' config, the adapter tensors, and the adapters' trained copies keyed
+        ``"<adapter>.<tensor path>"`` (described by each adapter's ``"copies"`` config).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise LoRAError(f"adapter file {str(path)!r} does not exist.")
+    path = check_input_file(
+        path, "adapter file", "; save_lora writes one file (a PEFT folder? use import_peft)"
+    )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged files
@@ -236,12 +296,36 @@ def read_lora_file(
     try:
         adapters = json.loads(payload["config"])["adapters"]
         tensors = dict(payload["tensors"])
-        extras = dict(payload.get("trainable", {}))
+        extras = dict(payload.get("copies", {}))
+        legacy = dict(payload.get("trainable", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise LoRAError(f"adapter file {str(path)!r} has a damaged config: {e!r}.") from None
     _check_config(adapters, str(path))
-    if not all(isinstance(t, Tensor) for t in [*tensors.values(), *extras.values()]):
+    if not all(
+        isinstance(t, Tensor) for t in [*tensors.values(), *extras.values(), *legacy.values()]
+    ):
         raise LoRAError(f"adapter file {str(path)!r} holds something other than tensors.")
+    for tpath, value in legacy.items():
+        module_name, _, leaf = tpath.rpartition(".")
+        role = "bias" if "bias" in leaf else "module"
+        for name, spec in adapters.items():
+            copies = spec.setdefault("copies", {})
+            copies[tpath] = {"role": role, "owner": module_name, "shape": list(value.shape)}
+            extras[f"{name}.{tpath}"] = value
+    described = {f"{n}.{t}" for n, spec in adapters.items() for t in spec.get("copies", {})}
+    if set(extras) - described:
+        raise LoRAError(
+            f"adapter file {str(path)!r} has copies its config does not describe: "
+            f"{sorted(set(extras) - described)[:5]}"
+        )
+    for name, spec in adapters.items():
+        for tpath, copy in spec.get("copies", {}).items():
+            value = extras.get(f"{name}.{tpath}")
+            if value is None or list(value.shape) != copy["shape"]:
+                raise LoRAError(
+                    f"adapter file {str(path)!r}: the copy {tpath!r} of {name!r} is missing or "
+                    "does not have the shape its config says."
+                )
     return adapters, tensors, extras
 
 
@@ -251,9 +335,10 @@ def _check_file_against_model(
     expected = set()
     for name, spec in adapters.items():
         for tpath, layer in spec["layers"].items():
+            stack = (layer["experts"],) if "experts" in layer else ()
             shapes: list[tuple[str, tuple[int, ...]]] = [
-                (f"{name}.{tpath}.lora_A", (layer["rank"], layer["fan_in"])),
-                (f"{name}.{tpath}.lora_B", (layer["fan_out"], layer["rank"])),
+                (f"{name}.{tpath}.lora_A", (*stack, layer["rank"], layer["fan_in"])),
+                (f"{name}.{tpath}.lora_B", (*stack, layer["fan_out"], layer["rank"])),
             ]
             if layer.get("use_dora", False):
                 shapes.append((f"{name}.{tpath}.lora_magnitude", (magnitude_size(layer),)))
@@ -273,6 +358,69 @@ def _check_file_against_model(
         )
 
 
+def _rename(
+    adapters: dict[str, Any],
+    tensors: dict[str, Tensor],
+    copies: dict[str, Tensor],
+    new: str,
+    path: str,
+) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+    """The one selected adapter under another name (``load_lora(as_adapter=...)``)."""
+    if not isinstance(new, str) or not _ADAPTER_NAME.fullmatch(new):
+        raise LoRAError(
+            f"as_adapter={new!r} is invalid: use letters, digits, '_' or '-' (no dots)."
+        )
+    if len(adapters) != 1:
+        raise LoRAError(
+            f"adapter file {path!r} holds the adapters {list(adapters)}; pass adapter= to choose "
+            "the one to load under as_adapter=."
+        )
+    (old,) = adapters
+    cut = len(old) + 1
+    return (
+        {new: adapters[old]},
+        {f"{new}.{k[cut:]}": v for k, v in tensors.items()},
+        {f"{new}.{k[cut:]}": v for k, v in copies.items()},
+    )
+
+
+def _plan_file_copies(
+    model: nn.Module, adapters: Mapping[str, Any], copies: Mapping[str, Tensor], path: str
+) -> tuple[dict[str, list[CopyPlan]], dict[tuple[str, str], Any]]:
+    """Check the file's copies against the model; plan the ones the model does not hold yet.
+
+    Returns:
+        New copies to register per adapter, and the existing copies by (adapter, tensor path).
+    """
+    modules = dict(model.named_modules())
+    existing = {(c.adapter, tpath): c for tpath, _, _, c in iter_copies(model)}
+    plans: dict[str, list[CopyPlan]] = {}
+    for name, spec in adapters.items():
+        plans[name] = []
+        for tpath, info in spec.get("copies", {}).items():
+            module_name, _, tensor = tpath.rpartition(".")
+            module = modules.get(module_name)
+            if module is None or tensor not in tensor_names(module):
+                raise LoRAError(
+                    f"adapter file {path!r} holds a trained copy of '{tpath}', which this model "
+                    "does not have; load it into the same architecture it was trained on."
+                )
+            have = tuple(base_tensor(module, tensor).shape)
+            if have != tuple(copies[f"{name}.{tpath}"].shape):
+                raise LoRAError(
+                    f"adapter file {path!r} holds trainable tensor {tpath!r} of shape "
+                    f"{tuple(copies[f'{name}.{tpath}'].shape)}, but the model has {have} there."
+                )
+            if (name, tpath) not in existing:
+                check_copyable(tpath, module, tensor)
+                plans[name].append(CopyPlan(tpath, module, tensor, info["role"], info["owner"]))
+    return plans, existing
+
+
+def _of_adapter(name: str) -> Callable[[TrainableCopy], bool]:
+    return lambda c: c.adapter == name
+
+
 def load_lora(
     model: nn.Module,
     path: str | os.PathLike,
@@ -280,11 +428,18 @@ def load_lora(
     *,
     freeze: bool = True,
     mode: Mode = "factored",
+    as_adapter: str | None = None,
+    trainable: bool = True,
 ) -> nn.Module:
     """Load adapters saved by :func:`save_lora`, injecting them first if the model lacks them.
 
     On a fresh copy of the base model this injects and loads in one call. Keys and shapes are
-    checked against the model before anything changes; on error the model is unchanged.
+    checked against the model before anything changes; on error the model is unchanged. The
+    loaded adapters come back with their trained heads and biases (their own copies) and are
+    enabled; other adapters of the model keep their state.
+
+    On a sharded (FSDP2) model that already has the adapters, each rank reads the file and
+    keeps its own shard (no communication).
 
     Args:
         model: The base model (with or without the adapters already added).
@@ -292,19 +447,14 @@ def load_lora(
         adapter: Load only this adapter from the file; None loads all of them.
         freeze: Freeze the base model as ``add_lora(freeze=True)`` does.
         mode: Forward mode for newly injected adapters.
+        as_adapter: Load the (one) selected adapter under this name instead of its own.
+        trainable: False loads the adapters frozen, for inference (toggling keeps them
+            frozen).
 
     Returns:
         The model.
     """
-    adapters, tensors, extras = read_lora_file(path)
-    targets = _plain_parameters(model)
-    for name, value in extras.items():
-        if name not in targets or tuple(targets[name].shape) != tuple(value.shape):
-            have = tuple(targets[name].shape) if name in targets else "nothing"
-            raise LoRAError(
-                f"adapter file {str(path)!r} holds trainable tensor {name!r} of shape "
-                f"{tuple(value.shape)}, but the model has {have} there."
-            )
+    adapters, tensors, copies = read_lora_file(path)
     if adapter is not None:
         if adapter not in adapters:
             raise LoRAError(
@@ -312,7 +462,11 @@ def load_lora(
             )
         adapters = {adapter: adapters[adapter]}
         tensors = {k: v for k, v in tensors.items() if k.startswith(adapter + ".")}
+        copies = {k: v for k, v in copies.items() if k.startswith(adapter + ".")}
+    if as_adapter is not None:
+        adapters, tensors, copies = _rename(adapters, tensors, copies, as_adapter, str(path))
     _check_file_against_model(model, adapters, tensors, str(path))
+    copy_plans, _ = _plan_file_copies(model, adapters, copies, str(path))
     existing = {(p.adapter, tpath): p for tpath, _, _, p in iter_lora(model)}
     modules = dict(model.named_modules())
     plans: dict[str, list] = {}
@@ -345,32 +499,55 @@ def load_lora(
                         f"{p.fan_out}x{p.fan_in} in the model, but rank {layer['rank']} and "
                         f"{layer['fan_out']}x{layer['fan_in']} in {str(path)!r}."
                     )
+    sharded = [
+        t.path
+        for plan in plans.values()
+        for t, _ in plan
+        if is_sharded(base_tensor(t.module, t.param_name))
+    ]
+    if sharded:
+        raise LoRAError(
+            f"load_lora would add adapters to sharded (FSDP2) layers {sharded[:5]}; add them "
+            "before fully_shard (add_lora with the same targets and ranks), then load_lora."
+        )
     injected: list[str] = []
+    copied: list[str] = []
     try:
-        for name, plan in plans.items():
-            if plan:
-                inject(model, plan, adapter=name, mode=mode)
+        for name in adapters:
+            # Copies first: they replace the pretrained value, LoRA adds on top of them.
+            register_copies(copy_plans[name], name)
+            copied.append(name)
+            if plans[name]:
+                inject(model, plans[name], adapter=name, mode=mode)
                 injected.append(name)
     except BaseException:
         for name in injected:
             remove_lora(model, name)
+        for name in copied:
+            for plan in copy_plans[name]:
+                drop_copies(plan.module, plan.tensor_name, _of_adapter(name))
         raise
     loaded = {(p.adapter, tpath): p for tpath, _, _, p in iter_lora(model)}
+    held = {(c.adapter, tpath): c for tpath, _, _, c in iter_copies(model)}
     with torch.no_grad():
         for name, spec in adapters.items():
-            for tpath, layer in spec["layers"].items():
+            for tpath in spec["layers"]:
                 p = loaded[(name, tpath)]
-                p.lora_A.copy_(tensors[f"{name}.{tpath}.lora_A"])
-                p.lora_B.copy_(tensors[f"{name}.{tpath}.lora_B"])
+                copy_into(p.lora_A, tensors[f"{name}.{tpath}.lora_A"])
+                copy_into(p.lora_B, tensors[f"{name}.{tpath}.lora_B"])
+                p.enabled = True
+                p.lora_A.requires_grad_(trainable)
+                p.lora_B.requires_grad_(trainable)
                 if is_dora(p):
-                    p.lora_magnitude.copy_(tensors[f"{name}.{tpath}.lora_magnitude"])
-                p.enabled = layer.get("enabled", True)
-        for name, value in extras.items():
-            targets[name].copy_(value)
+                    copy_into(p.lora_magnitude, tensors[f"{name}.{tpath}.lora_magnitude"])
+                    p.lora_magnitude.requires_grad_(trainable)
+            for tpath in spec.get("copies", {}):
+                c = held[(name, tpath)]
+                copy_into(c.value, copies[f"{name}.{tpath}"])
+                c.enabled = True
+                c.value.requires_grad_(trainable)
     if freeze:
         freeze_base(model, [], "none")
-        for name in extras:
-            targets[name].requires_grad_(True)
     return model
 
 
@@ -386,7 +563,16 @@ def _plan_from_config(
                 f"adapter file {path!r} adapts '{tpath}', which this model does not have; "
                 "load it into the same architecture it was trained on."
             )
-        target = parameter_target(module_name, module, tensor)
+        layout: ExpertLayout | None = None
+        if "experts" in layer:
+            layout = "in_out" if layer["fan_in_fan_out"] else "out_in"
+        target = parameter_target(module_name, module, tensor, layout)
+        if (target.kind == "experts") != (layer["kind"] == "experts"):
+            raise LoRAError(
+                f"adapter file {path!r} adapts '{tpath}' as kind {layer['kind']!r}, but this "
+                f"model's tensor there is adapted as {target.kind!r} (3-D tensors are adapted per "
+                "expert); re-create the adapter with add_lora."
+            )
         if (
             list(target.shape) != list(layer["shape"])
             or target.fan_in_fan_out != layer["fan_in_fan_out"]
@@ -420,6 +606,10 @@ def load_base_state_dict(
     Returns:
         The model.
     """
+    from ..quant.state import pack_plain_weights  # the quant package builds on core
+
+    # A packed (quantized) layer takes a plain weight quantized with its own settings.
+    state_dict = pack_plain_weights(model, state_dict)
     renamed: dict[str, str] = {}
     for module_name, module in model.named_modules():
         if parametrize.is_parametrized(module):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import LoRAError
+from .experts import ExpertLayout, expert_tensor_names, expert_transposed, is_experts_module
 from .parametrization import LayerKind
 
 __all__ = [
@@ -20,12 +22,14 @@ __all__ = [
     "layer_kind",
     "module_targets",
     "parameter_target",
+    "parametrization_list",
     "tensor_names",
 ]
 
 SUPPORTED_LAYERS = (
     "nn.Linear (and subclasses), nn.Conv1d/2d/3d (groups included), nn.Embedding, "
-    "nn.MultiheadAttention (its in-projection weights), Hugging Face Conv1D"
+    "nn.MultiheadAttention (its in-projection weights), Hugging Face Conv1D, "
+    "mixture-of-experts blocks (their 3-D expert tensors, one LoRA per expert)"
 )
 
 
@@ -61,8 +65,14 @@ def join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
+    """The parametrization list of one tensor (typed, for mypy)."""
+    lists = cast(nn.ModuleDict, module.parametrizations)
+    return cast(parametrize.ParametrizationList, lists[tensor_name])
+
+
 def is_hf_conv1d(module: nn.Module) -> bool:
-    """True for Hugging Face's ``Conv1D`` (weight stored (in, out)), without importing transformers."""
+    """True for Hugging Face's ``Conv1D`` (weight stored (in, out)), no transformers import."""
     cls = parametrize.type_before_parametrizations(module)
     return cls.__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
@@ -84,14 +94,15 @@ def tensor_names(module: nn.Module) -> list[str]:
     """Names of the module's own parameters, parametrized ones included."""
     names = [n for n, p in module._parameters.items() if p is not None]
     if parametrize.is_parametrized(module):
-        names += [n for n in module.parametrizations.keys() if n not in names]
+        lists = cast(nn.ModuleDict, module.parametrizations)
+        names += [n for n in lists if n not in names]
     return names
 
 
 def base_tensor(module: nn.Module, name: str) -> Tensor:
     """The tensor under ``name`` before any parametrization (``original`` if parametrized)."""
     if parametrize.is_parametrized(module, name):
-        plist = module.parametrizations[name]
+        plist = parametrization_list(module, name)
         if plist.is_tensor:
             return plist.original
         with torch.no_grad():
@@ -123,7 +134,9 @@ def _make(
     tensor = base_tensor(module, name)
     _check_tensor(path, tensor)
     shape = tuple(tensor.shape)
-    if fan_in_fan_out:
+    if kind == "experts":
+        fan_in, fan_out = (shape[1], shape[2]) if fan_in_fan_out else (shape[2], shape[1])
+    elif fan_in_fan_out:
         fan_in, fan_out = shape[0], math.prod(shape[1:])
     else:
         fan_out, fan_in = shape[0], math.prod(shape[1:])
@@ -132,9 +145,27 @@ def _make(
     )
 
 
-def module_targets(module_name: str, module: nn.Module) -> list[AdaptTarget] | None:
-    """The tensors LoRA adapts in a layer, or None when the layer type is not supported."""
+def _expert_target(
+    module_name: str, module: nn.Module, name: str, layout: ExpertLayout | None
+) -> AdaptTarget:
+    transposed = expert_transposed(module, join(module_name, name), layout)
+    return _make(module_name, module, name, "experts", fan_in_fan_out=transposed)
+
+
+def module_targets(
+    module_name: str, module: nn.Module, expert_layout: ExpertLayout | None = None
+) -> list[AdaptTarget] | None:
+    """The tensors LoRA adapts in a layer, or None when the layer type is not supported.
+
+    A mixture-of-experts block gives its 3-D expert tensors, laid out as ``expert_layout``
+    says (None: the block's ``is_transposed`` flag).
+    """
     kind = layer_kind(module)
+    if kind == "linear":
+        from ..quant.bnb import bnb_kind, bnb_target  # imports no bitsandbytes
+
+        if bnb_kind(module) is not None:  # a packed bitsandbytes weight, adapted as (out, in)
+            return [bnb_target(module_name, module)]
     if kind is not None:
         return [_make(module_name, module, "weight", kind, fan_in_fan_out=kind == "conv1d_hf")]
     if isinstance(module, nn.MultiheadAttention):
@@ -143,12 +174,25 @@ def module_targets(module_name: str, module: nn.Module) -> list[AdaptTarget] | N
         else:
             names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         return [_make(module_name, module, n, "param") for n in names]
+    if is_experts_module(module):
+        return [
+            _expert_target(module_name, module, n, expert_layout)
+            for n in expert_tensor_names(module)
+        ]
     return None
 
 
-def parameter_target(module_name: str, module: nn.Module, name: str) -> AdaptTarget:
-    """A tensor named explicitly: a supported layer's weight keeps its kind, others are matrices."""
+def parameter_target(
+    module_name: str, module: nn.Module, name: str, expert_layout: ExpertLayout | None = None
+) -> AdaptTarget:
+    """A tensor named explicitly: a supported layer's weight keeps its kind, others are matrices.
+
+    A 3-D floating-point tensor outside a supported layer is a stack of experts: one LoRA per
+    expert along its first dimension (see :mod:`lora_param.core.experts`).
+    """
     kind = layer_kind(module) if name == "weight" else None
     if kind is not None:
         return _make(module_name, module, name, kind, fan_in_fan_out=kind == "conv1d_hf")
+    if name in expert_tensor_names(module):
+        return _expert_target(module_name, module, name, expert_layout)
     return _make(module_name, module, name, "param")

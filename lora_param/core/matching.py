@@ -6,7 +6,7 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar, Union
+from typing import TypeGuard, TypeVar, cast
 
 from torch import nn
 
@@ -14,8 +14,8 @@ from .errors import LoRAError
 
 __all__ = ["Pattern", "Targets", "as_patterns", "is_literal", "matches", "nearest", "pick"]
 
-Pattern = Union[str, "re.Pattern[str]", Callable[[str, nn.Module], bool]]
-Targets = Union[Pattern, Sequence[Pattern], None]
+Pattern = str | re.Pattern[str] | Callable[[str, nn.Module], bool]
+Targets = Pattern | Sequence[Pattern] | None
 T = TypeVar("T")
 
 _GLOB_CHARS = set("*?[")
@@ -27,7 +27,7 @@ def as_patterns(targets: Targets, what: str) -> list[Pattern]:
         return []
     items = [targets] if isinstance(targets, (str, re.Pattern)) or callable(targets) else targets
     try:
-        items = list(items)  # type: ignore[arg-type]
+        items = list(items)
     except TypeError:
         raise LoRAError(
             f"{what} must be a glob string, a list of them, a compiled regex or a callable "
@@ -42,7 +42,7 @@ def as_patterns(targets: Targets, what: str) -> list[Pattern]:
     return items
 
 
-def is_literal(pattern: Pattern) -> bool:
+def is_literal(pattern: Pattern) -> TypeGuard[str]:
     """True for a plain name with no glob characters."""
     return isinstance(pattern, str) and not (_GLOB_CHARS & set(pattern))
 
@@ -53,7 +53,8 @@ def matches(pattern: Pattern, name: str, module: nn.Module | None = None) -> boo
         return fnmatch.fnmatchcase(name, pattern)
     if isinstance(pattern, re.Pattern):
         return pattern.fullmatch(name) is not None
-    return bool(pattern(name, module))
+    # Only string patterns are ever matched without a module (see the callers).
+    return bool(pattern(name, cast(nn.Module, module)))
 
 
 def nearest(name: str, candidates: Sequence[str], limit: int = 5) -> list[str]:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 __all__ = ["Init", "LayerKind", "LoRAParametrization"]
 
-LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param"]
+LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param", "experts"]
 Init = Literal["kaiming", "gaussian"]
 
 
@@ -36,8 +36,8 @@ class LoRAParametrization(nn.Module):
         kind: Layer kind the weight belongs to (decides the factored forward, if any).
         dropout: Dropout probability on the layer input (factored path) or on the input
             features of ``A`` (materialized path).
-        init: ``"kaiming"`` (uniform, as loralib/PEFT) or ``"gaussian"`` (A ~ N(0, 1), as the
-            well-known tutorial) for ``A``.
+        init: ``"kaiming"`` (uniform, as loralib/PEFT; N(0, 1) for embeddings, as PEFT) or
+            ``"gaussian"`` (A ~ N(0, 1), as the well-known tutorial) for ``A``.
         use_rslora: Use ``alpha / sqrt(rank)`` as the scale.
         fan_in_fan_out: The weight is stored ``(fan_in, fan_out)``.
         device: Device of ``A`` and ``B`` (the weight's).
@@ -82,9 +82,13 @@ class LoRAParametrization(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Draw ``A`` anew with the chosen init and set ``B`` to zero (the update becomes zero)."""
+        """Draw ``A`` anew with the chosen init and set ``B`` to zero (the update becomes zero).
+
+        For embeddings ``A`` is always N(0, 1), as PEFT: PEFT zeroes ``lora_embedding_A`` and
+        draws ``lora_embedding_B`` N(0, 1), which are this layout's ``B`` and ``A`` transposed.
+        """
         with torch.no_grad():
-            if self.init == "gaussian":
+            if self.init == "gaussian" or self.kind == "embedding":
                 nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -126,10 +130,13 @@ class LoRAParametrization(nn.Module):
         lora_a = self.lora_A
         if dropout and self.dropout_p > 0 and self.training:
             lora_a = lora_a * self.dropout(torch.ones_like(lora_a[:1]))
+        lora_b, scale = self.lora_B, self.scale
+        if isinstance(scale, Tensor):  # hot-swap-ready (routing.hotswap): alpha takes numbers only
+            lora_b, scale = lora_b * scale, 1.0
         if self.fan_in_fan_out:
-            return torch.addmm(weight, lora_a.t(), self.lora_B.t(), alpha=self.scale)
+            return torch.addmm(weight, lora_a.t(), lora_b.t(), alpha=scale)
         matrix = weight.reshape(self.fan_out, self.fan_in)
-        return torch.addmm(matrix, self.lora_B, lora_a, alpha=self.scale).view(weight.shape)
+        return torch.addmm(matrix, lora_b, lora_a, alpha=scale).view(weight.shape)
 
     def clear_cache(self) -> None:
         """Forget the cached weight (needed only after edits through ``.data``)."""

@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 from .errors import LoRAError
 from .layers import join
 from .parametrization import LoRAParametrization
+from .trainable_copies import iter_copies
 
 __all__ = [
     "active_adapters",
@@ -41,12 +42,16 @@ def iter_lora(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRAParam
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters present in the model, in order of first appearance."""
-    return list(dict.fromkeys(p.adapter for *_, p in iter_lora(model)))
+    names = [p.adapter for *_, p in iter_lora(model)]
+    names += [c.adapter for *_, c in iter_copies(model)]
+    return list(dict.fromkeys(names))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters enabled on at least one layer."""
-    return list(dict.fromkeys(p.adapter for *_, p in iter_lora(model) if p.enabled))
+    """Names of the adapters enabled on at least one layer (LoRA update or trained copy)."""
+    names = [p.adapter for *_, p in iter_lora(model) if p.enabled]
+    names += [c.adapter for *_, c in iter_copies(model) if c.enabled]
+    return list(dict.fromkeys(names))
 
 
 def check_adapters_exist(model: nn.Module, names: list[str]) -> None:
@@ -61,7 +66,10 @@ def check_adapters_exist(model: nn.Module, names: list[str]) -> None:
 
 
 def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:
-    """The LoRA parameters (``lora_A`` and ``lora_B``) of one adapter, or of all.
+    """The parameters an adapter trains, of one adapter or of all.
+
+    ``lora_A`` and ``lora_B`` of every adapted tensor, then the adapter's own copies of the
+    tensors it trains in full (a head from ``trainable=``, biases from ``bias=``).
 
     Args:
         model: A model with adapters.
@@ -72,12 +80,14 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.
     """
     if adapter is not None:
         check_adapters_exist(model, [adapter])
-    return [
+    factors = [
         t
         for *_, p in iter_lora(model)
         if adapter is None or p.adapter == adapter
         for t in p.parameters()
     ]
+    copies = [c.value for *_, c in iter_copies(model) if adapter is None or c.adapter == adapter]
+    return factors + copies
 
 
 def clear_lora_cache(model: nn.Module) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
+from torch.nn.utils import parametrize
 
+from .layers import parametrization_list
 from .registry import iter_lora
 
 __all__ = ["ParameterCounts", "parameter_counts", "trainable_summary"]
@@ -38,13 +42,39 @@ class ParameterCounts:
         return 100.0 * self.lora / self.base if self.base else 0.0
 
 
+def _packed_counts(model: nn.Module) -> dict[int, int]:
+    """Weights a packed (quantized) tensor stands for: codes count as the weight, scales as 0."""
+    counts: dict[int, int] = {}
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for name in cast(nn.ModuleDict, module.parametrizations):
+            plist = parametrization_list(module, name)
+            head = plist[0]
+            if not hasattr(head, "base_forward"):  # not a packed weight (lora_param.quant)
+                continue
+            stored = (
+                [plist.original]
+                if plist.is_tensor
+                else [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+            )
+            counts.update((id(t), 0) for t in stored)
+            counts[id(stored[0])] = math.prod(cast("tuple[int, ...]", head.shape))
+    return counts
+
+
 def parameter_counts(model: nn.Module) -> ParameterCounts:
-    """Count trainable, total, adapter and base parameters (shared tensors counted once)."""
+    """Count trainable, total, adapter and base parameters (shared tensors counted once).
+
+    A packed (quantized) weight counts as the weights it stores, not its bytes or scales.
+    """
     params = {id(p): p for p in model.parameters()}
+    packed = _packed_counts(model)
+    sizes = {i: packed.get(i, p.numel()) for i, p in params.items()}
     lora = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
-    total = sum(p.numel() for p in params.values())
-    lora_n = sum(p.numel() for i, p in params.items() if i in lora)
-    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    total = sum(sizes.values())
+    lora_n = sum(n for i, n in sizes.items() if i in lora)
+    trainable = sum(sizes[i] for i, p in params.items() if p.requires_grad)
     return ParameterCounts(trainable, total, lora_n, total - lora_n)
 
 
@@ -81,6 +111,8 @@ def trainable_summary(model: nn.Module, per_layer: bool = False) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return text + "\n" + "\n".join(lines)

@@ -1,4 +1,8 @@
-"""Turning adapters on and off, for A/B evaluation and for switching tasks."""
+"""Turning adapters on and off, for A/B evaluation and for switching tasks.
+
+Each switch covers everything an adapter trains: its LoRA updates and its own copies of heads
+and biases (:mod:`.trainable_copies`), so a disabled adapter leaves the pretrained model.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from .parametrization import LoRAParametrization
 from .registry import check_adapters_exist, iter_lora, list_adapters
+from .trainable_copies import TrainableCopy, iter_copies
 
 __all__ = ["disable_lora", "enable_lora", "lora_disabled", "set_active_adapters"]
 
@@ -21,9 +27,14 @@ def _select(model: nn.Module, adapter: str | Sequence[str] | None) -> list[str]:
     return names
 
 
+def _entries(model: nn.Module) -> list[LoRAParametrization | TrainableCopy]:
+    """Every switchable entry: LoRA updates, then trained copies."""
+    return [*(p for *_, p in iter_lora(model)), *(c for *_, c in iter_copies(model))]
+
+
 def _set(model: nn.Module, adapter: str | Sequence[str] | None, enabled: bool) -> None:
     names = set(_select(model, adapter))
-    for *_, p in iter_lora(model):
+    for p in _entries(model):
         if p.adapter in names:
             p.enabled = enabled
 
@@ -43,9 +54,12 @@ def disable_lora(model: nn.Module, adapter: str | Sequence[str] | None = None) -
 
 
 def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Enable exactly these adapters and disable every other one (W0 + B1A1 -> W0 + B2A2)."""
+    """Enable exactly these adapters and disable every other one (W0 + B1A1 -> W0 + B2A2).
+
+    Heads and biases that the adapters train switch with them.
+    """
     active = set(_select(model, names))
-    for *_, p in iter_lora(model):
+    for p in _entries(model):
         p.enabled = p.adapter in active
 
 
@@ -58,7 +72,7 @@ def lora_disabled(
     Nested blocks and exceptions restore exactly what each layer had, not "all enabled".
     """
     names = set(_select(model, adapter))
-    saved = [(p, p.enabled) for *_, p in iter_lora(model) if p.adapter in names]
+    saved = [(p, p.enabled) for p in _entries(model) if p.adapter in names]
     try:
         for p, _ in saved:
             p.enabled = False

@@ -1,0 +1,180 @@
+"""Sharded models (FSDP2 ``fully_shard``, DTensor): gather to write, scatter to load.
+
+Under FSDP2 every parameter outside a forward pass is a ``DTensor`` holding one shard per rank.
+Writing a file needs the full tensors, so :func:`gather_full` all-gathers them on every rank
+(a collective) and :func:`write_once` lets rank 0 alone write, atomically, and tells every rank
+whether it worked. :func:`copy_into` loads a full tensor into a sharded parameter by keeping
+this rank's slice only (no communication: every rank reads the file itself).
+
+A collective made by one rank only (``if rank == 0: save_lora(...)``) would wait forever for
+the others; :func:`check_in` waits at most :data:`CHECK_IN_TIMEOUT` for every rank and then
+raises :class:`LoRAError` saying so. Models that are not sharded never communicate.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .errors import LoRAError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+    from typing_extensions import TypeIs
+
+__all__ = [
+    "CHECK_IN_TIMEOUT",
+    "check_in",
+    "copy_into",
+    "full_tensor",
+    "gather_full",
+    "is_sharded",
+    "refuse_sharded",
+    "write_once",
+]
+
+#: How long a sharded save or export waits for every rank to reach it before it says that it
+#: was called on some ranks only.
+CHECK_IN_TIMEOUT = timedelta(seconds=300)
+
+
+def is_sharded(tensor: Any) -> TypeIs[DTensor]:
+    """Whether ``tensor`` is a DTensor (a shard of a tensor spread over ranks).
+
+    Importing ``torch.distributed.tensor`` takes seconds; when nobody imported it, no tensor can
+    be a DTensor, so it is never imported here.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _require_process_group(what: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise LoRAError(
+            f"{what}: the model holds sharded tensors (DTensor) but no process group is "
+            "initialized; call it from the distributed job, on every rank."
+        )
+
+
+def check_in(what: str, timeout: timedelta | None = None) -> None:
+    """Wait until every rank has reached this call; raise if some never do.
+
+    Args:
+        what: The call, for the message (``"save_lora"``).
+        timeout: How long to wait; default :data:`CHECK_IN_TIMEOUT`.
+
+    Raises:
+        LoRAError: no process group, or some rank did not arrive in time (the call was made on
+            some ranks only, e.g. under ``if rank == 0``).
+    """
+    import torch.distributed as dist
+
+    _require_process_group(what)
+    wait = CHECK_IN_TIMEOUT if timeout is None else timeout
+    try:
+        dist.barrier(timeout=wait)
+    except RuntimeError as exc:  # gloo/nccl report a timeout as RuntimeError subclasses
+        raise LoRAError(
+            f"{what} on a sharded (FSDP2) model is a collective: every rank must call it, not "
+            f"only rank 0; rank {dist.get_rank()} waited {wait.total_seconds():g} s for the "
+            f"others ({type(exc).__name__}). Call it on every rank; only rank 0 writes the file."
+        ) from None
+
+
+def gather_full(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Full CPU copies of the tensors; sharded ones are all-gathered (every rank must call this).
+
+    The iteration order of ``tensors`` must be the same on every rank (it is when it comes from
+    the same model), since each sharded tensor is one collective.
+    """
+    return {key: full_tensor(tensor) for key, tensor in tensors.items()}
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """A full, detached CPU copy of ``tensor``; all-gathered first if it is sharded."""
+    full = tensor.full_tensor() if is_sharded(tensor) else tensor
+    return full.detach().to("cpu").contiguous().clone()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def write_once(path: str | os.PathLike, write: Callable[[], Any], *, collective: bool) -> Path:
+    """Run ``write`` (which writes ``path``) on rank 0 only, and share its outcome.
+
+    Args:
+        path: What ``write`` writes, returned on every rank.
+        write: Writes the file(s); may raise (a ``LoRAError`` for a bad path).
+        collective: True for a sharded model: rank 0 writes, then every rank learns whether it
+            worked and raises the same ``LoRAError`` if not. False: just ``write()``.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    if not collective:
+        write()
+        return Path(path)
+    import torch.distributed as dist
+
+    failure: list[str | None] = [None]
+    if _rank() == 0:
+        try:
+            write()
+        except Exception as exc:  # reported to every rank below, then raised here too
+            failure[0] = str(exc) if isinstance(exc, LoRAError) else f"{type(exc).__name__}: {exc}"
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise LoRAError(f"rank 0 could not write {str(path)!r}: {failure[0]}")
+    return Path(path)
+
+
+def copy_into(param: Tensor, value: Tensor) -> None:
+    """``param.copy_(value)`` for plain and sharded parameters (this rank's slice of ``value``).
+
+    Communication-free: every rank holds the full ``value`` (it read the file itself).
+    """
+    if not is_sharded(param):
+        param.copy_(value)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    local = distribute_tensor(
+        value.to(dtype=param.dtype, device=param.device),
+        param.device_mesh,
+        param.placements,
+        src_data_rank=None,
+    )
+    param.to_local().copy_(local.to_local())
+
+
+def refuse_sharded(model: torch.nn.Module, what: str, fix: str) -> None:
+    """Raise if the model's parameters are sharded: ``what`` cannot work on FSDP2 shards.
+
+    Adding, merging or removing adapters replaces or moves parameters that FSDP2 manages (it
+    would keep all-gathering into the old places), which breaks the model's next forward.
+
+    Args:
+        model: The model about to change.
+        what: The call, for the message.
+        fix: What to do instead, for the message.
+    """
+    sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
+    if sharded:
+        raise LoRAError(
+            f"{what} cannot change a sharded (FSDP2) model in place (e.g. {sharded[0]!r}): "
+            f"FSDP2 manages its parameters. {fix}"
+        )

@@ -1,0 +1,255 @@
+"""``quantize_base`` / ``dequantize_base``: pack a model's frozen weights, or unpack them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..core.errors import LoRAError
+from ..core.layers import AdaptTarget
+from ..core.matching import Targets
+from ..core.parametrization import LoRAParametrization
+from .bnb import adopt_bnb_layers, bnb_kind, release_bnb_layers
+from .kernels import Kernel, check_kernel
+from .registry import (
+    iter_quantized,
+    packed_head,
+    parametrization_list,
+    replace_packed,
+    stored_tensors,
+)
+from .state import install_load_checks
+from .weight import Method, QuantizedWeight, check_method
+
+__all__ = [
+    "QUANTIZABLE_KINDS",
+    "dequantize_base",
+    "prepare_bnb_layers",
+    "quantize_base",
+    "quantize_targets",
+]
+
+#: Layer kinds whose weight can be packed (Linear and subclasses, Conv1d/2d/3d, Embedding,
+#: Hugging Face Conv1D).
+QUANTIZABLE_KINDS = ("linear", "conv", "embedding", "conv1d_hf")
+
+
+def _check_compute_dtype(compute_dtype: object) -> None:
+    if compute_dtype is not None and not (
+        isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+    ):
+        raise LoRAError(
+            f"compute_dtype must be a floating torch.dtype (torch.bfloat16, ...) or None, got "
+            f"{compute_dtype!r}."
+        )
+
+
+def _check_target(target: AdaptTarget) -> None:
+    module = target.module
+    if packed_head(module) is not None:
+        raise LoRAError(
+            f"'{target.path}' is already quantized; dequantize_base(model) first to quantize it "
+            "again with other settings."
+        )
+    if parametrize.is_parametrized(module, "weight"):
+        plist = parametrization_list(module)
+        entries = [type(p).__name__ for p in plist]
+        hint = (
+            "quantize the base before add_lora (or use add_lora(..., quantize=...))"
+            if any(isinstance(p, LoRAParametrization) for p in plist)
+            else "remove them first"
+        )
+        raise LoRAError(
+            f"'{target.path}' already has parametrizations {entries}; the packed weight must be "
+            f"the first one: {hint}."
+        )
+
+
+def _quantizable(found: Sequence[AdaptTarget], explicit: bool) -> list[AdaptTarget]:
+    chosen = [
+        t
+        for t in found
+        if t.param_name == "weight" and t.kind in QUANTIZABLE_KINDS and bnb_kind(t.module) is None
+    ]
+    skipped = [t.path for t in found if t not in chosen]
+    if explicit and skipped:
+        raise LoRAError(
+            f"cannot quantize {skipped[:5]}: only the weight of Linear, Conv1d/2d/3d, Embedding "
+            "and Hugging Face Conv1D layers is stored packed."
+        )
+    return chosen
+
+
+def _register(target: AdaptTarget, quant: QuantizedWeight) -> Callable[[], None]:
+    """Pack one weight; return the function that puts the original Parameter back."""
+    module = target.module
+    original = module._parameters["weight"]
+    assert original is not None
+    requires_grad = original.requires_grad
+    module.__dict__.setdefault("_lora_param_order", list(module._parameters))
+    # parametrize gives each stored tensor the original's requires_grad: packed integers
+    # cannot require grad, and the base is frozen anyway.
+    original.requires_grad_(False)
+    try:
+        parametrize.register_parametrization(module, "weight", quant, unsafe=True)
+    except BaseException:
+        original.requires_grad_(requires_grad)
+        raise
+
+    def undo() -> None:
+        replace_packed(module, original)
+        original.requires_grad_(requires_grad)
+
+    return undo
+
+
+def quantize_targets(
+    found: Sequence[AdaptTarget],
+    *,
+    method: Method = "nf4",
+    block_size: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    kernel: Kernel = "torch",
+    explicit: bool = False,
+    root: nn.Module | None = None,
+) -> Callable[[], None]:
+    """Pack the weights of resolved targets, all or none.
+
+    Args:
+        found: Targets from :func:`lora_param.find_targets`.
+        method, block_size, double_quant, compute_dtype, kernel: As :func:`quantize_base`.
+        explicit: The caller named these layers: a target that cannot be packed is an error
+            (otherwise it is skipped).
+        root: The model (its ``load_state_dict`` then checks packed tensors before loading).
+
+    Returns:
+        A function that undoes the packing (gives every original Parameter back).
+    """
+    check_method(method, block_size)
+    _check_compute_dtype(compute_dtype)
+    check_kernel(kernel)
+    chosen = _quantizable(found, explicit)
+    if not chosen:
+        raise LoRAError(
+            "no layer to quantize: quantize_base packs the weight of Linear, Conv1d/2d/3d, "
+            "Embedding and Hugging Face Conv1D layers."
+        )
+    for target in chosen:
+        _check_target(target)
+    undos: list[Callable[[], None]] = []
+    try:
+        for target in chosen:
+            weight = target.module._parameters["weight"]
+            assert weight is not None
+            quant = QuantizedWeight(
+                target.shape,
+                method=method,
+                block_size=block_size,
+                double_quant=double_quant,
+                compute_dtype=compute_dtype or weight.dtype,
+                kind=target.kind,
+                kernel=kernel,
+            ).to(weight.device)
+            undos.append(_register(target, quant))
+            install_load_checks(target.module)
+    except BaseException:
+        for undo in reversed(undos):
+            undo()
+        raise
+    if root is not None:
+        install_load_checks(root)
+
+    def undo_all() -> None:
+        for undo in reversed(undos):
+            undo()
+
+    return undo_all
+
+
+def prepare_bnb_layers(found: Sequence[AdaptTarget]) -> Callable[[], None]:
+    """Ready bitsandbytes-quantized layers among ``found`` for LoRA; return the undo."""
+    adopted = adopt_bnb_layers(list(found))
+    return lambda: release_bnb_layers(adopted)
+
+
+def quantize_base(
+    model: nn.Module,
+    targets: Targets = None,
+    *,
+    method: Method = "nf4",
+    block_size: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    kernel: Kernel = "torch",
+) -> nn.Module:
+    """Store the weights of matching layers packed (4-bit NF4 or 8-bit), frozen, in place.
+
+    Each weight gets a :class:`~lora_param.quant.QuantizedWeight` parametrization:
+    ``layer.weight`` reads the dequantized weight, ``state_dict()`` holds the packed tensors
+    (``parametrizations.weight.original0``, ...). Call it before :func:`lora_param.add_lora`
+    (or use ``add_lora(..., quantize="nf4")``). Everything is checked first; on error the
+    model is unchanged.
+
+    Args:
+        model: Any ``nn.Module``; changed in place and returned.
+        targets: Which layers, in the forms :func:`lora_param.add_lora` accepts; None packs
+            every Linear, Conv1d/2d/3d, Embedding and Hugging Face Conv1D weight.
+        method: ``"nf4"`` (QLoRA's NormalFloat-4, absmax blocks) or ``"int8"`` (per-row absmax).
+        block_size: Values per NF4 absmax block (32 ... 4096, a power of two; 64 as QLoRA).
+        double_quant: Quantize NF4's absmax values again (8-bit, blocks of 256), 0.127
+            instead of 0.5 bits per weight of overhead.
+        compute_dtype: Dtype the weights are dequantized to; None keeps each weight's dtype.
+        kernel: ``"torch"`` (pure PyTorch, CPU and CUDA, traceable by ``torch.compile``) or
+            ``"bitsandbytes"``: NF4 dequantization by bitsandbytes' compiled kernel (several
+            times faster, bit for bit the same values; needs ``pip install 'lora_param[quant]'``).
+
+    Returns:
+        The model.
+
+    Raises:
+        LoRAError: Unknown method, bad block size, a weight that is already packed or
+            already has LoRA, a non-floating or 1-D tensor, a pattern that matches nothing.
+    """
+    from ..core.inject import find_targets  # core.inject imports this package lazily too
+
+    if not isinstance(model, nn.Module):
+        raise LoRAError(f"quantize_base needs an nn.Module, got {type(model).__name__}.")
+    check_method(method, block_size)
+    _check_compute_dtype(compute_dtype)
+    check_kernel(kernel)
+    found = find_targets(model, targets)
+    quantize_targets(
+        found,
+        method=method,
+        block_size=block_size,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        kernel=kernel,
+        explicit=targets is not None,
+        root=model,
+    )
+    return model
+
+
+def dequantize_base(model: nn.Module) -> nn.Module:
+    """Give every packed weight back as a plain frozen Parameter in its compute dtype.
+
+    The values are exactly what ``layer.weight`` read before (the dequantized weight); LoRA
+    adapters on top stay as they are.
+
+    Args:
+        model: A model with packed weights (others are left alone).
+
+    Returns:
+        The model.
+    """
+    found = list(iter_quantized(model))
+    with torch.no_grad():
+        values = [head(*stored_tensors(module)) for _, module, head in found]
+    for (_, module, _), value in zip(found, values, strict=True):
+        replace_packed(module, nn.Parameter(value, requires_grad=False))
+    return model

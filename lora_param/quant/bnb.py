@@ -1,0 +1,239 @@
+"""LoRA on layers bitsandbytes already quantized (``bnb.nn.Linear4bit``, ``Linear8bitLt``).
+
+Transformers loads ``BitsAndBytesConfig(load_in_4bit=True)`` models with these layers; their
+weight is a ``Params4bit`` / ``Int8Params`` whose forward only bitsandbytes can run. Here a
+:class:`BnbWeight` entry goes first on the weight's parametrization list (it keeps the
+bitsandbytes parameter object as ``original``, untouched) and LoRA goes on top, as on any
+layer: the factored forward runs bitsandbytes' own quantized matmul, then adds the LoRA
+branches. ``layer.weight`` reads the dequantized weight. Removing the last adapter gives the
+bitsandbytes parameter back as the layer's weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..core.errors import LoRAError
+from ..core.factored import install_factored_forward
+from ..core.layers import AdaptTarget, join
+
+__all__ = [
+    "BnbWeight",
+    "adopt_bnb_layers",
+    "bnb_kind",
+    "bnb_target",
+    "release_bnb_layers",
+    "requantized",
+    "set_bnb_weight",
+    "to_plain_linear",
+]
+
+_INV_127 = 7.874015718698502e-3  # float32(1 / 127), bitsandbytes' int8 dequantization factor
+
+
+def bnb_kind(module: nn.Module) -> str | None:
+    """``"4bit"`` / ``"8bit"`` for bitsandbytes' quantized Linear layers, else None.
+
+    Decided from the class hierarchy, so models without bitsandbytes never import it.
+    """
+    cls = parametrize.type_before_parametrizations(module)
+    for base in cls.__mro__:
+        if base.__module__.startswith("bitsandbytes"):
+            if base.__name__ == "Linear4bit":
+                return "4bit"
+            if base.__name__ == "Linear8bitLt":
+                return "8bit"
+    return None
+
+
+def bnb_target(module_name: str, module: Any) -> AdaptTarget:
+    """The adapt target of a bitsandbytes layer: its weight seen as ``(out, in)``."""
+    shape = (module.out_features, module.in_features)
+    path = join(module_name, "weight")
+    return AdaptTarget(
+        path, module_name, module, "weight", "linear", shape[1], shape[0], False, shape
+    )
+
+
+def _bitsandbytes() -> Any:
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise LoRAError(
+            "this model has bitsandbytes-quantized layers (Linear4bit / Linear8bitLt), and "
+            "adapting them needs bitsandbytes: pip install 'lora_param[quant]'."
+        ) from None
+    return bitsandbytes
+
+
+class BnbWeight(nn.Module):
+    """First entry on a bitsandbytes layer's weight: dequantizes it; runs its quantized matmul.
+
+    Args:
+        layer_kind: ``"4bit"`` or ``"8bit"``.
+        compute_dtype: Dtype of the dequantized weight (the dtype the weight had before
+            quantization); LoRA parameters take it.
+        state: The ``Linear8bitLt`` layer's matmul state (holds the row scales after its
+            first forward).
+    """
+
+    removed_with_lora = True  # core.merge.drop_adapters restores the bitsandbytes weight
+
+    def __init__(self, layer_kind: str, compute_dtype: torch.dtype, state: Any = None) -> None:
+        super().__init__()
+        self.layer_kind = layer_kind
+        self.kind = "linear"
+        self.shape: tuple[int, ...] = ()
+        self._state = state
+        self.register_buffer("_compute", torch.empty(0, dtype=compute_dtype), persistent=False)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype ``forward`` returns."""
+        return cast(Tensor, self._compute).dtype
+
+    def _scales(self, original: Any) -> Tensor:
+        scb = getattr(original, "SCB", None)
+        return scb if scb is not None else self._state.SCB
+
+    def forward(self, original: Any) -> Tensor:
+        """The dequantized weight, ``(out, in)``, in the compute dtype."""
+        if self.layer_kind == "4bit":
+            functional = _bitsandbytes().functional
+            weight = functional.dequantize_4bit(original.data, original.quant_state)
+            return weight.to(self.compute_dtype)
+        rows = original.data.float() * self._scales(original).float().view(-1, 1)
+        return (rows * _INV_127).to(self.compute_dtype)
+
+    def dequantize_fp32(self, original: Tensor) -> Tensor:
+        """The weight as the model sees it, widened to float32."""
+        return self.forward(original).float()
+
+    def base_forward(self, layer: Any, x: Tensor) -> Tensor:
+        """The layer's own bitsandbytes forward (LoRA branches are added by the caller)."""
+        bnb = _bitsandbytes()
+        original = layer.parametrizations["weight"].original
+        bias = layer.bias
+        if self.layer_kind == "4bit":
+            if not layer.compute_type_is_set:
+                layer.set_compute_type(x)
+                layer.compute_type_is_set = True
+            dtype = layer.compute_dtype or x.dtype
+            if bias is not None:
+                bias = bias.to(dtype)
+            out = bnb.matmul_4bit(
+                x.to(dtype), original, bias=bias, quant_state=original.quant_state
+            )
+            return out.to(x.dtype)
+        state = layer.state
+        state.is_training = layer.training
+        if original.CB is not None:  # Linear8bitLt.init_8bit_state, on the stored parameter
+            state.CB, state.SCB = original.CB, original.SCB
+            original.CB = original.SCB = None
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        out = bnb.matmul(x, original, bias=bias, state=state)
+        if not state.has_fp16_weights and state.CB is not None:
+            original.data = state.CB
+        return out
+
+    def extra_repr(self) -> str:
+        return f"bitsandbytes {self.layer_kind}, compute_dtype={self.compute_dtype}"
+
+
+def _adopt(module: Any) -> None:
+    kind = bnb_kind(module)
+    original = module.weight
+    if kind == "4bit":
+        state = getattr(original, "quant_state", None)
+        if state is None:
+            raise LoRAError(
+                "a bitsandbytes Linear4bit layer is not quantized yet (its weight has no "
+                "quant_state): move the model to its device (.to(device)) before add_lora."
+            )
+        head = BnbWeight("4bit", state.dtype)
+    else:
+        head = BnbWeight("8bit", module.bias.dtype if module.bias is not None else torch.float16)
+        head._state = module.state
+        if getattr(original, "SCB", None) is None and module.state.SCB is None:
+            raise LoRAError(
+                "a bitsandbytes Linear8bitLt layer is not quantized yet (no row scales): move "
+                "the model to its device (.to(device)) before add_lora."
+            )
+    head.shape = (module.out_features, module.in_features)
+    parametrize.register_parametrization(module, "weight", head, unsafe=True)
+    # The layer's own forward needs its bitsandbytes parameter as `weight`: the factored
+    # forward calls bitsandbytes through the head instead, in either add_lora mode.
+    install_factored_forward(module, "linear")
+
+
+def adopt_bnb_layers(targets: list[AdaptTarget]) -> list[nn.Module]:
+    """Put a :class:`BnbWeight` under the weight of each bitsandbytes layer among ``targets``.
+
+    Layers that already have one (a second adapter) are left as they are.
+
+    Returns:
+        The layers changed (to undo on failure with :func:`release_bnb_layers`).
+    """
+    layers = {
+        id(t.module): t.module
+        for t in targets
+        if bnb_kind(t.module) is not None and not parametrize.is_parametrized(t.module, "weight")
+    }
+    if not layers:
+        return []
+    _bitsandbytes()
+    done: list[nn.Module] = []
+    try:
+        for module in layers.values():
+            _adopt(module)
+            done.append(module)
+    except BaseException:
+        release_bnb_layers(done)
+        raise
+    return done
+
+
+def release_bnb_layers(layers: list[nn.Module]) -> None:
+    """Give each layer its bitsandbytes weight back (no LoRA left on it)."""
+    for module in layers:
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
+def requantized(head: BnbWeight, original: Any, merged: Tensor) -> Tensor:
+    """A new bitsandbytes parameter holding ``merged`` with ``original``'s settings."""
+    bnb = _bitsandbytes()
+    device = original.device
+    if head.layer_kind == "4bit":
+        qs = original.quant_state
+        fresh = bnb.nn.Params4bit(
+            merged.to(qs.dtype).cpu(),
+            requires_grad=False,
+            quant_type=qs.quant_type,
+            blocksize=qs.blocksize,
+            compress_statistics=qs.nested,
+            quant_storage=original.quant_storage,
+        )
+        return cast(Tensor, fresh.to(device))
+    fresh = bnb.nn.Int8Params(merged.to(head.compute_dtype).cpu(), requires_grad=False)
+    fresh.has_fp16_weights = False
+    return cast(Tensor, fresh.to(device))
+
+
+def set_bnb_weight(module: Any, weight: Tensor) -> None:
+    """Install a new bitsandbytes parameter (after the parametrization is gone)."""
+    module.weight = weight
+    if bnb_kind(module) == "8bit":
+        module.state.CB = module.state.SCB = None
+
+
+def to_plain_linear(module: nn.Module, weight: Tensor) -> None:
+    """Turn a bitsandbytes layer (parametrization gone) into an ``nn.Linear`` with ``weight``."""
+    del module.weight
+    module.__class__ = nn.Linear
+    module.weight = nn.Parameter(weight, requires_grad=False)

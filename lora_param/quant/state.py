@@ -1,0 +1,101 @@
+"""State dicts of packed weights: checking packed tensors before a load, packing plain ones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+
+from torch import Tensor, nn
+from torch.nn.utils.parametrize import ParametrizationList
+
+from ..core.errors import LoRAError
+from ..core.layers import join
+from .registry import iter_quantized, packed_head, parametrization_list
+from .weight import QuantizedWeight
+
+__all__ = ["check_packed_state", "install_load_checks", "pack_plain_weights"]
+
+_HOOKED = "_lora_param_packed_load_check"
+
+
+def _packed_lists(root: nn.Module) -> list[tuple[str, ParametrizationList]]:
+    """``(prefix, ParametrizationList)`` of every packed weight under ``root``."""
+    found: list[tuple[str, ParametrizationList]] = []
+    for name, module in root.named_modules():
+        if packed_head(module) is not None:
+            found.append((join(name, "parametrizations.weight"), parametrization_list(module)))
+    return found
+
+
+def check_packed_state(root: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise LoRAError if a state dict holds packed tensors that do not fit ``root``'s.
+
+    Shapes and dtypes identify the method and settings (NF4 codes are uint8 ``(n/2, 1)``,
+    int8 codes int8 ``(rows, cols)``, the absmax count follows the block size, double
+    quantization adds two tensors), so a mismatch of any of them is caught here, before
+    ``load_state_dict`` copies anything.
+    """
+    for name, plist in _packed_lists(root):
+        base = prefix + (f"{name}." if name else "")
+        head = cast(QuantizedWeight, plist[0])
+        layout = head.storage_layout()
+        for i, (shape, dtype) in enumerate(layout):
+            key = f"{base}original{i}"
+            value = state_dict.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
+                got = (
+                    f"{value.dtype} {tuple(value.shape)}"
+                    if isinstance(value, Tensor)
+                    else type(value).__name__
+                )
+                raise LoRAError(
+                    f"state dict tensor {key!r} is {got}, but this model stores that weight as "
+                    f"{head.extra_repr()} ({dtype} {shape}): the checkpoint was packed with "
+                    "another method, block size or double_quant setting, or for another shape. "
+                    "Quantize the model with the checkpoint's settings, or load a plain "
+                    "checkpoint with load_base_state_dict."
+                )
+        stray = [k for k in (f"{base}original", f"{base}original{len(layout)}") if k in state_dict]
+        if stray:
+            raise LoRAError(
+                f"state dict has {stray[0]!r}, which this model's packed weight {base!r} does not "
+                f"have ({head.extra_repr()}): it was saved with other quantization settings."
+            )
+
+
+def _pre_hook(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    check_packed_state(module, state_dict, prefix)
+
+
+def install_load_checks(module: nn.Module) -> None:
+    """Make ``module.load_state_dict`` check packed tensors first (once per module)."""
+    if module.__dict__.get(_HOOKED):
+        return
+    module.register_load_state_dict_pre_hook(_pre_hook)
+    module.__dict__[_HOOKED] = True
+
+
+def pack_plain_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Replace plain weights of packed layers in a checkpoint by their packed tensors.
+
+    ``{"fc.weight": W}`` becomes ``{"fc.parametrizations.weight.original0": codes, ...}``
+    when ``fc.weight`` is stored packed in ``model``; other entries pass through.
+    """
+    out = dict(state_dict)
+    for path, _, head in iter_quantized(model):
+        if path not in out:
+            continue
+        value = out.pop(path)
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise LoRAError(f"checkpoint tensor {path!r} must be a floating tensor to quantize.")
+        if tuple(value.shape) != head.shape:
+            raise LoRAError(
+                f"checkpoint tensor {path!r} has shape {tuple(value.shape)}, the model's has "
+                f"{head.shape}."
+            )
+        prefix = path[: -len("weight")] + "parametrizations.weight."
+        for i, packed in enumerate(head.right_inverse(value)):
+            out[f"{prefix}original{i}"] = packed
+    return out

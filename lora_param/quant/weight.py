@@ -1,0 +1,167 @@
+"""``QuantizedWeight``: a packed frozen weight, dequantized on use, as a parametrization.
+
+Registered first on a layer's ``weight`` (LoRA goes on top), its ``right_inverse`` packs a
+floating weight into the tensors parametrize stores as ``original0``, ``original1``, ...
+and its ``forward`` dequantizes them to the compute dtype. Float32 scales are stored
+bit-cast to int32 so that ``model.half()`` or ``model.to(torch.bfloat16)`` cannot round them;
+the compute dtype follows such casts through a tiny non-persistent buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrize import ParametrizationList
+
+from ..core.errors import LoRAError
+from .blockwise import (
+    dequantize_blockwise_8bit,
+    dequantize_nf4,
+    nf4_storage_sizes,
+    quantize_nf4,
+)
+from .int8 import dequantize_int8, int8_storage_sizes, quantize_int8
+from .kernels import Kernel, dequantize_nf4_bitsandbytes, usable
+from .lean_forward import base_output
+
+__all__ = ["BNB_BLOCK_SIZES", "METHODS", "Method", "QuantizedWeight", "check_method"]
+
+Method = Literal["nf4", "int8"]
+METHODS = ("nf4", "int8")
+#: Block sizes bitsandbytes' 4-bit kernels accept (so its dequantize can read our codes).
+BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def check_method(method: object, block_size: object) -> None:
+    """Raise LoRAError for an unknown method or a block size NF4 cannot use."""
+    if method not in METHODS:
+        raise LoRAError(f"quantization method must be one of {METHODS}, got {method!r}.")
+    if method == "nf4" and block_size not in BNB_BLOCK_SIZES:
+        raise LoRAError(
+            f"block_size {block_size!r} does not divide the NF4 layout: blocks must hold a "
+            f"power-of-two count of values that packs two per byte, one of {BNB_BLOCK_SIZES} "
+            "(64 is QLoRA's)."
+        )
+
+
+def _as_float(stored: Tensor) -> Tensor:
+    return stored.view(torch.float32)
+
+
+def _as_int(scale: Tensor) -> Tensor:
+    return scale.contiguous().view(torch.int32)
+
+
+class QuantizedWeight(nn.Module):
+    """Packed storage of a frozen weight: NF4 blocks (optionally double-quantized) or int8 rows.
+
+    Args:
+        shape: Shape of the weight.
+        method: ``"nf4"`` or ``"int8"``.
+        block_size: Values per absmax block (NF4 only).
+        double_quant: Quantize NF4's absmax values again (8-bit, blocks of 256).
+        compute_dtype: Dtype the weight is dequantized to.
+        kind: Kind of the layer owning the weight (decides the memory-lean base forward).
+        kernel: ``"torch"`` or ``"bitsandbytes"`` (NF4 dequantization by its compiled kernel
+            outside ``torch.compile``; the same values).
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        *,
+        method: Method = "nf4",
+        block_size: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+        kind: str = "param",
+        kernel: Kernel = "torch",
+    ) -> None:
+        super().__init__()
+        check_method(method, block_size)
+        self.shape = tuple(shape)
+        self.method: Method = method
+        self.block_size = block_size
+        self.double_quant = bool(double_quant) and method == "nf4"
+        self.kind = kind
+        self.kernel = kernel
+        self.register_buffer("_compute", torch.empty(0, dtype=compute_dtype), persistent=False)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype ``forward`` returns (follows ``.to(dtype)`` / ``.half()`` of the model)."""
+        return cast(Tensor, self._compute).dtype
+
+    def storage_layout(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each stored tensor, in ``original0, original1, ...`` order."""
+        if self.method == "int8":
+            rows, scales = int8_storage_sizes(self.shape)
+            return [(rows, torch.int8), (scales, torch.int32)]
+        shapes = nf4_storage_sizes(math.prod(self.shape), self.block_size, self.double_quant)
+        dtypes = [torch.uint8, torch.uint8, torch.int32, torch.int32]
+        if not self.double_quant:
+            dtypes = [torch.uint8, torch.int32]
+        return list(zip(shapes, dtypes, strict=True))
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
+        """Pack a floating weight of this shape into the stored tensors."""
+        if tuple(weight.shape) != self.shape:
+            raise LoRAError(
+                f"cannot quantize a weight of shape {tuple(weight.shape)} into storage made for "
+                f"{self.shape}."
+            )
+        with torch.no_grad():
+            weight = weight.detach()
+            if self.method == "int8":
+                codes, absmax = quantize_int8(weight)
+                return codes, _as_int(absmax)
+            packed = quantize_nf4(weight, self.block_size, self.double_quant)
+            if not self.double_quant:
+                return packed[0], _as_int(packed[1])
+            codes, absmax_codes, nested, offset = cast(
+                tuple[Tensor, Tensor, Tensor, Tensor], packed
+            )
+            return codes, absmax_codes, _as_int(nested), _as_int(offset)
+
+    def absmax(self, *stored: Tensor) -> Tensor:
+        """The float32 absmax per block (NF4) or per row (int8), nested scales decoded."""
+        if self.method == "nf4" and self.double_quant:
+            _, codes, nested, offset = stored
+            return dequantize_blockwise_8bit(codes, _as_float(nested)) + _as_float(offset)
+        return _as_float(stored[1])
+
+    def forward(self, *stored: Tensor) -> Tensor:
+        """Dequantize the stored tensors to the compute dtype."""
+        absmax = self.absmax(*stored)
+        if self.method == "int8":
+            return dequantize_int8(stored[0], absmax, self.shape, self.compute_dtype)
+        if self.kernel == "bitsandbytes" and usable(self.shape):
+            return dequantize_nf4_bitsandbytes(
+                stored[0], absmax, self.shape, self.compute_dtype, self.block_size
+            )
+        return dequantize_nf4(stored[0], absmax, self.shape, self.compute_dtype, self.block_size)
+
+    def dequantize_fp32(self, *stored: Tensor) -> Tensor:
+        """The weight as the model sees it (compute dtype), widened to float32."""
+        return self.forward(*stored).float()
+
+    def base_forward(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """The layer's output without adapters, dequantizing again in backward (no saved W)."""
+        plist = cast(ParametrizationList, cast(nn.ModuleDict, layer.parametrizations)["weight"])
+        stored = tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+        return base_output(self, layer, x, stored)
+
+    def stored_bytes(self, *stored: Tensor) -> int:
+        """Bytes of the packed tensors."""
+        return sum(t.numel() * t.element_size() for t in stored)
+
+    def extra_repr(self) -> str:
+        extra = f", block_size={self.block_size}, double_quant={self.double_quant}"
+        return (
+            f"method={self.method!r}, shape={self.shape}"
+            + (extra if self.method == "nf4" else "")
+            + f", compute_dtype={self.compute_dtype}"
+        )
