@@ -7,6 +7,7 @@ Example:
     >>> save_lora(model, "adapter.pt"); merge_lora(model)
 """
 
+from .core.dora import DoRAParametrization
 from .core.errors import LoRAError
 from .core.eval_cache import eval_cache_bytes, set_eval_cache
 from .core.experts import ExpertLoRAParametrization
@@ -23,9 +24,11 @@ from .core.registry import (
     iter_lora,
     list_adapters,
 )
+from .core.strength import adapter_scale, set_adapter_scale
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 from .core.trainable_copies import TrainableCopy, iter_copies
+from .interop.kohya import export_kohya, import_kohya
 from .interop.peft import export_peft, import_peft
 from .quant import RequantizationWarning, dequantize_base, quantize_base
 from .routing import (
@@ -41,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FACTORED_KINDS",
     "CombineReport",
+    "DoRAParametrization",
     "ExpertLoRAParametrization",
     "LoRAError",
     "LoRAParametrization",
@@ -49,6 +53,7 @@ __all__ = [
     "TrainableCopy",
     "active_adapters",
     "adapter_parameters",
+    "adapter_scale",
     "add_lora",
     "clear_lora_cache",
     "combine_adapters",
@@ -56,9 +61,11 @@ __all__ = [
     "disable_lora",
     "enable_lora",
     "eval_cache_bytes",
+    "export_kohya",
     "export_peft",
     "find_targets",
     "hotswap_lora",
+    "import_kohya",
     "import_peft",
     "iter_copies",
     "iter_lora",
@@ -76,6 +83,7 @@ __all__ = [
     "remove_lora",
     "save_lora",
     "set_active_adapters",
+    "set_adapter_scale",
     "set_eval_cache",
     "trainable_summary",
 ]

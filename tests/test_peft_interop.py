@@ -428,7 +428,7 @@ def test_import_refuses_wrong_base_model(tmp_path):
 
 
 def test_import_refuses_unknown_tensors_and_missing_folder(tmp_path):
-    tensors = {"base_model.model.0.lora_magnitude_vector": torch.zeros(3)}
+    tensors = {"base_model.model.0.hada_w1_a": torch.zeros(3)}
     _write_peft_folder(tmp_path / "a", {}, tensors)
     with pytest.raises(LoRAError, match="not LoRA factors"):
         import_peft(nn.Sequential(nn.Linear(4, 3)), tmp_path / "a")

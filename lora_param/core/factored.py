@@ -105,6 +105,8 @@ def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
     cached = not compiling and not torch.is_grad_enabled()
     for p in entries:
         if type(p) is not LoRAParametrization:
+            if len(entries) == 1 and hasattr(p, "factored_forward"):
+                return p.factored_forward(self, x, branch)  # DoRA alone on the layer
             return base(self, x, self.weight)
         if (p.training and p.dropout_p > 0) or not p.eval_cache:
             cached = False

@@ -80,7 +80,7 @@ def freeze_base(model: nn.Module, keep: list[nn.Module], bias: Bias) -> None:
         bias: ``"none"``, ``"all"`` (every bias trains in place) or ``"lora_only"`` (biases of
             adapted layers); a bias is a parameter with "bias" in its name (``in_proj_bias`` too).
     """
-    lora = {id(t) for *_, p in iter_lora(model) for t in (p.lora_A, p.lora_B)}
+    lora = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
     lora |= {id(c.value) for *_, c in iter_copies(model)}
     for param in model.parameters():
         if id(param) not in lora:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .classes import own_class
+from .dora import DoRAParametrization
 from .distributed import is_sharded
 from .errors import LoRAError
 from .experts import ExpertLayout, ExpertLoRAParametrization, is_experts_module
@@ -259,7 +260,11 @@ def inject(
             like = base_tensor(target.module, target.param_name)
             if not like.is_floating_point():  # packed (bitsandbytes): adapters take its dtype
                 like = getattr(target.module, target.param_name)
+            options = dict(options)
+            dora = {"base_weight": like} if options.pop("use_dora", False) else {}
             cls = ExpertLoRAParametrization if target.kind == "experts" else LoRAParametrization
+            if dora:
+                cls = DoRAParametrization
             p = cls(
                 target.fan_in,
                 target.fan_out,
@@ -270,6 +275,7 @@ def inject(
                 device=like.device,
                 dtype=like.dtype,
                 **options,
+                **dora,
             )
             own_class(target.module)
             # Parameter order matters (optimizer state is positional): remember it once.
@@ -309,6 +315,7 @@ def add_lora(
     mode: Mode = "factored",
     expert_layout: ExpertLayout | None = None,
     quantize: Literal["nf4", "int8"] | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Add a LoRA adapter to every matching layer of an existing model, in one call.
 
@@ -352,6 +359,8 @@ def add_lora(
             None follows each experts module's ``is_transposed`` flag (transformers sets it).
         quantize: ``"nf4"`` or ``"int8"`` first stores the adapted layers' weights packed
             (QLoRA; see :func:`lora_param.quantize_base`, whose defaults apply); None keeps them.
+        use_dora: DoRA: also learn a magnitude per output, ``W' = m (W + sBA) / ||W + sBA||``
+            (see :class:`~lora_param.core.dora.DoRAParametrization`).
 
     Returns:
         The model, with the new adapter enabled and trainable.
@@ -374,6 +383,8 @@ def add_lora(
         raise LoRAError(f"mode must be 'factored' or 'materialized', got {mode!r}.")
     if init not in ("kaiming", "gaussian"):
         raise LoRAError(f"init must be 'kaiming' or 'gaussian', got {init!r}.")
+    if not isinstance(use_dora, bool):
+        raise LoRAError(f"use_dora must be True or False, got {use_dora!r}.")
     if bias not in ("none", "all", "lora_only"):
         raise LoRAError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}.")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
@@ -413,6 +424,8 @@ def add_lora(
             "init": init,
             "use_rslora": use_rslora,
         }
+        if use_dora:
+            options["use_dora"] = True
         plan.append((target, options))
     sharded = [t.path for t, _ in plan if is_sharded(base_tensor(t.module, t.param_name))]
     if sharded:

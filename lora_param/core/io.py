@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .distributed import check_in, copy_into, gather_full, is_sharded, write_once
+from .dora import is_dora, magnitude_size
 from .errors import LoRAError
 from .experts import ExpertLayout
 from .freeze import freeze_base
@@ -71,6 +72,8 @@ def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, T
         if p.adapter in names:
             out[f"{p.adapter}.{path}.lora_A"] = p.lora_A.detach()
             out[f"{p.adapter}.{path}.lora_B"] = p.lora_B.detach()
+            if is_dora(p):
+                out[f"{p.adapter}.{path}.lora_magnitude"] = p.lora_magnitude.detach()
     return out
 
 
@@ -100,6 +103,8 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
             }
             if p.kind == "experts":
                 config[p.adapter]["layers"][path]["experts"] = p.lora_A.shape[0]
+            if is_dora(p):
+                config[p.adapter]["layers"][path]["use_dora"] = True
     for path, _, _, c in iter_copies(model):
         if c.adapter in config:
             config[c.adapter]["copies"][path] = {
@@ -237,6 +242,8 @@ def _check_config(adapters: Any, path: str) -> None:
                 raise bad(f"layer {tpath!r} of {name!r} has non-positive sizes")
             if not 0 <= layer["dropout"] < 1 or layer["init"] not in ("kaiming", "gaussian"):
                 raise bad(f"layer {tpath!r} of {name!r} has dropout/init out of range")
+            if not isinstance(layer.get("use_dora", False), bool):
+                raise bad(f"layer {tpath!r} of {name!r} has use_dora={layer['use_dora']!r}")
             experts = layer.get("experts", 1)
             if (
                 not isinstance(experts, int)
@@ -329,10 +336,13 @@ def _check_file_against_model(
     for name, spec in adapters.items():
         for tpath, layer in spec["layers"].items():
             stack = (layer["experts"],) if "experts" in layer else ()
-            for key, shape in (
+            shapes: list[tuple[str, tuple[int, ...]]] = [
                 (f"{name}.{tpath}.lora_A", (*stack, layer["rank"], layer["fan_in"])),
                 (f"{name}.{tpath}.lora_B", (*stack, layer["fan_out"], layer["rank"])),
-            ):
+            ]
+            if layer.get("use_dora", False):
+                shapes.append((f"{name}.{tpath}.lora_magnitude", (magnitude_size(layer),)))
+            for key, shape in shapes:
                 expected.add(key)
                 if key not in tensors:
                     raise LoRAError(f"adapter file {path!r} lacks tensor {key!r}.")
@@ -472,6 +482,13 @@ def load_lora(
         for tpath, layer in spec["layers"].items():
             if present:
                 p = existing[(name, tpath)]
+                if is_dora(p) != layer.get("use_dora", False):
+                    raise LoRAError(
+                        f"adapter {name!r} on '{tpath}' is "
+                        f"{'DoRA' if is_dora(p) else 'plain LoRA'} in the model but "
+                        f"{'plain LoRA' if is_dora(p) else 'DoRA'} in {str(path)!r}; "
+                        "remove_lora it first."
+                    )
                 if (p.rank, p.fan_in, p.fan_out) != (
                     layer["rank"],
                     layer["fan_in"],
@@ -521,6 +538,9 @@ def load_lora(
                 p.enabled = True
                 p.lora_A.requires_grad_(trainable)
                 p.lora_B.requires_grad_(trainable)
+                if is_dora(p):
+                    copy_into(p.lora_magnitude, tensors[f"{name}.{tpath}.lora_magnitude"])
+                    p.lora_magnitude.requires_grad_(trainable)
             for tpath in spec.get("copies", {}):
                 c = held[(name, tpath)]
                 copy_into(c.value, copies[f"{name}.{tpath}"])
@@ -562,6 +582,8 @@ def _plan_from_config(
                 f"{layer['shape']} in adapter file {path!r}."
             )
         options = {k: layer[k] for k in ("rank", "alpha", "use_rslora", "dropout", "init")}
+        if layer.get("use_dora", False):
+            options["use_dora"] = True
         plan.append((target, options))
     return plan
 
@@ -597,7 +619,7 @@ def load_base_state_dict(
                         module_name, f"parametrizations.{tensor}.original"
                     )
     own = model.state_dict()
-    lora_ids = {id(t) for *_, p in iter_lora(model) for t in (p.lora_A, p.lora_B)}
+    lora_ids = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
     lora_keys = {k for k, v in model.named_parameters(remove_duplicate=False) if id(v) in lora_ids}
     mapped = {renamed.get(k, k): v for k, v in state_dict.items()}
     base_keys = set(own) - lora_keys

@@ -84,7 +84,7 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.
         t
         for *_, p in iter_lora(model)
         if adapter is None or p.adapter == adapter
-        for t in (p.lora_A, p.lora_B)
+        for t in p.parameters()
     ]
     copies = [c.value for *_, c in iter_copies(model) if adapter is None or c.adapter == adapter]
     return factors + copies

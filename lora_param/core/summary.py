@@ -71,7 +71,7 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
     params = {id(p): p for p in model.parameters()}
     packed = _packed_counts(model)
     sizes = {i: packed.get(i, p.numel()) for i, p in params.items()}
-    lora = {id(t) for *_, p in iter_lora(model) for t in (p.lora_A, p.lora_B)}
+    lora = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
     total = sum(sizes.values())
     lora_n = sum(n for i, n in sizes.items() if i in lora)
     trainable = sum(sizes[i] for i, p in params.items() if p.requires_grad)
@@ -106,7 +106,7 @@ def trainable_summary(model: nn.Module, per_layer: bool = False) -> str:
                 "x".join(map(str, p.weight_shape)),
                 str(p.rank),
                 f"{p.alpha:g}",
-                f"{p.lora_A.numel() + p.lora_B.numel():,}",
+                f"{sum(t.numel() for t in p.parameters()):,}",
                 "yes" if p.enabled else "no",
             )
         )

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.distributed import check_in, full_tensor, is_sharded, write_once
+from ..core.dora import is_dora
 from ..core.errors import LoRAError
 from ..core.inject import Mode, add_lora
 from ..core.io import atomic_write
@@ -80,7 +81,6 @@ _EXTRA_HINT = 'pip install "lora_param[peft]"'
 # LoraConfig fields that change what a LoRA adapter computes and that import_peft cannot honour
 # when they are set to anything but these values.
 _UNSUPPORTED_FIELDS: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "use_qalora": False,
     "trainable_token_indices": None,
@@ -93,7 +93,6 @@ _UNSUPPORTED_FIELDS: dict[str, Any] = {
     "monteclora_config": None,
 }
 _FIELD_HINT = {
-    "use_dora": "DoRA adapters carry a magnitude vector lora_param does not model",
     "lora_bias": "a bias on lora_B is not part of lora_param's adapters",
     "trainable_token_indices": "trainable tokens are not LoRA",
 }
@@ -282,6 +281,18 @@ def _nested_parameters(model: nn.Module, adapter: str) -> dict[str, int]:
     return depths
 
 
+def _peft_magnitude(module_path: str, target_kind: str, p: Any) -> dict[str, Tensor]:
+    """PEFT's ``lora_magnitude_vector`` for a DoRA layer: (n,), or (1, out, 1, ...) for convs."""
+    if target_kind != "module":
+        raise LoRAError(
+            f"'{module_path}': PEFT has no DoRA for parameters given by name (target_parameters)."
+        )
+    m = p.lora_magnitude.detach()
+    if p.kind == "conv":
+        m = m.reshape(1, -1, *([1] * (len(p.weight_shape) - 2)))
+    return {f"{PREFIX}{module_path}.lora_magnitude_vector": m}
+
+
 def _build_export(
     model: nn.Module,
     adapter: str | None,
@@ -311,6 +322,8 @@ def _build_export(
             continue
         module_path = tensor_path[: -len(tensor_name)].rstrip(".")
         target_kind, pair = _peft_tensors(module_path, module, tensor_name, p)
+        if is_dora(p):
+            pair.update(_peft_magnitude(module_path, target_kind, p))
         if tensor_path in nested:  # PEFT nests one wrapper per adapted parameter
             depth = f".{BASE_LAYER}" * nested[tensor_path]
             pair = {
@@ -415,6 +428,12 @@ def _build_export(
         if target_modules is None:
             target_modules = []
 
+    dora = {is_dora(p) for p in ps}
+    if len(dora) > 1:
+        raise LoRAError(
+            f"adapter {adapter!r} is DoRA on some layers only; PEFT's use_dora is one flag for "
+            "the whole adapter."
+        )
     copy_tensors, modules_to_save, bias = _export_copies(model, adapter, owners, base_names)
     tensors.update(copy_tensors)
 
@@ -439,7 +458,7 @@ def _build_export(
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "use_dora": False,
+        "use_dora": dora == {True},
     }
     if target_parameters:
         config["target_parameters"] = target_parameters
@@ -724,7 +743,13 @@ def _our_factors(layout: str, pa: Tensor, pb: Tensor, rank: int) -> tuple[Tensor
 
 
 def _split_key(key: str) -> tuple[str, str]:
-    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
+    for suffix in (
+        ".lora_A.weight",
+        ".lora_B.weight",
+        ".lora_embedding_A",
+        ".lora_embedding_B",
+        ".lora_magnitude_vector",
+    ):
         if key.endswith(suffix):
             return key[: -len(suffix)], suffix[1:]
     return key, ""
@@ -794,6 +819,8 @@ def import_peft(
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
+    magnitudes: dict[str, Tensor] = {}
 
     plan = []  # (tensor path, module path, A (our layout), B (our layout), rank, alpha)
     by_name: set[str] = set()  # tensors adapted through target_parameters
@@ -804,6 +831,15 @@ def import_peft(
                 f"'{path}' adapts '{module_path}', which this model does not have; "
                 "is this the base model the adapter was trained on?"
             )
+        magnitude = parts.pop("lora_magnitude_vector", None)
+        if (magnitude is not None) != use_dora:
+            raise LoRAError(
+                f"'{path}': layer '{module_path}' "
+                + ("lacks lora_magnitude_vector" if use_dora else "has a DoRA magnitude")
+                + f" but the config says use_dora={use_dora}."
+            )
+        if magnitude is not None:
+            magnitudes[module_path] = magnitude.reshape(-1)
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a_key, b_key = (
             ("lora_embedding_A", "lora_embedding_B")
@@ -946,6 +982,7 @@ def import_peft(
         use_rslora=use_rslora,
         freeze=freeze,
         mode=mode,
+        use_dora=use_dora,
     )
     loaded = set()
     factors = {tp: (a, b) for tp, _, a, b, _, _ in plan}
@@ -956,6 +993,8 @@ def import_peft(
             a, b = factors[tensor_path]
             p.lora_A.copy_(a.reshape(p.lora_A.shape))
             p.lora_B.copy_(b.reshape(p.lora_B.shape))
+            if is_dora(p):
+                p.lora_magnitude.copy_(magnitudes[tensor_path.rpartition(".")[0]])
             loaded.add(tensor_path)
     missing = wanted - loaded
     if missing:  # pragma: no cover - add_lora adapts exactly what it was asked to
