@@ -11,7 +11,7 @@ what the merged model costs; otherwise it stays factored and keeps no copy of th
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,9 @@ __all__ = [
     "remove_factored_forward",
 ]
 
-BaseOp = Callable[[nn.Module, Tensor, Tensor], Tensor]
-BranchOp = Callable[[nn.Module, Tensor, LoRAParametrization, Tensor], Tensor]
+# Layers are typed Any here: their attributes (bias, groups, _conv_forward, ...) depend on the kind.
+BaseOp = Callable[[Any, Tensor, Tensor], Tensor]
+BranchOp = Callable[[Any, Tensor, LoRAParametrization, Tensor], Tensor]
 
 
 def _add_scaled(y: Tensor, update: Tensor, scale: float | Tensor) -> Tensor:
@@ -38,22 +39,22 @@ def _add_scaled(y: Tensor, update: Tensor, scale: float | Tensor) -> Tensor:
     return y + update * scale if isinstance(scale, Tensor) else y.add(update, alpha=scale)
 
 
-def _linear_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+def _linear_base(m: Any, x: Tensor, w: Tensor) -> Tensor:
     return F.linear(x, w, m.bias)
 
 
-def _linear_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
+def _linear_branch(m: Any, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
     return _add_scaled(y, F.linear(F.linear(p.dropout(x), p.lora_A), p.lora_B), p.scale)
 
 
-def _conv_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+def _conv_base(m: Any, x: Tensor, w: Tensor) -> Tensor:
     return m._conv_forward(x, w, m.bias)
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _conv_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
+def _conv_branch(m: Any, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
     groups, rank = m.groups, p.rank
     lora_a = p.lora_A.view(rank, *p.weight_shape[1:])
     if groups > 1:
@@ -63,17 +64,17 @@ def _conv_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> 
     return _add_scaled(y, _CONV[lora_a.dim() - 2](z, lora_b, None, 1, 0, 1, groups), p.scale)
 
 
-def _embedding_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+def _embedding_base(m: Any, x: Tensor, w: Tensor) -> Tensor:
     return F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
 
 
-def _embedding_branch(m: nn.Module, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
+def _embedding_branch(m: Any, x: Tensor, p: LoRAParametrization, y: Tensor) -> Tensor:
     rows = F.embedding(x, p.lora_B)
     return _add_scaled(y, rows @ p.lora_A, p.scale)
 
 
-def _conv1d_hf_base(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
-    return torch.addmm(m.bias, x.reshape(-1, x.shape[-1]), w).view(x.shape[:-1] + (m.nf,))
+def _conv1d_hf_base(m: Any, x: Tensor, w: Tensor) -> Tensor:
+    return torch.addmm(m.bias, x.reshape(-1, x.shape[-1]), w).view((*x.shape[:-1], m.nf))
 
 
 _OPS: dict[str, tuple[BaseOp, BranchOp]] = {
@@ -90,7 +91,7 @@ def base_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     return _OPS[str(module._lora_kind)][0](module, x, weight)
 
 
-def _factored_forward(self: nn.Module, x: Tensor) -> Tensor:
+def _factored_forward(self: Any, x: Tensor) -> Tensor:
     route = self.__dict__.get("_lora_route")
     if route is not None:  # per-example adapters: lora_param.routing.mixed
         return route(self, x)
@@ -165,15 +166,14 @@ def factored_forward_applies(module: nn.Module, kind: str) -> bool:
     """
     if kind not in _OPS:
         return False
-    cls = parametrize.type_before_parametrizations(module)
+    cls: Any = parametrize.type_before_parametrizations(module)
     if kind == "conv1d_hf":
         return True
-    canonical = {
-        "linear": nn.Linear,
-        "embedding": nn.Embedding,
+    owners: tuple[type[nn.Module], ...] = {
+        "linear": (nn.Linear,),
+        "embedding": (nn.Embedding,),
         "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
     }[kind]
-    owners = canonical if isinstance(canonical, tuple) else (canonical,)
     if not any(cls.forward is owner.forward for owner in owners):
         return False
     return kind != "embedding" or _embedding_factorable(module)
@@ -182,7 +182,7 @@ def factored_forward_applies(module: nn.Module, kind: str) -> bool:
 def install_factored_forward(module: nn.Module, kind: str) -> None:
     """Make a parametrized layer compute its adapters in factored form."""
     own_class(module)
-    cls = type(module)
+    cls: Any = type(module)
     cls.forward = _factored_forward
     cls._lora_kind = kind
 
@@ -192,6 +192,6 @@ def remove_factored_forward(module: nn.Module) -> None:
     cls = type(module)
     if "_lora_kind" in cls.__dict__:
         own_class(module)
-        cls = type(module)
-        del cls.forward
-        del cls._lora_kind
+        generated: Any = type(module)
+        del generated.forward
+        del generated._lora_kind

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .classes import own_class
-from .dora import DoRAParametrization
 from .distributed import is_sharded
+from .dora import DoRAParametrization
 from .errors import LoRAError
 from .experts import ExpertLayout, ExpertLoRAParametrization, is_experts_module
 from .factored import factored_forward_applies, install_factored_forward
@@ -261,10 +261,11 @@ def inject(
             if not like.is_floating_point():  # packed (bitsandbytes): adapters take its dtype
                 like = getattr(target.module, target.param_name)
             options = dict(options)
-            dora = {"base_weight": like} if options.pop("use_dora", False) else {}
-            cls = ExpertLoRAParametrization if target.kind == "experts" else LoRAParametrization
-            if dora:
-                cls = DoRAParametrization
+            cls: type[LoRAParametrization] = LoRAParametrization
+            if options.pop("use_dora", False):
+                cls, options["base_weight"] = DoRAParametrization, like
+            elif target.kind == "experts":
+                cls = ExpertLoRAParametrization
             p = cls(
                 target.fan_in,
                 target.fan_out,
@@ -275,7 +276,6 @@ def inject(
                 device=like.device,
                 dtype=like.dtype,
                 **options,
-                **dora,
             )
             own_class(target.module)
             # Parameter order matters (optimizer state is positional): remember it once.
@@ -425,6 +425,12 @@ def add_lora(
             "use_rslora": use_rslora,
         }
         if use_dora:
+            if target.kind == "experts":
+                raise LoRAError(
+                    f"use_dora=True on '{target.path}', a 3-D expert tensor: DoRA is supported on "
+                    "Linear, Conv, Embedding, HF Conv1D and 2-D parameters. Exclude the experts "
+                    '(exclude="*.experts") or add them in a separate add_lora call without DoRA.'
+                )
             options["use_dora"] = True
         plan.append((target, options))
     sharded = [t.path for t, _ in plan if is_sharded(base_tensor(t.module, t.param_name))]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -151,7 +151,7 @@ class LoRAParametrization(nn.Module):
         """Forget the cached weight (needed only after edits through ``.data``)."""
         self._cache = None
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # .to() / .half() swap tensor data without bumping version counters: drop the cache.
         self._cache = None
         return super()._apply(fn, recurse)
@@ -175,7 +175,7 @@ class LoRAParametrization(nn.Module):
             return self.add_update(weight)
         # The cache holds the tensors themselves, so identity checks are safe (no id reuse);
         # versions catch in-place updates (optimizer steps, copy_), data_ptr catches `.data =`.
-        a, b = self._parameters["lora_A"], self._parameters["lora_B"]
+        a, b = cast(Tensor, self._parameters["lora_A"]), cast(Tensor, self._parameters["lora_B"])
         stamp = (
             weight._version,
             weight.data_ptr(),
