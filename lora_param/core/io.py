@@ -632,6 +632,11 @@ def load_base_state_dict(
             f"{' ...' if len(unexpected) > 5 else ''}. Pass strict=False to load what fits."
         )
     for key, value in mapped.items():
+        if not isinstance(value, Tensor):
+            raise LoRAError(
+                f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor; the "
+                "checkpoint is damaged or not a state dict."
+            )
         if key in own and tuple(own[key].shape) != tuple(value.shape):
             raise LoRAError(
                 f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, the model's has "

@@ -35,10 +35,12 @@ def check_packed_state(root: nn.Module, state_dict: Mapping[str, Any], prefix: s
     quantization adds two tensors), so a mismatch of any of them is caught here, before
     ``load_state_dict`` copies anything.
     """
+    originals = [k for k in state_dict if isinstance(k, str) and ".weight.original" in k]
     for name, plist in _packed_lists(root):
         base = prefix + (f"{name}." if name else "")
         head = cast(QuantizedWeight, plist[0])
         layout = head.storage_layout()
+        _check_complete(state_dict, base, head, len(layout))
         for i, (shape, dtype) in enumerate(layout):
             key = f"{base}original{i}"
             value = state_dict.get(key)
@@ -57,12 +59,38 @@ def check_packed_state(root: nn.Module, state_dict: Mapping[str, Any], prefix: s
                     "Quantize the model with the checkpoint's settings, or load a plain "
                     "checkpoint with load_base_state_dict."
                 )
-        stray = [k for k in (f"{base}original", f"{base}original{len(layout)}") if k in state_dict]
+        known = {f"{base}original{i}" for i in range(len(layout))}
+        stray = sorted(k for k in originals if k.startswith(f"{base}original") and k not in known)
         if stray:
             raise LoRAError(
                 f"state dict has {stray[0]!r}, which this model's packed weight {base!r} does not "
                 f"have ({head.extra_repr()}): it was saved with other quantization settings."
             )
+
+
+def _check_complete(
+    state_dict: Mapping[str, Any], base: str, head: QuantizedWeight, count: int
+) -> None:
+    """Refuse a plain weight for a packed layer, or only some of a weight's packed tensors.
+
+    ``load_state_dict`` would otherwise copy the tensors it has (mixing two checkpoints' codes
+    and scales in one weight) before reporting the missing or unexpected ones.
+    """
+    plain = base[: -len("parametrizations.weight.")] + "weight"
+    if plain in state_dict:
+        raise LoRAError(
+            f"state dict has the plain weight {plain!r}, but this model stores it packed "
+            f"({head.extra_repr()}): load a plain checkpoint with load_base_state_dict, which "
+            "quantizes it."
+        )
+    keys = [f"{base}original{i}" for i in range(count)]
+    present = [k for k in keys if k in state_dict]
+    if present and len(present) != count:
+        missing = sorted(set(keys) - set(present))
+        raise LoRAError(
+            f"state dict has only some packed tensors of {base[:-1]!r}: {missing} are missing. "
+            "A packed weight loads whole; the checkpoint is incomplete or damaged."
+        )
 
 
 def _pre_hook(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
