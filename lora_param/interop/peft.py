@@ -783,9 +783,9 @@ def import_peft(
         The model (changed in place).
 
     Raises:
-        LoRAError: not a LoRA folder, a feature lora_param does not model (DoRA, lora_bias,
-            ...), a layer missing from the model, or shapes that do not match; the model is left
-            unchanged.
+        LoRAError: not a LoRA folder, a feature lora_param does not model (``lora_bias``,
+            trainable tokens, ...), a layer missing from the model, or shapes that do not match;
+            the model is left unchanged.
     """
 
     path = Path(directory)
