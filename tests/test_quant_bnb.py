@@ -96,11 +96,67 @@ def test_bitsandbytes_kernel_gives_the_same_values():
     pytest.importorskip("bitsandbytes")
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 7))  # 7: odd, the torch path
     fast = lp.quantize_base(copy.deepcopy(model), kernel="bitsandbytes")
-    plain = lp.quantize_base(copy.deepcopy(model))
+    plain = lp.quantize_base(copy.deepcopy(model), kernel="torch")
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.equal(fast[0].weight, plain[0].weight)
         assert torch.equal(fast(x), plain(x))
+    for dtype in (torch.bfloat16, torch.float16):
+        fast = lp.quantize_base(copy.deepcopy(model), compute_dtype=dtype, kernel="bitsandbytes")
+        plain = lp.quantize_base(copy.deepcopy(model), compute_dtype=dtype, kernel="torch")
+        assert torch.equal(fast[0].weight, plain[0].weight)
+
+
+def _count_bitsandbytes_calls(monkeypatch) -> list[tuple[int, ...]]:
+    from lora_param.quant import weight
+
+    calls: list[tuple[int, ...]] = []
+    real = weight.dequantize_nf4_bitsandbytes
+
+    def counting(codes, absmax, shape, dtype, block_size):
+        calls.append(tuple(shape))
+        return real(codes, absmax, shape, dtype, block_size)
+
+    monkeypatch.setattr(weight, "dequantize_nf4_bitsandbytes", counting)
+    return calls
+
+
+def test_auto_kernel_uses_bitsandbytes_where_installed(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    calls = _count_bitsandbytes_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 32), nn.Linear(32, 7), nn.Linear(7, 4), nn.Linear(4, 2, dtype=torch.float64)
+    )
+    plain = lp.quantize_base(copy.deepcopy(model), kernel="torch")
+    lp.add_lora(model, rank=2, quantize="nf4")  # the default kernel is "auto"
+    x = torch.randn(3, 64)
+    with torch.no_grad(), lp.lora_disabled(model):
+        assert torch.equal(model[0](x), plain[0](x))
+        for layer, reference in zip(model, plain, strict=True):
+            assert torch.equal(layer.weight, reference.weight)
+    # bitsandbytes where its kernel runs natively (float32, even rows); ours for an odd row
+    # length (4, 7) and for float64
+    assert set(calls) == {(32, 64), (7, 32)}
+    calls.clear()
+    with torch.no_grad():
+        lp.quantize_base(nn.Linear(64, 32), kernel="torch")(x)
+    assert calls == []
+
+
+def test_auto_kernel_without_bitsandbytes(monkeypatch):
+    from lora_param.quant import kernels
+
+    calls = _count_bitsandbytes_calls(monkeypatch)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    kernels.bitsandbytes_runs.cache_clear()
+    try:
+        model = lp.quantize_base(nn.Sequential(nn.Linear(64, 32)))
+        with torch.no_grad():
+            assert model(torch.randn(2, 64)).shape == (2, 32)
+        assert calls == []
+    finally:
+        kernels.bitsandbytes_runs.cache_clear()
 
 
 def test_bitsandbytes_kernel_without_bitsandbytes(monkeypatch):

@@ -1,12 +1,14 @@
 """Optional bitsandbytes kernel for NF4 dequantization (bit for bit what ours computes).
 
 Pure PyTorch dequantization gathers through a lookup table; bitsandbytes' compiled kernel
-is several times faster on CPU (and the fast path on CUDA). Both compute
-``nf4[code] * absmax`` in float32 and cast once, so switching kernels never changes a value.
+is about twice as fast on CPU (and the fast path on CUDA). Both compute
+``nf4[code] * absmax`` in float32 and cast once, so switching kernels never changes a value,
+which is why ``"auto"`` (the default) may pick bitsandbytes whenever it is installed.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -14,10 +16,17 @@ from torch import Tensor
 
 from ..core.errors import LoRAError
 
-__all__ = ["KERNELS", "Kernel", "check_kernel", "dequantize_nf4_bitsandbytes", "usable"]
+__all__ = [
+    "KERNELS",
+    "Kernel",
+    "bitsandbytes_runs",
+    "check_kernel",
+    "dequantize_nf4_bitsandbytes",
+    "usable",
+]
 
-Kernel = Literal["torch", "bitsandbytes"]
-KERNELS = ("torch", "bitsandbytes")
+Kernel = Literal["auto", "torch", "bitsandbytes"]
+KERNELS = ("auto", "torch", "bitsandbytes")
 
 
 def check_kernel(kernel: object) -> None:
@@ -34,13 +43,33 @@ def check_kernel(kernel: object) -> None:
             ) from None
 
 
-def usable(shape: tuple[int, ...]) -> bool:
-    """Whether the bitsandbytes kernel runs natively for this shape (outside torch.compile).
+@functools.cache
+def bitsandbytes_runs() -> bool:
+    """Whether bitsandbytes imports here (checked once; a broken install counts as absent)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def usable(
+    kernel: Kernel, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> bool:
+    """Whether to dequantize with bitsandbytes: asked for (or ``"auto"`` and installed), outside
+    torch.compile, on CPU or CUDA, for a dtype and shape its kernel runs natively.
 
     Its CPU kernel hands an odd last dimension to a torch.compile'd fallback (a long first
     call), where ours is as fast.
     """
-    return not torch.compiler.is_compiling() and shape[-1] % 2 == 0
+    if kernel == "torch" or torch.compiler.is_compiling() or shape[-1] % 2:
+        return False
+    if device.type not in ("cpu", "cuda") or dtype not in _NATIVE_DTYPES:
+        return False
+    return kernel == "bitsandbytes" or bitsandbytes_runs()
 
 
 def dequantize_nf4_bitsandbytes(

@@ -65,8 +65,8 @@ class QuantizedWeight(nn.Module):
         double_quant: Quantize NF4's absmax values again (8-bit, blocks of 256).
         compute_dtype: Dtype the weight is dequantized to.
         kind: Kind of the layer owning the weight (decides the memory-lean base forward).
-        kernel: ``"torch"`` or ``"bitsandbytes"`` (NF4 dequantization by its compiled kernel
-            outside ``torch.compile``; the same values).
+        kernel: ``"auto"`` (bitsandbytes' compiled NF4 dequantization where it is installed,
+            else pure PyTorch), ``"torch"`` or ``"bitsandbytes"``: the same values either way.
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class QuantizedWeight(nn.Module):
         double_quant: bool = True,
         compute_dtype: torch.dtype = torch.float32,
         kind: str = "param",
-        kernel: Kernel = "torch",
+        kernel: Kernel = "auto",
     ) -> None:
         super().__init__()
         check_method(method, block_size)
@@ -138,7 +138,7 @@ class QuantizedWeight(nn.Module):
         absmax = self.absmax(*stored)
         if self.method == "int8":
             return dequantize_int8(stored[0], absmax, self.shape, self.compute_dtype)
-        if self.kernel == "bitsandbytes" and usable(self.shape):
+        if usable(self.kernel, self.shape, stored[0].device, self.compute_dtype):
             return dequantize_nf4_bitsandbytes(
                 stored[0], absmax, self.shape, self.compute_dtype, self.block_size
             )
