@@ -31,7 +31,8 @@ from torch import nn
 from ..core.errors import LoRAError
 from ..core.io import load_lora, save_lora
 from ..core.registry import list_adapters
-from .peft import _unwrap, export_peft
+from .peft_export import export_peft
+from .peft_format import unwrap_model
 
 __all__ = ["ADAPTER_FILE", "LoRATrainer", "save_adapters"]  # noqa: F822 (LoRATrainer: lazy)
 
@@ -90,7 +91,7 @@ class _LoRATrainerMixin:
         output_dir = output_dir if output_dir is not None else args.output_dir
         if not args.should_save:
             return
-        model = _unwrap(self.model)
+        model = unwrap_model(self.model)
         os.makedirs(output_dir, exist_ok=True)
         save_adapters(model, output_dir, peft=self.save_peft)
         config = getattr(model, "config", None)
@@ -112,7 +113,7 @@ class _LoRATrainerMixin:
                 "checkpoints it wrote itself (checkpoint-<step> folders under output_dir)."
             )
         target = model if model is not None else self.model
-        load_lora(_unwrap(target), path, freeze=False)
+        load_lora(unwrap_model(target), path, freeze=False)
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the best checkpoint's adapters."""
@@ -140,7 +141,7 @@ def _build_trainer() -> type:
         def __init__(self, *args: Any, save_peft: bool = True, **kwargs: Any) -> None:
             self.save_peft = save_peft
             super().__init__(*args, **kwargs)
-            if not list_adapters(_unwrap(self.model)):
+            if not list_adapters(unwrap_model(self.model)):
                 raise LoRAError(
                     "LoRATrainer trains adapters, and this model has none: call add_lora (or "
                     "load_lora) on it first, or use transformers.Trainer."
