@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .adapter_file import FORMAT, read_lora_file
+from .atomic import atomic_write
 from .distributed import check_in, copy_into, gather_full, is_sharded, write_once
 from .dora import is_dora, magnitude_size
 from .errors import LoRAError
@@ -21,7 +22,7 @@ from .freeze import freeze_base
 from .inject import _ADAPTER_NAME, Mode, inject
 from .layers import base_tensor, join, parameter_target, tensor_names
 from .merge import remove_lora
-from .paths import check_input_file, check_output_file
+from .paths import check_output_file
 from .registry import check_adapters_exist, iter_lora, list_adapters
 from .trainable_copies import (
     CopyPlan,
@@ -42,8 +43,6 @@ __all__ = [
     "read_lora_file",
     "save_lora",
 ]
-
-FORMAT = "lora_param.adapter/1"
 
 
 def _selected(model: nn.Module, adapter: str | None) -> list[str]:
@@ -115,39 +114,6 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
     return config
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Write a file through a temporary file in the same folder and ``os.replace``.
-
-    A crash leaves either the old file or the new one, never half a file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _plain_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """Parameters by their names without parametrize (``fc.weight``, not ``...original``)."""
-    out: dict[str, Tensor] = {}
-    for module_name, module in model.named_modules():
-        if ".parametrizations" in f".{module_name}":
-            continue
-        for name in tensor_names(module):
-            tensor = base_tensor(module, name)
-            if isinstance(tensor, nn.Parameter):
-                out.setdefault(join(module_name, name), tensor)
-    return out
-
-
 def save_lora(
     model: nn.Module,
     path: str | os.PathLike,
@@ -200,133 +166,6 @@ def save_lora(
         atomic_write(path, lambda f: torch.save(payload, f))
 
     return write_once(path, write, collective=sharded)
-
-
-_LAYER_FIELDS: dict[str, Any] = {
-    "kind": str,
-    "shape": list,
-    "fan_in": int,
-    "fan_out": int,
-    "fan_in_fan_out": bool,
-    "rank": int,
-    "alpha": (int, float),
-    "use_rslora": bool,
-    "dropout": (int, float),
-    "init": str,
-}
-
-
-def _check_config(adapters: Any, path: str) -> None:
-    """Check a file's config field by field, so a forged file fails with a clear message."""
-
-    def bad(what: str) -> LoRAError:
-        return LoRAError(f"adapter file {path!r} has a damaged config: {what}.")
-
-    if not isinstance(adapters, dict) or not adapters:
-        raise bad("no adapters")
-    for name, spec in adapters.items():
-        if (
-            not isinstance(spec, dict)
-            or not isinstance(spec.get("layers"), dict)
-            or not spec["layers"]
-        ):
-            raise bad(f"adapter {name!r} lists no layers")
-        for tpath, layer in spec["layers"].items():
-            if not isinstance(layer, dict):
-                raise bad(f"layer {tpath!r} of {name!r} is not a mapping")
-            for field, kind in _LAYER_FIELDS.items():
-                value = layer.get(field)
-                if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                    raise bad(f"layer {tpath!r} of {name!r} has {field}={value!r}")
-            if min(layer["fan_in"], layer["fan_out"], layer["rank"]) <= 0 or layer["alpha"] <= 0:
-                raise bad(f"layer {tpath!r} of {name!r} has non-positive sizes")
-            if not 0 <= layer["dropout"] < 1 or layer["init"] not in ("kaiming", "gaussian"):
-                raise bad(f"layer {tpath!r} of {name!r} has dropout/init out of range")
-            if not isinstance(layer.get("use_dora", False), bool):
-                raise bad(f"layer {tpath!r} of {name!r} has use_dora={layer['use_dora']!r}")
-            experts = layer.get("experts", 1)
-            if (
-                not isinstance(experts, int)
-                or isinstance(experts, bool)
-                or experts <= 0
-                or ("experts" in layer) != (layer["kind"] == "experts")
-            ):
-                raise bad(f"layer {tpath!r} of {name!r} has experts={layer.get('experts')!r}")
-        copies = spec.get("copies", {})
-        if not isinstance(copies, dict):
-            raise bad(f"adapter {name!r} has copies that are not a mapping")
-        for tpath, copy in copies.items():
-            if (
-                not isinstance(copy, dict)
-                or copy.get("role") not in ("module", "bias")
-                or not isinstance(copy.get("owner"), str)
-                or not isinstance(copy.get("shape"), list)
-            ):
-                raise bad(f"copy {tpath!r} of {name!r} is not described by role, owner and shape")
-
-
-def read_lora_file(
-    path: str | os.PathLike,
-) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
-    """Read and check a file written by :func:`save_lora`.
-
-    Files from before per-adapter copies kept the trained heads and biases under
-    ``"trainable"``, by plain tensor path; they are read as copies of every adapter in the file.
-
-    Returns:
-        The adapters' config, the adapter tensors, and the adapters' trained copies keyed
-        ``"<adapter>.<tensor path>"`` (described by each adapter's ``"copies"`` config).
-    """
-    path = check_input_file(
-        path, "adapter file", "; save_lora writes one file (a PEFT folder? use import_peft)"
-    )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for damaged files
-        detail = (str(e).strip().splitlines() or ["empty or unreadable file"])[0][:200]
-        raise LoRAError(
-            f"cannot read adapter file {str(path)!r}: it is corrupt, truncated, or not a "
-            f"lora_param adapter file ({type(e).__name__}: {detail})."
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise LoRAError(
-            f"{str(path)!r} is not a lora_param adapter file (format {FORMAT!r} expected); "
-            "use load_base_state_dict for plain checkpoints or import_peft for PEFT folders."
-        )
-    try:
-        adapters = json.loads(payload["config"])["adapters"]
-        tensors = dict(payload["tensors"])
-        extras = dict(payload.get("copies", {}))
-        legacy = dict(payload.get("trainable", {}))
-    except (KeyError, TypeError, ValueError) as e:
-        raise LoRAError(f"adapter file {str(path)!r} has a damaged config: {e!r}.") from None
-    _check_config(adapters, str(path))
-    if not all(
-        isinstance(t, Tensor) for t in [*tensors.values(), *extras.values(), *legacy.values()]
-    ):
-        raise LoRAError(f"adapter file {str(path)!r} holds something other than tensors.")
-    for tpath, value in legacy.items():
-        module_name, _, leaf = tpath.rpartition(".")
-        role = "bias" if "bias" in leaf else "module"
-        for name, spec in adapters.items():
-            copies = spec.setdefault("copies", {})
-            copies[tpath] = {"role": role, "owner": module_name, "shape": list(value.shape)}
-            extras[f"{name}.{tpath}"] = value
-    described = {f"{n}.{t}" for n, spec in adapters.items() for t in spec.get("copies", {})}
-    if set(extras) - described:
-        raise LoRAError(
-            f"adapter file {str(path)!r} has copies its config does not describe: "
-            f"{sorted(set(extras) - described)[:5]}"
-        )
-    for name, spec in adapters.items():
-        for tpath, copy in spec.get("copies", {}).items():
-            value = extras.get(f"{name}.{tpath}")
-            if value is None or list(value.shape) != copy["shape"]:
-                raise LoRAError(
-                    f"adapter file {str(path)!r}: the copy {tpath!r} of {name!r} is missing or "
-                    "does not have the shape its config says."
-                )
-    return adapters, tensors, extras
 
 
 def _check_file_against_model(

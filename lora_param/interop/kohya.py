@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.atomic import atomic_write
 from ..core.dora import is_dora
 from ..core.errors import LoRAError
 from ..core.freeze import freeze_base
 from ..core.inject import Mode, inject
-from ..core.io import atomic_write
 from ..core.layers import AdaptTarget, layer_kind, module_targets
 from ..core.parametrization import LoRAParametrization
 from ..core.registry import iter_lora, list_adapters

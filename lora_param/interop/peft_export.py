@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..core.atomic import atomic_write
 from ..core.distributed import check_in, full_tensor, is_sharded, write_once
 from ..core.dora import is_dora
 from ..core.errors import LoRAError
-from ..core.io import atomic_write
 from ..core.layers import tensor_names
 from ..core.paths import check_output_folder
 from ..core.registry import iter_lora, list_adapters

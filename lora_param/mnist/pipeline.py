@@ -30,7 +30,7 @@ from lora_param import (
 from lora_param import (
     __version__ as lora_param_version,
 )
-from lora_param.core.io import atomic_write
+from lora_param.core.atomic import atomic_write
 
 from .confusion import confusion_block, plot_confusion_change
 from .data import MNISTTensors, load_mnist

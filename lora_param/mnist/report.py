@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_param.core.io import atomic_write
+from lora_param.core.atomic import atomic_write
 
 from .evaluate import refuse_test_split
 

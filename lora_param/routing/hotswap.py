@@ -18,12 +18,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.adapter_file import read_lora_file
 from ..core.errors import LoRAError
-from ..core.io import _plain_parameters, read_lora_file
+from ..core.layers import base_tensor, join, tensor_names
 from ..core.parametrization import LoRAParametrization
 from ..core.registry import check_adapters_exist, iter_lora, list_adapters
 
 __all__ = ["hotswap_lora", "prepare_hotswap"]
+
+
+def _plain_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters by their names without parametrize (``fc.weight``, not ``...original``)."""
+    out: dict[str, Tensor] = {}
+    for module_name, module in model.named_modules():
+        if ".parametrizations" in f".{module_name}":
+            continue
+        for name in tensor_names(module):
+            tensor = base_tensor(module, name)
+            if isinstance(tensor, nn.Parameter):
+                out.setdefault(join(module_name, name), tensor)
+    return out
 
 
 def _entries(model: nn.Module, adapter: str | None) -> dict[str, LoRAParametrization]:
