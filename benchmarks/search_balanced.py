@@ -49,7 +49,8 @@ from lora_param import add_lora, lora_disabled  # noqa: E402
 from lora_param.mnist.data import load_split  # noqa: E402
 from lora_param.mnist.evaluate import EvalResult, evaluate  # noqa: E402
 from lora_param.mnist.model import LINEAR_LAYERS, build_model  # noqa: E402
-from lora_param.mnist.pipeline import base_state, load_checkpoint, num_threads  # noqa: E402
+from lora_param.mnist.checkpoint import base_state, load_checkpoint  # noqa: E402
+from lora_param.mnist.runtime import num_threads  # noqa: E402
 from lora_param.mnist.seeds import checkpoint_name  # noqa: E402
 from lora_param.mnist.split import SPLIT_SEED, VALIDATION_SIZE, stratified_split  # noqa: E402
 from lora_param.mnist.train import BALANCED, FinetuneRecipe, PretrainConfig, finetune, pretrain  # noqa: E402

@@ -27,8 +27,8 @@ from lora_param.mnist import (
     run_pipeline,
     shuffled_batches,
 )
+from lora_param.mnist.checkpoint import base_state, same_tensors
 from lora_param.mnist.cli import main
-from lora_param.mnist.pipeline import base_state, same_tensors
 from lora_param.mnist.report import digit_changes, gain_stops_at, plot_errors, summary_text
 
 REPORT_KEYS = {

@@ -196,7 +196,7 @@ def config_from_args(
     args: argparse.Namespace,
 ):  # -> PipelineConfig (imported lazily: torch is slow to import)
     """Turn parsed arguments into a `PipelineConfig`."""
-    from .pipeline import PipelineConfig
+    from .config import PipelineConfig
 
     pretrain_steps = args.pretrain_steps or (QUICK_PRETRAIN_STEPS if args.quick else None)
     return PipelineConfig(
@@ -234,7 +234,7 @@ def _validation_size(args: argparse.Namespace) -> int:
     if args.validation_size is not None:
         return int(args.validation_size)
     if args.load_adapter:
-        from .pipeline import recorded_split
+        from .checkpoint import recorded_split
 
         recorded = recorded_split(args.load_adapter)
         if recorded is not None:

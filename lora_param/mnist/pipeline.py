@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import os
 import platform
-import re
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,175 +28,36 @@ from lora_param import (
 )
 from lora_param.core.atomic import atomic_write
 
+from .checkpoint import (
+    base_state,
+    check_checkpoint_split,
+    checkpoint_split_file,
+    load_checkpoint,
+    report_beside,
+    same_tensors,
+)
+from .config import (
+    ADAPTER_FILE,
+    CONFUSION_FILE,
+    PLOT_FILE,
+    PRETRAINED_FILE,
+    REPORT_FILE,
+    PipelineConfig,
+)
 from .confusion import confusion_block, plot_confusion_change
 from .data import MNISTTensors, load_mnist
 from .evaluate import EvalResult, evaluate, worst_digit
 from .model import LINEAR_LAYERS, build_model
 from .quantized import quantize_pretrained, storage_line
 from .report import digit_changes, gain_stops_at, plot_errors, summary_text, sweep_table, write_json
-from .split import SPLIT_SEED, VALIDATION_SIZE, SplitInfo, hold_out_validation
-from .train import RECIPES, FinetuneRecipe, PretrainConfig, finetune, pretrain
-
-PRETRAINED_FILE = "pretrained.pt"
-ADAPTER_FILE = "adapter.pt"
-REPORT_FILE = "report.json"
-PLOT_FILE = "errors.png"
-CONFUSION_FILE = "confusion.png"
-
-
-@dataclass
-class PipelineConfig:
-    """Everything a run depends on (the CLI's options).
-
-    Attributes:
-        data_dir: MNIST root (IDX files in ``<data_dir>/MNIST/raw/``).
-        download: Let torchvision download MNIST when absent.
-        digit: Digit to fine-tune on: 0-9, "worst" (the digit with the most errors before
-            fine-tuning), or None: 9 as in the tutorial, or with `load_adapter` the digit recorded
-            in the report.json beside the adapter.
-        rank: LoRA rank.
-        alpha: LoRA alpha (scale = alpha / rank).
-        ranks: Rank sweep: one fine-tune per rank from the same pretrained model.
-        recipe: Fine-tuning recipe ("tutorial" or "balanced"), see `train.RECIPES`.
-        finetune_steps: Override the recipe's steps.
-        finetune_batch_size: Override the recipe's batch size.
-        finetune_lr: Override the recipe's learning rate.
-        distill: Override the recipe's distillation weight.
-        pretrain: Pretraining settings.
-        validation_size: Training images held out (stratified) for every choice the run makes;
-            pretraining then sees the rest (50,000 by default). 0 restores the tutorial's data:
-            all 60,000 train, and choices are made on the training images.
-        split_seed: Seed of the validation split (fixed by default, so seeds share one split).
-        seed: Seeds the model init, data order, LoRA init.
-        out: Folder for report.json, pretrained.pt, adapter.pt, errors.png; None writes nothing.
-        checkpoint: Pretrained checkpoint: loaded instead of pretraining when it exists, else
-            written after pretraining (a cache for repeated runs).
-        load_adapter: Evaluate this saved adapter instead of fine-tuning.
-        quantize: "nf4" or "int8" stores the pretrained layers packed (QLoRA) before LoRA;
-            "pretrained" then means the packed model (the fp32 one is in ``base_storage``).
-        device: "auto", "cpu", "cuda", ...
-        threads: CPU threads for evaluation; None uses every core this process may run on.
-        train_threads: CPU threads for the batch-10 training loops. One by default: at batch 10
-            each op is too small for intra-op threads to pay (1.4x faster on an idle 2-core
-            machine) and a thread preempted by any other process stalls every op (15x slower
-            when something else runs). Thread count changes float results, so it is fixed.
-        eval_batch_size: Test images per evaluation batch.
-        progress: Show tqdm bars.
-        verbose: Print the summary and phase messages.
-    """
-
-    data_dir: str = "./data"
-    download: bool = True
-    digit: int | str | None = None
-    rank: int = 1
-    alpha: float = 1.0
-    ranks: list[int] | None = None
-    recipe: str = "tutorial"
-    finetune_steps: int | None = None
-    finetune_batch_size: int | None = None
-    finetune_lr: float | None = None
-    distill: float | None = None
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    validation_size: int = VALIDATION_SIZE
-    split_seed: int = SPLIT_SEED
-    seed: int = 0
-    out: str | None = None
-    checkpoint: str | None = None
-    load_adapter: str | None = None
-    quantize: str | None = None
-    device: str = "auto"
-    threads: int | None = None
-    train_threads: int | None = 1
-    eval_batch_size: int = 2000
-    progress: bool = True
-    verbose: bool = True
-
-    def finetune_recipe(self) -> FinetuneRecipe:
-        """The recipe with this config's overrides applied."""
-        if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
-        return RECIPES[self.recipe].with_overrides(
-            steps=self.finetune_steps,
-            batch_size=self.finetune_batch_size,
-            lr=self.finetune_lr,
-            distill=self.distill,
-        )
-
-
-def available_cpus() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def resolve_device(device: str) -> torch.device:
-    """ "auto" means CUDA when there is a GPU, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-@contextlib.contextmanager
-def num_threads(n: int | None) -> Iterator[None]:
-    """Run the block with `n` torch intra-op threads (None: leave as is), then restore."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class PhaseTimer:
-    """Wall-clock seconds per named phase."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-_PARAM_ENTRY = re.compile(r"\.parametrizations\.[^.]+\.\d+\.")
-_ORIGINAL = re.compile(r"\.parametrizations\.([^.]+)\.original$")
-
-
-def base_state(model: nn.Module) -> dict[str, Tensor]:
-    """The model's non-LoRA tensors under their plain names (``linear1.weight``), cloned.
-
-    A parametrized weight is stored as ``<m>.parametrizations.weight.original``; the LoRA factors
-    (``<m>.parametrizations.weight.<i>.lora_A``) are left out.
-    """
-    out = {}
-    for key, value in model.state_dict().items():
-        if _PARAM_ENTRY.search(key):
-            continue
-        out[_ORIGINAL.sub(r".\1", key)] = value.detach().clone()
-    return out
-
-
-def same_tensors(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
-    """Same keys and bit-for-bit equal tensors."""
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+from .runtime import PhaseTimer, available_cpus, num_threads, resolve_device
+from .split import hold_out_validation
+from .train import finetune, pretrain
 
 
 def _say(config: PipelineConfig, message: str) -> None:
     if config.verbose:
         print(message, flush=True)
-
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load a plain pretrained state dict (saved by this pipeline) into `model`."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
 
 
 def _finetune_once(
@@ -322,23 +179,6 @@ def _test_once(
     }
 
 
-def _sidecar(adapter: str) -> dict[str, Any]:
-    """The report.json beside an adapter, written by an earlier run ({} if absent or unreadable)."""
-    try:
-        report = json.loads(Path(adapter).with_name(REPORT_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return report if isinstance(report, dict) else {}
-
-
-def recorded_split(adapter: str) -> int | None:
-    """The validation size recorded in the report.json beside `adapter` (None if not recorded)."""
-    split = _sidecar(adapter).get("split")
-    if isinstance(split, dict) and isinstance(split.get("validation_size"), int):
-        return int(split["validation_size"])
-    return None
-
-
 @dataclass
 class PipelineRun:
     """What `run_pipeline` returns.
@@ -370,38 +210,6 @@ def run_pipeline(config: PipelineConfig, data: MNISTTensors | None = None) -> Pi
     threads = config.threads or available_cpus()
     with num_threads(threads):
         return _run(config, data, threads)
-
-
-def checkpoint_split_file(checkpoint: str | os.PathLike[str]) -> Path:
-    """Where the split a cached pretrained model was trained under is recorded."""
-    return Path(os.fspath(checkpoint) + ".split.json")
-
-
-def check_checkpoint_split(checkpoint: str | os.PathLike[str], split: SplitInfo) -> None:
-    """Refuse a cached pretrained model trained under another split.
-
-    A model pretrained on all 60,000 images (or under another split seed) has seen this run's
-    validation images, which would make every choice look better than it is. Checkpoints
-    without a record (older files, other tools) are loaded as they are.
-
-    Raises:
-        LoRAError: The recorded split differs from `split`.
-    """
-    path = checkpoint_split_file(checkpoint)
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    if (recorded.get("validation_size"), recorded.get("seed")) != (
-        split.validation_size,
-        split.seed,
-    ):
-        raise LoRAError(
-            f"{checkpoint} was pretrained with {recorded.get('validation_size')} validation images "
-            f"held out (split seed {recorded.get('seed')}), this run holds out "
-            f"{split.validation_size} (seed {split.seed}): its choices would see images the model "
-            "was trained on. Use another --checkpoint, or the same split settings"
-        )
 
 
 def split_data(data: MNISTTensors, config: PipelineConfig) -> MNISTTensors:
@@ -499,7 +307,7 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
         )
     pre_state = base_state(base)
     worst = worst_digit(pre_selection)
-    sidecar = _sidecar(config.load_adapter) if config.load_adapter else {}
+    sidecar = report_beside(config.load_adapter) if config.load_adapter else {}
     target = _choose_target(config, worst, sidecar)
 
     ranks = config.ranks or [config.rank]

@@ -18,8 +18,9 @@ from typing import Any
 
 from lora_param.core.errors import LoRAError
 
+from .config import PipelineConfig
 from .data import MNISTTensors
-from .pipeline import PipelineConfig, run_pipeline
+from .pipeline import run_pipeline
 from .report import write_json, write_text
 
 SEEDS_JSON = "seeds.json"
