@@ -1,4 +1,4 @@
-"""Keep benchmarks/bench_lora.py from rotting: run it in --quick mode on the MLP.
+"""Keep the benchmark scripts from rotting: run each in its --quick mode.
 
 Asserts only that it runs and prints its table, never timings.
 """
@@ -83,3 +83,40 @@ def test_bench_llm_quick_generation_runs_and_prints_goals():
     assert "| phase | variant |" in out
     goals = [line for line in out.splitlines() if line.startswith(("PASS ", "FAIL "))]
     assert any("generate peak ours" in line for line in goals), out
+
+
+def _run_script(name: str, *args: str, timeout: int = 300) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_bench_mixed_quick_runs_and_prints_goals():
+    """bench_mixed.py --quick: every variant timed, outputs checked against PEFT's, goals printed."""
+    out = _run_script("bench_mixed.py", "--quick", "--no-memory", "--repeats", "1")
+    assert "(MATCH)" in out and "MISMATCH" not in out, out
+    for variant in ("ours one", "ours mixed", "peft one", "peft mixed"):
+        assert any(line.startswith(variant) for line in out.splitlines()), variant
+    goals = [line for line in out.splitlines() if line.startswith(("PASS ", "FAIL "))]
+    assert len(goals) == 2, out
+
+
+def test_bench_dora_quick_runs_and_prints_goals():
+    """bench_dora.py --quick on the MLP: ours and PEFT's LoRA and DoRA timed, goals printed."""
+    out = _run_script("bench_dora.py", "--quick", "--no-memory", "--models", "mlp", "--repeats", "1")
+    rows = {tuple(line.split()[:2]) for line in out.splitlines()}
+    for variant in ("lora", "dora", "dora-materialized", "peft-lora", "peft-dora"):
+        assert ("mlp", variant) in rows, variant
+    assert "| model | variant |" in out
+    goals = [line for line in out.splitlines() if line.startswith(("met ", "MISSED "))]
+    assert goals, out
