@@ -131,3 +131,18 @@ def test_same_codes_and_values_as_bitsandbytes(source):
     absmax = dequantize_blockwise_8bit(ours[1], ours[2]) + ours[3]
     mine = dequantize_nf4(ours[0], absmax, tuple(w.shape), torch.float32, 64)
     assert torch.equal(functional.dequantize_4bit(ours[0], state), mine)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk", [None, 128])
+def test_dequantize_is_code_times_scale_cast_once(monkeypatch, dtype, chunk):
+    """Every value is nf4[code] * absmax in float32, cast once: odd counts, short last blocks
+    and chunk edges included."""
+    if chunk is not None:
+        monkeypatch.setattr(blockwise, "_CHUNK", chunk)
+    w = torch.randn(37, 19)  # 703 values: an odd count and a short last block
+    codes, absmax = quantize_nf4(w, 64, double_quant=False)
+    expected = (nf4_code()[_unpack(codes, w.numel())] * absmax.repeat_interleave(64)[:703]).to(
+        dtype
+    )
+    assert torch.equal(dequantize_nf4(codes, absmax, (37, 19), dtype, 64), expected.view(37, 19))

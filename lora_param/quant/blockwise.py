@@ -114,10 +114,13 @@ def quantize_nf4(
 
 
 def _pair_table(device: torch.device) -> Tensor:
-    """For every byte, the two NF4 values it holds (high nibble first): ``(256, 2)`` float32."""
+    """For every byte, its two NF4 values (high nibble first) as one 8-byte entry: ``(256,)``.
+
+    The float32 pairs are viewed as int64 so that one gather per byte fetches both values.
+    """
     byte = torch.arange(256, device=device)
     code = nf4_code(device)
-    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1)
+    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).view(torch.int64).view(-1)
 
 
 def dequantize_nf4(
@@ -129,22 +132,20 @@ def dequantize_nf4(
     and float32 absmax values.
     """
     n = math.prod(shape)
-    table = _pair_table(codes.device)
+    pairs = _pair_table(codes.device)
     flat_codes = codes.reshape(-1)
     out = torch.empty(n, dtype=dtype, device=codes.device)
-    step = _chunk_elements(block_size)
+    step = _chunk_elements(block_size)  # even: chunks start on a byte boundary
     for start in range(0, n, step):
         stop = min(start + step, n)
-        pairs = table.index_select(0, flat_codes[start // 2 : (stop + 1) // 2].int())
-        values = pairs.view(-1)[: stop - start]
+        byte_codes = flat_codes[start // 2 : (stop + 1) // 2].int()
+        values = pairs.index_select(0, byte_codes).view(torch.float32)[: stop - start]
         first = start // block_size
-        blocks = math.ceil((stop - start) / block_size)
-        scale = absmax[first : first + blocks]
         full = (stop - start) - (stop - start) % block_size
-        body = (values[:full].view(-1, block_size) * scale[: full // block_size, None]).view(-1)
-        out[start : start + full] = body
+        values[:full].view(-1, block_size).mul_(absmax[first : first + full // block_size, None])
         if full < stop - start:
-            out[start + full : stop] = values[full:] * scale[-1]
+            values[full:].mul_(absmax[first + full // block_size])
+        out[start:stop] = values
     return out.view(shape)
 
 
