@@ -33,6 +33,7 @@ from .checkpoint import (
     check_checkpoint_split,
     checkpoint_split_file,
     load_checkpoint,
+    recorded_split,
     report_beside,
     same_tensors,
 )
@@ -53,6 +54,29 @@ from .report import digit_changes, gain_stops_at, plot_errors, summary_text, swe
 from .runtime import PhaseTimer, available_cpus, num_threads, resolve_device
 from .split import hold_out_validation
 from .train import finetune, pretrain
+
+# run_pipeline and what it returns; the other names lived here before 0.2.1 and stay importable.
+__all__ = [
+    "ADAPTER_FILE",
+    "CONFUSION_FILE",
+    "PLOT_FILE",
+    "PRETRAINED_FILE",
+    "REPORT_FILE",
+    "PhaseTimer",
+    "PipelineConfig",
+    "PipelineRun",
+    "available_cpus",
+    "base_state",
+    "check_checkpoint_split",
+    "checkpoint_split_file",
+    "load_checkpoint",
+    "num_threads",
+    "recorded_split",
+    "resolve_device",
+    "run_pipeline",
+    "same_tensors",
+    "split_data",
+]
 
 
 def _say(config: PipelineConfig, message: str) -> None:
