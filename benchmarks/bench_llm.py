@@ -21,9 +21,12 @@ where it is installed); the ``*-nf4-torch`` rows force the pure-PyTorch kernel (
 without bitsandbytes gets).
 
 bf16 on a CPU without native bf16 matmul (AVX2 only, e.g. AMD Zen 3): PyTorch's bf16
-``grad @ W`` (the input gradient of every Linear) takes ~60x its forward product there
-(pytorch/pytorch#146508), so one 542 M training step takes tens of minutes for every variant;
-run ``--dtype fp32`` for the training phases on such a machine.
+``grad @ W`` (the input gradient of every Linear) takes up to ~60x its forward product there
+(pytorch/pytorch#146508), so one 542 M training step would take tens of minutes for every
+variant. On such a CPU (``--matmul-fix auto``, the default) bf16 steps run under
+``_cpu_bf16.FastReducedPrecisionMatmul``, which hands every reduced-precision CPU matmul its
+operands in the fast memory order (one transient copy each, for every variant alike; the
+header says when it is on).
 
 Method
 - memory: every (variant, phase) runs in its own fresh process (multiprocessing forkserver).
@@ -57,6 +60,7 @@ if str(HERE.parent) not in sys.path:  # run from a checkout without installing
     sys.path.insert(1, str(HERE.parent))
 
 import _bench_models as bm  # noqa: E402
+import _cpu_bf16  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -277,6 +281,19 @@ def make_step(model: nn.Module, phase: str, args: argparse.Namespace) -> Callabl
     return TrainStep(model, ids, checkpointing=phase == "train-gc")
 
 
+def matmul_fix_applies(args: argparse.Namespace, dtype_name: str) -> bool:
+    """Whether bf16 matmuls run under _cpu_bf16.FastReducedPrecisionMatmul (see the docstring)."""
+    if dtype_name != "bf16" or args.matmul_fix == "off":
+        return False
+    return args.matmul_fix == "on" or _cpu_bf16.cpu_lacks_bf16_matmul()
+
+
+def matmul_fix(args: argparse.Namespace, dtype_name: str) -> contextlib.AbstractContextManager:
+    if matmul_fix_applies(args, dtype_name):
+        return _cpu_bf16.FastReducedPrecisionMatmul()
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -291,8 +308,9 @@ def memory_worker(
         gc.collect()
         resident = bm.rss_bytes() or bm.maxrss_bytes()
         bm.reset_peak_rss()
-        for _ in range(args.mem_steps):
-            step()
+        with matmul_fix(args, dtype_name):
+            for _ in range(args.mem_steps):
+                step()
         conn.send(
             {
                 "resident": resident,
@@ -351,15 +369,16 @@ def measure_time(args: argparse.Namespace, dtype_name: str, plan, log) -> dict:
                 log(f"  time {dtype_name}/{variant}: not measured: {type(e).__name__}: {e}")
         fns = {(phase, v): make_step(m, phase, args) for phase in phases for v, m in models.items()}
         stats: dict = {}
-        timings = bm.time_interleaved(
-            {f"{p}/{v}": fn for (p, v), fn in fns.items()},
-            repeats=args.repeats,
-            warmup=args.warmup,
-            target_block_s=0.0,
-            busy_threshold=1.01,  # a shared machine is never quiet: keep every round, say so
-            max_wait_s=0.0,
-            stats=stats,
-        )
+        with matmul_fix(args, dtype_name):
+            timings = bm.time_interleaved(
+                {f"{p}/{v}": fn for (p, v), fn in fns.items()},
+                repeats=args.repeats,
+                warmup=args.warmup,
+                target_block_s=0.0,
+                busy_threshold=1.01,  # a shared machine is never quiet: keep every round, say so
+                max_wait_s=0.0,
+                stats=stats,
+            )
         for key, t in timings.items():
             phase, variant = key.split("/", 1)
             out[(phase, variant)] = t.median
@@ -524,6 +543,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true", help="timing only")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--matmul-fix",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="bf16 CPU matmuls in the fast operand order (auto: on CPUs without native bf16)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.repeats, args.mem_steps, args.warmup = "quick", 1, 1, 0
@@ -537,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     train_phases = [p for p in args.phases if p.startswith("train")]
     print(f"# bench_llm: {args.config} Llama, rank {RANK} on {', '.join(PROJECTIONS)}")
     print(f"# {bm_machine(args.threads)}")
+    if any(matmul_fix_applies(args, d) for d in args.dtype):
+        print(
+            "# bf16: this CPU has no native bf16 matmul; bf16 steps run under "
+            "_cpu_bf16.FastReducedPrecisionMatmul (operands copied into the fast order)"
+        )
     print(
         f"# training batch {args.batch}x{args.seq}; generation batch 1, prompt {args.prompt}, "
         f"{args.new_tokens} new tokens; {args.repeats} timed repeats"
