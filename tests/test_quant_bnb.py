@@ -167,3 +167,24 @@ def test_bitsandbytes_kernel_without_bitsandbytes(monkeypatch):
     with pytest.raises(LoRAError, match="kernel must be"):
         lp.quantize_base(model, kernel="cuda")
     assert type(model[0]) is nn.Linear
+
+
+def test_auto_kernel_falls_back_when_bitsandbytes_fails(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from lora_param.quant import kernels, weight
+
+    def broken(*args):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(weight, "dequantize_nf4_bitsandbytes", broken)
+    monkeypatch.setattr(kernels, "_FAILED_ON", set())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    plain = lp.quantize_base(copy.deepcopy(model), kernel="torch")
+    auto = lp.quantize_base(copy.deepcopy(model))
+    with pytest.warns(RuntimeWarning, match="dequantize failed on cpu"):
+        assert torch.equal(auto[0].weight, plain[0].weight)
+    assert torch.equal(auto[0].weight, plain[0].weight)  # warned once, then ours directly
+    required = lp.quantize_base(copy.deepcopy(model), kernel="bitsandbytes")
+    with pytest.raises(RuntimeError, match="no kernel"):
+        _ = required[0].weight

@@ -9,6 +9,7 @@ which is why ``"auto"`` (the default) may pick bitsandbytes whenever it is insta
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Literal
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "bitsandbytes_runs",
     "check_kernel",
     "dequantize_nf4_bitsandbytes",
+    "give_up_bitsandbytes",
     "usable",
 ]
 
@@ -54,6 +56,19 @@ def bitsandbytes_runs() -> bool:
 
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FAILED_ON: set[str] = set()  # device types where bitsandbytes' kernel raised under "auto"
+
+
+def give_up_bitsandbytes(device: torch.device, error: Exception) -> None:
+    """Stop ``"auto"`` from using bitsandbytes on this device type, saying why (once)."""
+    if device.type not in _FAILED_ON:
+        _FAILED_ON.add(device.type)
+        warnings.warn(
+            f"bitsandbytes' NF4 dequantize failed on {device.type} ({type(error).__name__}: "
+            f"{error}); kernel='auto' uses lora_param's own (the same values) from now on.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def usable(
@@ -69,7 +84,9 @@ def usable(
         return False
     if device.type not in ("cpu", "cuda") or dtype not in _NATIVE_DTYPES:
         return False
-    return kernel == "bitsandbytes" or bitsandbytes_runs()
+    if kernel == "bitsandbytes":
+        return True
+    return device.type not in _FAILED_ON and bitsandbytes_runs()
 
 
 def dequantize_nf4_bitsandbytes(

@@ -24,7 +24,7 @@ from .blockwise import (
     quantize_nf4,
 )
 from .int8 import dequantize_int8, int8_storage_sizes, quantize_int8
-from .kernels import Kernel, dequantize_nf4_bitsandbytes, usable
+from .kernels import Kernel, dequantize_nf4_bitsandbytes, give_up_bitsandbytes, usable
 from .lean_forward import base_output
 
 __all__ = ["BNB_BLOCK_SIZES", "METHODS", "Method", "QuantizedWeight", "check_method"]
@@ -139,9 +139,14 @@ class QuantizedWeight(nn.Module):
         if self.method == "int8":
             return dequantize_int8(stored[0], absmax, self.shape, self.compute_dtype)
         if usable(self.kernel, self.shape, stored[0].device, self.compute_dtype):
-            return dequantize_nf4_bitsandbytes(
-                stored[0], absmax, self.shape, self.compute_dtype, self.block_size
-            )
+            try:
+                return dequantize_nf4_bitsandbytes(
+                    stored[0], absmax, self.shape, self.compute_dtype, self.block_size
+                )
+            except Exception as error:  # e.g. a bitsandbytes build without this device's code
+                if self.kernel != "auto":
+                    raise
+                give_up_bitsandbytes(stored[0].device, error)
         return dequantize_nf4(stored[0], absmax, self.shape, self.compute_dtype, self.block_size)
 
     def dequantize_fp32(self, *stored: Tensor) -> Tensor:
