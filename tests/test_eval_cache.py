@@ -55,9 +55,11 @@ IDS = torch.randint(0, 20, (3, 4), generator=torch.Generator().manual_seed(1))
 
 def test_default_rule_caches_small_weights_only():
     small = LoRAParametrization(64, 64, (64, 64))
-    edge = LoRAParametrization(1024, 2048, (2048, 1024))  # exactly the limit
-    big = LoRAParametrization(1025, 2048, (2048, 1025))
-    assert AUTO_EVAL_CACHE_MAX_NUMEL == 2048 * 1024
+    edge = LoRAParametrization(1536, 2048, (2048, 1536))  # exactly the limit
+    big = LoRAParametrization(1537, 2048, (2048, 1537))
+    llm = LoRAParametrization(2048, 2048, (2048, 2048))  # a 2048-wide LLM projection
+    assert AUTO_EVAL_CACHE_MAX_NUMEL == 2048 * 1536
+    assert not llm.eval_cache
     assert small.eval_cache and edge.eval_cache
     assert not big.eval_cache
 
@@ -135,11 +137,11 @@ def test_never_keeps_no_copy_and_factored_layers_form_no_weight(monkeypatch):
 
 def test_large_weight_is_evaluated_factored_by_default():
     torch.manual_seed(0)
-    model = add_lora(nn.Sequential(nn.Linear(1025, 2048), nn.Linear(4, 4)), ["0", "1"], rank=1)
+    model = add_lora(nn.Sequential(nn.Linear(1537, 2048), nn.Linear(4, 4)), ["0", "1"], rank=1)
     with torch.no_grad():
         for *_, p in iter_lora(model):
             p.lora_B.normal_()
-        x = torch.randn(2, 1025)
+        x = torch.randn(2, 1537)
         out = model[0](x)
         model[1](torch.randn(2, 4))
     plist = model[0].parametrizations.weight
