@@ -13,25 +13,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "bench_lora.py"
 
 pytest.importorskip("peft")
 
 
-def test_bench_lora_quick_mlp_runs_and_prints_table():
+def _run_script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run benchmarks/<name> with this checkout importable; fail with its output if it fails."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--models", "mlp", "--markdown"],
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def test_bench_lora_quick_mlp_runs_and_prints_table():
+    proc = _run_script("bench_lora.py", "--quick", "--models", "mlp", "--markdown", timeout=120)
     out = proc.stdout
-    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
     assert "FAILED" not in proc.stderr, proc.stderr  # a memory worker failed
     header = next(line for line in out.splitlines() if line.startswith("model "))
     for col in ("variant", "trainable", "train ms", "eval ms", "vs merged", "train RSS MB"):
@@ -54,28 +59,10 @@ def test_bench_lora_quick_mlp_runs_and_prints_table():
 
 def test_bench_llm_quick_generation_runs_and_prints_goals():
     pytest.importorskip("transformers")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_llm.py"),
-            "--quick",
-            "--dtype",
-            "bf16",
-            "--phases",
-            "generate",
-            "--markdown",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    proc = _run_script(
+        "bench_llm.py", "--quick", "--dtype", "bf16", "--phases", "generate", "--markdown"
     )
     out = proc.stdout
-    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
     assert "not measured" not in proc.stderr, proc.stderr
     rows = {tuple(line.split()[:2]) for line in out.splitlines()}
     for variant in ("merged", "lora", "lora-nf4", "peft"):
@@ -85,25 +72,9 @@ def test_bench_llm_quick_generation_runs_and_prints_goals():
     assert any("generate peak ours" in line for line in goals), out
 
 
-def _run_script(name: str, *args: str, timeout: int = 300) -> str:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / name), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc.stdout
-
-
 def test_bench_mixed_quick_runs_and_prints_goals():
-    """bench_mixed.py --quick: every variant timed, outputs checked against PEFT's, goals printed."""
-    out = _run_script("bench_mixed.py", "--quick", "--no-memory", "--repeats", "1")
+    """bench_mixed.py --quick: every variant timed, outputs checked against PEFT's, goals out."""
+    out = _run_script("bench_mixed.py", "--quick", "--no-memory", "--repeats", "1").stdout
     assert "(MATCH)" in out and "MISMATCH" not in out, out
     for variant in ("ours one", "ours mixed", "peft one", "peft mixed"):
         assert any(line.startswith(variant) for line in out.splitlines()), variant
@@ -113,7 +84,9 @@ def test_bench_mixed_quick_runs_and_prints_goals():
 
 def test_bench_dora_quick_runs_and_prints_goals():
     """bench_dora.py --quick on the MLP: ours and PEFT's LoRA and DoRA timed, goals printed."""
-    out = _run_script("bench_dora.py", "--quick", "--no-memory", "--models", "mlp", "--repeats", "1")
+    out = _run_script(
+        "bench_dora.py", "--quick", "--no-memory", "--models", "mlp", "--repeats", "1"
+    ).stdout
     rows = {tuple(line.split()[:2]) for line in out.splitlines()}
     for variant in ("lora", "dora", "dora-materialized", "peft-lora", "peft-dora"):
         assert ("mlp", variant) in rows, variant
