@@ -207,7 +207,7 @@ def quantize_base(
             is installed, outside ``torch.compile``; else pure PyTorch), ``"torch"`` (pure
             PyTorch, CPU and CUDA, traceable by ``torch.compile``) or ``"bitsandbytes"``
             (required: needs ``pip install 'lora_param[quant]'``). The values are bit for bit
-            the same whichever runs; bitsandbytes' is about twice as fast on CPU.
+            the same whichever runs; bitsandbytes' is the faster one.
 
     Returns:
         The model.

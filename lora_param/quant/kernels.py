@@ -1,7 +1,7 @@
 """Optional bitsandbytes kernel for NF4 dequantization (bit for bit what ours computes).
 
 Pure PyTorch dequantization gathers through a lookup table; bitsandbytes' compiled kernel
-is about twice as fast on CPU (and the fast path on CUDA). Both compute
+is faster on CPU (1.3-1.9x on a 5,632 x 2,048 weight) and the fast path on CUDA. Both compute
 ``nf4[code] * absmax`` in float32 and cast once, so switching kernels never changes a value,
 which is why ``"auto"`` (the default) may pick bitsandbytes whenever it is installed.
 """
@@ -74,8 +74,9 @@ def give_up_bitsandbytes(device: torch.device, error: Exception) -> None:
 def usable(
     kernel: Kernel, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
 ) -> bool:
-    """Whether to dequantize with bitsandbytes: asked for (or ``"auto"`` and installed), outside
-    torch.compile, on CPU or CUDA, for a dtype and shape its kernel runs natively.
+    """Whether to dequantize with bitsandbytes: asked for (or ``"auto"``, installed, and not
+    failed on this device type before), outside torch.compile, on CPU or CUDA, for a dtype and
+    shape its kernel runs natively.
 
     Its CPU kernel hands an odd last dimension to a torch.compile'd fallback (a long first
     call), where ours is as fast.
