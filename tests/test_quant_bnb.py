@@ -26,11 +26,10 @@ def _bnb_model(kind: str) -> nn.Sequential:
     else:
         layer = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
         layer.load_state_dict(dense.state_dict())
-    try:
-        layer = layer.to("cpu")  # quantizes
-        layer(torch.randn(1, 64))
-    except Exception as error:  # a bitsandbytes build without CPU kernels
-        pytest.skip(f"bitsandbytes cannot run {kind} layers on this CPU: {error}")
+    # No skip on failure: bitsandbytes is installed, so a layer that does not run here is a
+    # broken integration, not a missing dependency.
+    layer = layer.to("cpu")  # quantizes
+    layer(torch.randn(1, 64))
     return nn.Sequential(layer, nn.ReLU(), nn.Linear(32, 4))
 
 
@@ -92,56 +91,116 @@ def test_bitsandbytes_layers_without_bitsandbytes(monkeypatch):
     assert type(model[0]) is fake and not lp.list_adapters(model)
 
 
-def test_bitsandbytes_kernel_gives_the_same_values():
+def _nf4_pair(shape, dtype=torch.float32):
+    """Our packed codes and float32 absmax of a random weight."""
+    from lora_param.quant.blockwise import quantize_nf4
+
+    weight = torch.randn(shape, dtype=dtype)
+    codes, absmax = quantize_nf4(weight, 64, False)
+    return codes, absmax.view(torch.float32) if absmax.dtype != torch.float32 else absmax
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (7, 32), (48, 32), (33, 65), (64, 64), (7, 64)])
+def test_bitsandbytes_kernel_gives_our_values_or_is_refused(shape):
+    """kernel="bitsandbytes" never gives other values than kernel="torch": where its CPU kernel
+    mixes up block scales (rows that are not a multiple of the block size), it is refused."""
     pytest.importorskip("bitsandbytes")
-    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 7))  # 7: odd, the torch path
-    fast = lp.quantize_base(copy.deepcopy(model), kernel="bitsandbytes")
+    from lora_param.quant import kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(shape[1], shape[0]))
     plain = lp.quantize_base(copy.deepcopy(model), kernel="torch")
-    x = torch.randn(3, 64)
+    codes, absmax = _nf4_pair(shape)
+    theirs = kernels.dequantize_nf4_bitsandbytes(codes, absmax, shape, torch.float32, 64)
+    from lora_param.quant.blockwise import dequantize_nf4
+
+    agrees = torch.equal(theirs, dequantize_nf4(codes, absmax, shape, torch.float32, 64))
+    if not agrees:
+        before = copy.deepcopy(model)
+        with pytest.raises(LoRAError, match="other values"):
+            lp.quantize_base(model, kernel="bitsandbytes")
+        assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before[0].weight)
+        return
+    fast = lp.quantize_base(copy.deepcopy(model), kernel="bitsandbytes")
+    x = torch.randn(3, shape[1])
     with torch.no_grad():
         assert torch.equal(fast[0].weight, plain[0].weight)
         assert torch.equal(fast(x), plain(x))
-    for dtype in (torch.bfloat16, torch.float16):
-        fast = lp.quantize_base(copy.deepcopy(model), compute_dtype=dtype, kernel="bitsandbytes")
-        plain = lp.quantize_base(copy.deepcopy(model), compute_dtype=dtype, kernel="torch")
-        assert torch.equal(fast[0].weight, plain[0].weight)
+
+
+def test_bitsandbytes_cpu_kernel_is_wrong_for_rows_off_the_block_size():
+    """Why "auto" does not use bitsandbytes on the CPU (bitsandbytes 0.50.2): keep this test
+    to notice when a bitsandbytes release fixes its native kernel."""
+    pytest.importorskip("bitsandbytes")
+    from lora_param.quant import kernels
+    from lora_param.quant.blockwise import dequantize_nf4
+
+    codes, absmax = _nf4_pair((48, 32))
+    theirs = kernels.dequantize_nf4_bitsandbytes(codes, absmax, (48, 32), torch.float32, 64)
+    ours = dequantize_nf4(codes, absmax, (48, 32), torch.float32, 64)
+    if torch.equal(theirs, ours):
+        pytest.xfail("this bitsandbytes build dequantizes (48, 32) right; auto could use it")
+    assert not torch.equal(theirs, ours)
 
 
 def _count_bitsandbytes_calls(monkeypatch) -> list[tuple[int, ...]]:
-    from lora_param.quant import weight
+    from lora_param.quant import kernels
 
     calls: list[tuple[int, ...]] = []
-    real = weight.dequantize_nf4_bitsandbytes
+    real = kernels.dequantize_nf4_bitsandbytes
 
     def counting(codes, absmax, shape, dtype, block_size):
         calls.append(tuple(shape))
         return real(codes, absmax, shape, dtype, block_size)
 
-    monkeypatch.setattr(weight, "dequantize_nf4_bitsandbytes", counting)
+    monkeypatch.setattr(kernels, "dequantize_nf4_bitsandbytes", counting)
     return calls
 
 
-def test_auto_kernel_uses_bitsandbytes_where_installed(monkeypatch):
+def test_auto_kernel_on_cpu_never_imports_bitsandbytes():
+    """import lora_param, add_lora(quantize="nf4"), train and evaluate: no bitsandbytes."""
+    code = (
+        "import sys, torch, lora_param as lp\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 7))\n"
+        "lp.add_lora(m, rank=2, quantize='nf4')\n"
+        "m(torch.randn(3, 64)).sum().backward()\n"
+        "with torch.no_grad(): m(torch.randn(3, 64))\n"
+        "print('bitsandbytes' in sys.modules)\n"
+    )
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False", out.stderr
+    assert "gemm_4bit" not in out.stderr
+
+
+def test_auto_kernel_checks_bitsandbytes_per_shape(monkeypatch):
+    """Where "auto" may use bitsandbytes (CUDA; here the CPU, pretending), each shape's first
+    result is compared with ours: shapes that agree use bitsandbytes, others ours (warned)."""
     pytest.importorskip("bitsandbytes")
+    from lora_param.quant import kernels
+
+    monkeypatch.setattr(kernels, "AUTO_DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(kernels, "_CHECKED", {})
+    monkeypatch.setattr(kernels, "_FAILED_ON", set())
     calls = _count_bitsandbytes_calls(monkeypatch)
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(64, 32), nn.Linear(32, 7), nn.Linear(7, 4), nn.Linear(4, 2, dtype=torch.float64)
-    )
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 48), nn.Linear(48, 4))
     plain = lp.quantize_base(copy.deepcopy(model), kernel="torch")
-    lp.add_lora(model, rank=2, quantize="nf4")  # the default kernel is "auto"
-    x = torch.randn(3, 64)
-    with torch.no_grad(), lp.lora_disabled(model):
-        assert torch.equal(model[0](x), plain[0](x))
-        for layer, reference in zip(model, plain, strict=True):
+    auto = lp.quantize_base(copy.deepcopy(model))
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="other values"):
+        for layer, reference in zip(auto, plain, strict=True):
             assert torch.equal(layer.weight, reference.weight)
-    # bitsandbytes where its kernel runs natively (float32, even rows); ours for an odd row
-    # length (4, 7) and for float64
-    assert set(calls) == {(32, 64), (7, 32)}
+    assert set(calls) == {(32, 64), (48, 32), (4, 48)}
+    assert kernels._CHECKED[("cpu", (32, 64), torch.float32, 64)] is True
+    assert kernels._CHECKED[("cpu", (48, 32), torch.float32, 64)] is False
     calls.clear()
     with torch.no_grad():
-        lp.quantize_base(nn.Linear(64, 32), kernel="torch")(x)
-    assert calls == []
+        for layer, reference in zip(auto, plain, strict=True):
+            assert torch.equal(layer.weight, reference.weight)
+    assert (48, 32) not in calls and (32, 64) in calls  # checked once: no second comparison
 
 
 def test_auto_kernel_without_bitsandbytes(monkeypatch):
@@ -171,12 +230,14 @@ def test_bitsandbytes_kernel_without_bitsandbytes(monkeypatch):
 
 def test_auto_kernel_falls_back_when_bitsandbytes_fails(monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from lora_param.quant import kernels, weight
+    from lora_param.quant import kernels
 
     def broken(*args):
         raise RuntimeError("no kernel for this device")
 
-    monkeypatch.setattr(weight, "dequantize_nf4_bitsandbytes", broken)
+    monkeypatch.setattr(kernels, "dequantize_nf4_bitsandbytes", broken)
+    monkeypatch.setattr(kernels, "AUTO_DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(kernels, "_CHECKED", {})
     monkeypatch.setattr(kernels, "_FAILED_ON", set())
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32))
@@ -185,6 +246,7 @@ def test_auto_kernel_falls_back_when_bitsandbytes_fails(monkeypatch):
     with pytest.warns(RuntimeWarning, match="dequantize failed on cpu"):
         assert torch.equal(auto[0].weight, plain[0].weight)
     assert torch.equal(auto[0].weight, plain[0].weight)  # warned once, then ours directly
-    required = lp.quantize_base(copy.deepcopy(model), kernel="bitsandbytes")
-    with pytest.raises(RuntimeError, match="no kernel"):
-        _ = required[0].weight
+    required = copy.deepcopy(model)
+    with pytest.raises(LoRAError, match="no kernel"):
+        lp.quantize_base(required, kernel="bitsandbytes")  # checked before changing the model
+    assert type(required[0]) is nn.Linear

@@ -156,6 +156,10 @@ def quantize_targets(
             ).to(weight.device)
             undos.append(_register(target, quant))
             install_load_checks(target.module)
+        if kernel == "bitsandbytes":  # refuse now where its kernel would not give our values
+            with torch.no_grad():
+                for target in chosen:
+                    target.module.weight  # noqa: B018  (dequantizes: checks the kernel)
     except BaseException:
         for undo in reversed(undos):
             undo()
@@ -203,11 +207,13 @@ def quantize_base(
         double_quant: Quantize NF4's absmax values again (8-bit, blocks of 256), 0.127
             instead of 0.5 bits per weight of overhead.
         compute_dtype: Dtype the weights are dequantized to; None keeps each weight's dtype.
-        kernel: How NF4 is dequantized: ``"auto"`` (bitsandbytes' compiled kernel where it
-            is installed, outside ``torch.compile``; else pure PyTorch), ``"torch"`` (pure
-            PyTorch, CPU and CUDA, traceable by ``torch.compile``) or ``"bitsandbytes"``
-            (required: needs ``pip install 'lora_param[quant]'``). The values are bit for bit
-            the same whichever runs; bitsandbytes' is the faster one.
+        kernel: How NF4 is dequantized: ``"auto"`` (pure PyTorch on the CPU; on CUDA
+            bitsandbytes' compiled kernel where it is installed and checked to give the same
+            values, outside ``torch.compile``), ``"torch"`` (pure PyTorch, CPU and CUDA,
+            traceable by ``torch.compile``) or ``"bitsandbytes"`` (required: needs ``pip
+            install 'lora_param[quant]'``; refused where its kernel would give other values,
+            as bitsandbytes 0.50's CPU kernel does for rows that are not a multiple of the
+            block size). The values are bit for bit the same whichever runs.
 
     Returns:
         The model.

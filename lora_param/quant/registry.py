@@ -62,7 +62,11 @@ def replace_packed(module: nn.Module, value: nn.Parameter) -> None:
     order = module.__dict__.get("_lora_param_order")
     own_class(module)
     # Evaluating the packed weight once here is the only way parametrize removes a
-    # parametrization stored as several tensors; the result is replaced at once.
+    # parametrization stored as several tensors; the result is replaced at once (so any
+    # kernel will do: ours, which never refuses).
+    head = packed_head(module)
+    if head is not None:
+        head.kernel = "torch"
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     module._buffers.pop("weight", None)
     module._parameters.pop("weight", None)

@@ -24,7 +24,7 @@ from .blockwise import (
     quantize_nf4,
 )
 from .int8 import dequantize_int8, int8_storage_sizes, quantize_int8
-from .kernels import Kernel, dequantize_nf4_bitsandbytes, give_up_bitsandbytes, usable
+from .kernels import Kernel, nf4_dequantizer
 from .lean_forward import base_output
 
 __all__ = ["BNB_BLOCK_SIZES", "METHODS", "Method", "QuantizedWeight", "check_method"]
@@ -65,8 +65,9 @@ class QuantizedWeight(nn.Module):
         double_quant: Quantize NF4's absmax values again (8-bit, blocks of 256).
         compute_dtype: Dtype the weight is dequantized to.
         kind: Kind of the layer owning the weight (decides the memory-lean base forward).
-        kernel: ``"auto"`` (bitsandbytes' compiled NF4 dequantization where it is installed,
-            else pure PyTorch), ``"torch"`` or ``"bitsandbytes"``: the same values either way.
+        kernel: ``"auto"`` (ours on the CPU; on CUDA bitsandbytes' compiled kernel where it is
+            installed and checked to give our values), ``"torch"`` or ``"bitsandbytes"``: the
+            same values either way (see :mod:`lora_param.quant.kernels`).
     """
 
     def __init__(
@@ -138,16 +139,10 @@ class QuantizedWeight(nn.Module):
         absmax = self.absmax(*stored)
         if self.method == "int8":
             return dequantize_int8(stored[0], absmax, self.shape, self.compute_dtype)
-        if usable(self.kernel, self.shape, stored[0].device, self.compute_dtype):
-            try:
-                return dequantize_nf4_bitsandbytes(
-                    stored[0], absmax, self.shape, self.compute_dtype, self.block_size
-                )
-            except Exception as error:  # e.g. a bitsandbytes build without this device's code
-                if self.kernel != "auto":
-                    raise
-                give_up_bitsandbytes(stored[0].device, error)
-        return dequantize_nf4(stored[0], absmax, self.shape, self.compute_dtype, self.block_size)
+        return nf4_dequantizer(
+            self.kernel, dequantize_nf4, stored[0], absmax, self.shape, self.compute_dtype,
+            self.block_size,
+        )  # fmt: skip
 
     def dequantize_fp32(self, *stored: Tensor) -> Tensor:
         """The weight as the model sees it (compute dtype), widened to float32."""
