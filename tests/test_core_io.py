@@ -336,3 +336,23 @@ def test_load_refuses_trainable_tensor_that_does_not_fit(tmp_path):
         load_lora(wrong, path)
     assert list(iter_lora(wrong)) == []
     assert all(torch.equal(v, before[k]) for k, v in wrong.state_dict().items())
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Files behind an atomic write are created 0600 by mkstemp; they must end up as a plain
+    ``open(path, "w")`` would make them (0666 less the umask), like every other tool's output."""
+    import os
+    import stat
+
+    from lora_param.core.atomic import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        model = lora_param.add_lora(nn.Sequential(nn.Linear(4, 4)), rank=2)
+        path = lora_param.save_lora(model, tmp_path / "adapter.pt")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o027)
+        other = atomic_write(tmp_path / "report.json", lambda f: f.write(b"{}"))
+        assert stat.S_IMODE(other.stat().st_mode) == 0o640
+    finally:
+        os.umask(umask)
