@@ -399,7 +399,10 @@ def _check_modes_agree(case, h, x):
         assert torch.allclose(outs["factored"], outs["materialized"], **TIGHT)
         assert grads["factored"].keys() == grads["materialized"].keys()
         for key, g in grads["factored"].items():
-            assert torch.allclose(g, grads["materialized"][key], rtol=1e-4, atol=1e-5), key
+            # Both sum the same float32 products in another order (conv: another algorithm):
+            # the rounding error scales with the gradient's largest entries, not with each one.
+            atol = 1e-5 * max(1.0, float(g.abs().max()))
+            assert torch.allclose(g, grads["materialized"][key], rtol=1e-4, atol=atol), key
 
 
 # --------------------------------------------------------------------------- eval cache
