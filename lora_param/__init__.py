@@ -39,7 +39,7 @@ from .routing import (
     prepare_hotswap,
 )
 
-__version__ = "0.2.1"
+__version__ = "0.2.2"
 
 __all__ = [
     "FACTORED_KINDS",
