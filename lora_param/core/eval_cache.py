@@ -98,7 +98,17 @@ def set_eval_cache(
 
 
 def eval_cache_bytes(model: nn.Module) -> int:
-    """Bytes the evaluation caches of the model's adapters hold right now."""
+    """Bytes the evaluation caches of the model's adapters hold right now.
+
+    A cache is filled by a forward under ``torch.no_grad()`` (see :func:`set_eval_cache`) and
+    freed by the next forward with gradients, ``model.train()``/``eval()`` or ``.to()``.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        The bytes of the cached ``W + sBA`` copies (0 when none is held).
+    """
     held = {}
     for *_, p in iter_lora(model):
         cache = p._cache

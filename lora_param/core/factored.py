@@ -84,6 +84,11 @@ _OPS: dict[str, tuple[BaseOp, BranchOp]] = {
     "conv1d_hf": (_conv1d_hf_base, _linear_branch),
 }
 FACTORED_KINDS = frozenset(_OPS)
+"""Layer kinds with a factored forward: ``"linear"``, ``"conv"``, ``"embedding"``, ``"conv1d_hf"``.
+
+With ``mode="factored"`` (the default) such layers compute ``base(x) + s * B(A(x))``; other
+adapted tensors (MultiheadAttention's ``in_proj_weight``, named parameters, 3-D expert tensors)
+always read ``W + sBA``."""
 
 
 def base_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:

@@ -41,14 +41,28 @@ def iter_lora(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRAParam
 
 
 def list_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters present in the model, in order of first appearance."""
+    """Names of the adapters present in the model, in order of first appearance.
+
+    Args:
+        model: Any module, with or without adapters.
+
+    Returns:
+        Every adapter name, enabled or not (an empty list for a model without adapters).
+    """
     names = [p.adapter for *_, p in iter_lora(model)]
     names += [c.adapter for *_, c in iter_copies(model)]
     return list(dict.fromkeys(names))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters enabled on at least one layer (LoRA update or trained copy)."""
+    """Names of the adapters enabled on at least one layer (LoRA update or trained copy).
+
+    Args:
+        model: Any module, with or without adapters.
+
+    Returns:
+        The enabled adapters' names, in order of first appearance.
+    """
     names = [p.adapter for *_, p in iter_lora(model) if p.enabled]
     names += [c.adapter for *_, c in iter_copies(model) if c.enabled]
     return list(dict.fromkeys(names))
@@ -96,6 +110,9 @@ def clear_lora_cache(model: nn.Module) -> None:
     The cache notices optimizer steps, ``copy_``, ``load_state_dict``, ``.to()`` and
     ``model.train()/eval()`` by itself; only in-place edits through ``.data``
     (``p.data.mul_(2)``), which no version counter sees, need this call.
+
+    Args:
+        model: Any module; modules without adapters are left alone.
     """
     for *_, p in iter_lora(model):
         p.clear_cache()

@@ -57,7 +57,18 @@ def set_adapter_scale(model: nn.Module, adapter: str, strength: float) -> None:
 
 
 def adapter_scale(model: nn.Module, adapter: str) -> float:
-    """The strength set by :func:`set_adapter_scale` (1.0 when never set)."""
+    """The strength set by :func:`set_adapter_scale` (1.0 when never set).
+
+    Args:
+        model: A model with adapters.
+        adapter: Adapter name.
+
+    Returns:
+        The adapter's strength (its scale is ``strength * alpha / rank``).
+
+    Raises:
+        LoRAError: No adapter of that name.
+    """
     check_adapters_exist(model, [adapter])
     for *_, p in iter_lora(model):
         if p.adapter == adapter:

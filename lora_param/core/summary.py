@@ -67,6 +67,12 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
     """Count trainable, total, adapter and base parameters (shared tensors counted once).
 
     A packed (quantized) weight counts as the weights it stores, not its bytes or scales.
+
+    Args:
+        model: Any model.
+
+    Returns:
+        The counts; see :class:`ParameterCounts`.
     """
     params = {id(p): p for p in model.parameters()}
     packed = _packed_counts(model)

@@ -100,7 +100,17 @@ class CopyPlan:
 
 
 def iter_copies(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, TrainableCopy]]:
-    """Yield ``(tensor path, module, tensor name, copy)`` for every trained copy in the model."""
+    """Yield ``(tensor path, module, tensor name, copy)`` for every trained copy in the model.
+
+    A trained copy is an adapter's own replacement of a whole tensor: a head named in
+    ``add_lora(trainable=...)`` or a bias chosen by ``bias=`` (PEFT's ``modules_to_save``).
+
+    Args:
+        model: Any module, with or without adapters.
+
+    Yields:
+        One tuple per copy, in module order then registration order.
+    """
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue

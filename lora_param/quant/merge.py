@@ -22,7 +22,12 @@ __all__ = ["PackedMerges", "RequantizationWarning", "merged_fp32", "plan_packed_
 
 
 class RequantizationWarning(UserWarning):
-    """``merge_lora(requantize=True)`` rounded the merged weights back to the packed format."""
+    """``merge_lora(requantize=True)`` rounded the merged weights back to the packed format.
+
+    Requantizing ``dequant(Q) + s·B·A`` is lossy (PEFT does the same when it merges into a
+    4-bit base); the warning's message gives the relative error it added, per weight. Merge
+    without ``requantize`` to keep the exact sum in the compute dtype.
+    """
 
 
 def _add_update_fp32(p: LoRAParametrization, weight: Tensor) -> Tensor:
