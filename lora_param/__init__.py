@@ -5,7 +5,12 @@ Example:
     >>> with lora_disabled(model):                         # exactly the pretrained model
     ...     base_out = model(x)
     >>> save_lora(model, "adapter.pt"); merge_lora(model)
+
+``LoRATrainer`` (a ``transformers.Trainer``) is importable from here too; it is built on first
+access, so ``import lora_param`` never imports transformers.
 """
+
+from typing import Any
 
 from .core.dora import DoRAParametrization
 from .core.errors import LoRAError
@@ -41,13 +46,14 @@ from .routing import (
 
 __version__ = "0.2.2"
 
-__all__ = [
+__all__ = [  # LoRATrainer: built lazily by __getattr__ below
     "FACTORED_KINDS",
     "CombineReport",
     "DoRAParametrization",
     "ExpertLoRAParametrization",
     "LoRAError",
     "LoRAParametrization",
+    "LoRATrainer",
     "ParameterCounts",
     "RequantizationWarning",
     "TrainableCopy",
@@ -87,3 +93,17 @@ __all__ = [
     "set_eval_cache",
     "trainable_summary",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``lora_param.LoRATrainer``: imports transformers on first access only."""
+    if name == "LoRATrainer":
+        from .interop.transformers import LoRATrainer
+
+        globals()["LoRATrainer"] = LoRATrainer
+        return LoRATrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
