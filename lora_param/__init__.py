@@ -10,7 +10,7 @@ Example:
 access, so ``import lora_param`` never imports transformers.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core.dora import DoRAParametrization
 from .core.errors import LoRAError
@@ -44,9 +44,12 @@ from .routing import (
     prepare_hotswap,
 )
 
+if TYPE_CHECKING:  # at run time, __getattr__ below imports it on first access
+    from .interop.transformers import LoRATrainer
+
 __version__ = "0.2.2"
 
-__all__ = [  # LoRATrainer: built lazily by __getattr__ below
+__all__ = [
     "FACTORED_KINDS",
     "CombineReport",
     "DoRAParametrization",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import os
 import subprocess
@@ -70,3 +71,17 @@ def test_public_name_has_a_docstring(name: str) -> None:
         params = [p for p in inspect.signature(obj).parameters if p not in ("self",)]
         if params:
             assert "Args:" in doc, f"{name}: document its arguments in an Args: section"
+
+
+def test_lora_trainer_docstring_matches_its_typing_stub() -> None:
+    """The API reference reads the class type checkers see (under TYPE_CHECKING); the class
+    built at run time must carry the same docstring."""
+    from lora_param.interop import transformers as module
+
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    stubs = [
+        ast.get_docstring(n)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ClassDef) and n.name == "LoRATrainer" and ast.get_docstring(n)
+    ]
+    assert stubs == [inspect.cleandoc(module._LORA_TRAINER_DOC)]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from ..core.registry import list_adapters
 from .peft_export import export_peft
 from .peft_format import unwrap_model
 
-__all__ = ["ADAPTER_FILE", "LoRATrainer", "save_adapters"]  # noqa: F822 (LoRATrainer: lazy)
+__all__ = ["ADAPTER_FILE", "LoRATrainer", "save_adapters"]  # LoRATrainer: built on first use
 
 ADAPTER_FILE = "lora_adapters.pt"
 _log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class _LoRATrainerMixin:
     save_peft: bool = True
     # Set by transformers.Trainer, which this mixin is combined with (annotations only).
     args: Any
-    model: nn.Module
+    model: Any  # nn.Module (Trainer declares it more loosely)
     state: Any
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -122,6 +122,32 @@ class _LoRATrainerMixin:
         self._load_from_checkpoint(best)
 
 
+if TYPE_CHECKING:  # what type checkers and the API reference see; built on first use at run time
+    from transformers import Trainer
+
+    class LoRATrainer(_LoRATrainerMixin, Trainer):
+        """A ``transformers.Trainer`` whose checkpoints hold the adapters, not the base.
+
+        Use it exactly as ``Trainer``; the model must already have adapters (``add_lora``). Each
+        ``checkpoint-<step>`` folder holds ``lora_adapters.pt`` (and a PEFT adapter folder's files
+        when PEFT can represent the adapter) with the optimizer, scheduler and RNG states;
+        ``train(resume_from_checkpoint=...)`` continues exactly. ``save_model()`` writes the
+        adapters the same way; for a merged model that ``from_pretrained`` loads, call
+        ``model.save_pretrained(folder)`` (it merges on the fly).
+
+        Args:
+            *args: As ``transformers.Trainer``.
+            save_peft: Also write PEFT's ``adapter_config.json`` / ``adapter_model.safetensors``.
+            **kwargs: As ``transformers.Trainer``.
+
+        Raises:
+            LoRAError: The model has no adapters.
+            ImportError: transformers is not installed (``pip install "lora_param[hf]"``).
+        """
+
+        def __init__(self, *args: Any, save_peft: bool = True, **kwargs: Any) -> None: ...
+
+
 def __getattr__(name: str) -> Any:
     # LoRATrainer subclasses transformers.Trainer: it is built on first use, so that importing
     # this module (and lora_param) never imports transformers.
@@ -148,20 +174,25 @@ def _build_trainer() -> type:
                 )
 
     LoRATrainer.__module__ = __name__
+    LoRATrainer.__qualname__ = "LoRATrainer"  # as if defined at module level (docs, pickling)
     return LoRATrainer
 
 
 _LORA_TRAINER_DOC = """A ``transformers.Trainer`` whose checkpoints hold the adapters, not the base.
 
 Use it exactly as ``Trainer``; the model must already have adapters (``add_lora``). Each
-``checkpoint-<step>`` folder holds ``lora_adapters.pt`` (and a PEFT adapter folder's files when
-PEFT can represent the adapter) with the optimizer, scheduler and RNG states;
-``train(resume_from_checkpoint=...)`` continues exactly. ``save_model()`` writes the adapters
-the same way; for a merged model that ``from_pretrained`` loads, call
+``checkpoint-<step>`` folder holds ``lora_adapters.pt`` (and a PEFT adapter folder's files
+when PEFT can represent the adapter) with the optimizer, scheduler and RNG states;
+``train(resume_from_checkpoint=...)`` continues exactly. ``save_model()`` writes the
+adapters the same way; for a merged model that ``from_pretrained`` loads, call
 ``model.save_pretrained(folder)`` (it merges on the fly).
 
 Args:
     *args: As ``transformers.Trainer``.
     save_peft: Also write PEFT's ``adapter_config.json`` / ``adapter_model.safetensors``.
     **kwargs: As ``transformers.Trainer``.
+
+Raises:
+    LoRAError: The model has no adapters.
+    ImportError: transformers is not installed (``pip install "lora_param[hf]"``).
 """
