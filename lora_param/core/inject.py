@@ -98,7 +98,8 @@ def find_targets(
             follows each experts module's ``is_transposed`` flag.
 
     Returns:
-        The targets, in model order, each tensor once.
+        The targets, each tensor once: in model order for one pattern, pattern by pattern for
+        a list.
 
     Raises:
         LoRAError: A pattern matches nothing adaptable, a layer named explicitly is not
