@@ -26,7 +26,7 @@ import re
 import shlex
 import struct
 import sys
-import tomllib
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,34 +112,36 @@ def test_the_pages_hold_examples() -> None:
 
 # --------------------------------------------------------------------------- shell blocks
 
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-EXTRAS = set(PYPROJECT["project"]["optional-dependencies"])
+
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 
 def _name(requirement: str) -> str:
     return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
 
-DECLARED = {
-    _name(r)
-    for group in [
-        PYPROJECT["project"]["dependencies"],
-        *PYPROJECT["project"]["optional-dependencies"].values(),
-    ]
-    for r in group
-}
-
-
 def _check_pip(args: list[str]) -> None:
+    project = _pyproject()["project"]
+    extras = set(project["optional-dependencies"])
+    declared = {
+        _name(r)
+        for group in [project["dependencies"], *project["optional-dependencies"].values()]
+        for r in group
+    }
     specs = [a for a in args if not a.startswith("-")]
     assert specs, "pip install of nothing"
     for spec in specs:
         local = re.fullmatch(r"(?:\.|lora[-_]param)(?:\[(?P<extras>[\w,-]+)\])?", spec)
         if local:
-            unknown = set((local["extras"] or "").split(",")) - EXTRAS - {""}
-            assert not unknown, f"extras {unknown} are not in pyproject.toml ({sorted(EXTRAS)})"
+            unknown = set((local["extras"] or "").split(",")) - extras - {""}
+            assert not unknown, f"extras {unknown} are not in pyproject.toml ({sorted(extras)})"
         else:
-            assert _name(spec) in DECLARED, f"{spec!r} is not a dependency pyproject.toml declares"
+            assert _name(spec) in declared, f"{spec!r} is not a dependency pyproject.toml declares"
 
 
 def _check_mnist(args: list[str]) -> None:
@@ -231,10 +233,11 @@ def _hub(repo: str) -> Callable[[Callable[[Path], None]], Callable[[Path], None]
 def _llama_config():
     import transformers
 
+    # Every projection at least 32 wide: bitsandbytes' CPU 4-bit kernel needs it.
     return transformers.LlamaConfig(
         vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -327,20 +330,28 @@ def _stable_diffusion(folder: Path) -> None:
 
 
 def _kohya_file(path: Path, seed: int) -> None:
-    """A Stable Diffusion LoRA for the tiny UNet above, as kohya-ss writes them."""
+    """A Stable Diffusion LoRA for the tiny models above, as kohya-ss writes them: UNet
+    attention (``lora_unet_*``) and text-encoder attention (``lora_te_*``) entries."""
     import diffusers
+    import transformers
+    from safetensors.torch import load_file, save_file
 
     from lora_param import add_lora, export_kohya, iter_lora
 
-    unet = diffusers.UNet2DConditionModel.from_pretrained(
-        "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet"
-    )
+    repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    unet = diffusers.UNet2DConditionModel.from_pretrained(repo, subfolder="unet")
+    text_encoder = transformers.CLIPTextModel.from_pretrained(repo, subfolder="text_encoder")
     add_lora(unet, ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"], rank=4)
+    add_lora(text_encoder, ["*.q_proj", "*.v_proj"], rank=4)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for *_, p in iter_lora(unet):
-            p.lora_B.copy_(torch.randn(p.lora_B.shape, generator=g) * 0.1)
-    export_kohya(unet, path)
+    entries: dict[str, torch.Tensor] = {}
+    for model, prefix in ((unet, "lora_unet"), (text_encoder, "lora_te")):
+        with torch.no_grad():
+            for *_, p in iter_lora(model):
+                p.lora_B.copy_(torch.randn(p.lora_B.shape, generator=g) * 0.1)
+        export_kohya(model, path, prefix=prefix)
+        entries.update(load_file(path))
+    save_file(entries, path)
 
 
 #: Files the examples use as if the reader had downloaded them, made in the working folder.
@@ -357,9 +368,9 @@ def _write_idx(path: Path, data: torch.Tensor) -> None:
     path.write_bytes(header + data.contiguous().numpy().tobytes())
 
 
-def _synthetic_mnist(root: Path, train: int = 11_000, test: int = 1_000) -> None:
-    """MNIST's four IDX files with small random images: each digit is a bright bar at its own
-    row. Big enough for the default 10,000-image validation split."""
+def _synthetic_mnist(root: Path, train: int = 3_000, test: int = 1_000) -> None:
+    """MNIST's four IDX files with random images, fewer of them: each digit is a bright bar at
+    its own row."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
@@ -434,7 +445,11 @@ def test_python_examples(
     for name, make in FILES.items():
         if name in text:
             make(tmp_path / name)
-    namespace: dict = {"__name__": "__main__"}
+    # The blocks run as a script would: in a module that is __main__ (classes they define
+    # pickle, as torch.save needs).
+    script = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    namespace = script.__dict__
     for block in code:
         # Line numbers in tracebacks point into the page.
         source = "\n" * (block.line - 1) + block.code
@@ -468,3 +483,21 @@ def shown_output(code: str) -> list[str]:
         if comments:
             shown.append("\n".join(comments))
     return shown
+
+
+# --------------------------------------------------------------------------- the API reference
+
+
+def test_api_reference_covers_every_public_name_by_its_public_path() -> None:
+    """``::: lora_param.<name>`` for each name in ``__all__`` (public paths only, so that
+    moving a module does not break the build)."""
+    import lora_param
+
+    directives = [
+        m[1]
+        for page in (ROOT / "docs" / "api").glob("*.md")
+        for m in re.finditer(r"^:::\s+(\S+)", page.read_text(encoding="utf-8"), re.M)
+    ]
+    assert all(re.fullmatch(r"lora_param\.\w+", d) for d in directives), directives
+    documented = {d.split(".", 1)[1] for d in directives}
+    assert documented == set(lora_param.__all__), set(lora_param.__all__) ^ documented

@@ -438,6 +438,9 @@ def export_peft(
     ``rank_pattern`` / ``alpha_pattern``; ``use_rslora`` is kept (a mix of rsLoRA and plain layers
     is written as the equivalent ``alpha`` per layer); HF ``Conv1D`` layers set ``fan_in_fan_out``.
 
+    On a sharded (FSDP2) model this is a collective: call it on every rank; the adapter is
+    gathered and rank 0 alone writes the folder.
+
     Args:
         model: A model with adapters (a ``torch.compile`` or DDP wrapper is looked through).
         save_directory: Folder to write.
@@ -449,9 +452,6 @@ def export_peft(
 
     Returns:
         The folder, as a Path.
-
-    On a sharded (FSDP2) model this is a collective: call it on every rank; the adapter is
-    gathered and rank 0 alone writes the folder.
 
     Raises:
         LoRAError: the folder cannot be written (it is a file, a place that is not writable), or
