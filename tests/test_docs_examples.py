@@ -110,6 +110,20 @@ def test_the_pages_hold_examples() -> None:
     assert any(b.page.name == "README.md" and b.lang == "python" for b in ALL)
 
 
+def test_the_parser_reads_markers_indents_and_shown_output(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text.\n\n<!-- skip-test: needs a GPU -->\n```bash\ntorchrun x.py\n```\n\n"
+        "!!! note\n    ```python\n    x = 1\n    print(x)\n    # 1\n    ```\n",
+        encoding="utf-8",
+    )
+    gpu, note = (Block(b.page, b.line, b.lang, b.code, b.skip) for b in blocks(page))
+    assert (gpu.lang, gpu.skip, gpu.code) == ("bash", "needs a GPU", "torchrun x.py\n")
+    assert (note.lang, note.skip, note.line) == ("python", None, 10)
+    assert note.code == "x = 1\nprint(x)\n# 1\n"
+    assert shown_output(note.code) == ["1"]
+
+
 # --------------------------------------------------------------------------- shell blocks
 
 
@@ -191,7 +205,9 @@ def _check_command(words: list[str]) -> None:
 
 def _commands(code: str) -> Iterator[list[str]]:
     for line in code.replace("\\\n", " ").splitlines():
-        words = shlex.split(line, comments=True)
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
         command: list[str] = []
         for word in [*words, "&&"]:
             if word in ("&&", ";"):
@@ -200,6 +216,26 @@ def _commands(code: str) -> Iterator[list[str]]:
                 command = []
             else:
                 command.append(word)
+
+
+def test_the_shell_checks_catch_what_would_fail() -> None:
+    for words in (
+        ["torchrun", "--nproc-per-node", "2", "train.py"],
+        ["pip", "install", ".[nope]"],
+        ["pip", "install", "leftpad"],
+        ["lora-param-mnist", "--rank", "0"],
+        ["python", "benchmarks/no_such_script.py"],
+        ["mkdocs", "deploy"],
+    ):
+        with pytest.raises(AssertionError):
+            _check_command(words)
+    _check_command(["pip", "install", ".[mnist,plot]"])
+    assert list(_commands("a && b --x # c\nd \\\n  --y; e\n")) == [
+        ["a"],
+        ["b", "--x"],
+        ["d", "--y"],
+        ["e"],
+    ]
 
 
 SHELL = [b for b in ALL if b.lang in CHECK and b.skip is None]
