@@ -7,27 +7,24 @@ Example:
     >>> save_lora(model, "adapter.pt"); merge_lora(model)
 """
 
-from .core.dora import DoRAParametrization
+from .core.copies import TrainableCopy, iter_copies
 from .core.errors import LoRAError
 from .core.eval_cache import eval_cache_bytes, set_eval_cache
-from .core.experts import ExpertLoRAParametrization
-from .core.factored import FACTORED_KINDS
+from .core.forward import FACTORED_KINDS
 from .core.hf_save import merged_state_dict
 from .core.inject import add_lora, find_targets
 from .core.io import load_base_state_dict, load_lora, lora_state_dict, save_lora
-from .core.merge import merge_lora, remove_lora
-from .core.parametrization import LoRAParametrization
-from .core.registry import (
+from .core.lookup import (
     active_adapters,
     adapter_parameters,
     clear_lora_cache,
     iter_lora,
     list_adapters,
 )
+from .core.merge import merge_lora, remove_lora
 from .core.strength import adapter_scale, set_adapter_scale
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
-from .core.trainable_copies import TrainableCopy, iter_copies
 from .interop.kohya import export_kohya, import_kohya
 from .interop.peft import export_peft, import_peft
 from .quant import RequantizationWarning, dequantize_base, quantize_base
@@ -38,6 +35,9 @@ from .routing import (
     mixed_adapters,
     prepare_hotswap,
 )
+from .variants.dora import DoRAParametrization
+from .variants.experts import ExpertLoRAParametrization
+from .variants.lora import LoRAParametrization
 
 __version__ = "0.2.2"
 

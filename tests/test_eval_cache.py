@@ -17,7 +17,7 @@ from lora_param import (
     merge_lora,
     set_eval_cache,
 )
-from lora_param.core.parametrization import AUTO_EVAL_CACHE_MAX_NUMEL
+from lora_param.variants.lora import AUTO_EVAL_CACHE_MAX_NUMEL
 
 
 class Zoo(nn.Module):

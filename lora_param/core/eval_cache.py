@@ -15,9 +15,9 @@ from typing import Literal, get_args
 
 from torch import nn
 
+from ..variants.lora import AUTO_EVAL_CACHE_MAX_NUMEL, LoRAParametrization
 from .errors import LoRAError
-from .parametrization import AUTO_EVAL_CACHE_MAX_NUMEL, LoRAParametrization
-from .registry import iter_lora
+from .lookup import iter_lora
 
 __all__ = ["EvalCachePolicy", "eval_cache_bytes", "set_eval_cache"]
 

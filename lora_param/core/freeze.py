@@ -6,11 +6,11 @@ from typing import Literal
 
 from torch import nn
 
+from .copies import iter_copies
 from .errors import LoRAError
-from .layers import base_tensor, tensor_names
+from .lookup import iter_lora
 from .matching import Targets, as_patterns, is_literal, matches, nearest
-from .registry import iter_lora
-from .trainable_copies import iter_copies
+from .targets import base_tensor, tensor_names
 
 __all__ = ["Bias", "freeze_base", "trainable_modules"]
 

@@ -10,15 +10,20 @@ from typing import Literal
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .classes import own_class
+from ..variants.dora import DoRAParametrization
+from ..variants.experts import ExpertLayout, ExpertLoRAParametrization, is_experts_module
+from ..variants.lora import Init, LoRAParametrization
+from .copies import drop_copies, plan_copies, register_copies
 from .distributed import is_sharded
-from .dora import DoRAParametrization
 from .errors import LoRAError
-from .experts import ExpertLayout, ExpertLoRAParametrization, is_experts_module
-from .factored import factored_forward_applies, install_factored_forward
+from .forward import factored_forward_applies, install_factored_forward
 from .freeze import Bias, freeze_base, trainable_modules
+from .generated_class import own_class
 from .hf_save import guard_save_pretrained
-from .layers import (
+from .lookup import list_adapters
+from .matching import Pattern, Targets, as_patterns, is_literal, matches, nearest, pick
+from .merge import drop_adapters
+from .targets import (
     SUPPORTED_LAYERS,
     AdaptTarget,
     base_tensor,
@@ -27,11 +32,6 @@ from .layers import (
     parameter_target,
     tensor_names,
 )
-from .matching import Pattern, Targets, as_patterns, is_literal, matches, nearest, pick
-from .merge import drop_adapters
-from .parametrization import Init, LoRAParametrization
-from .registry import list_adapters
-from .trainable_copies import drop_copies, plan_copies, register_copies
 
 __all__ = ["Mode", "add_lora", "find_targets", "inject"]
 
@@ -360,7 +360,7 @@ def add_lora(
         quantize: ``"nf4"`` or ``"int8"`` first stores the adapted layers' weights packed
             (QLoRA; see :func:`lora_param.quantize_base`, whose defaults apply); None keeps them.
         use_dora: DoRA: also learn a magnitude per output, ``W' = m (W + sBA) / ||W + sBA||``
-            (see :class:`~lora_param.core.dora.DoRAParametrization`).
+            (see :class:`~lora_param.variants.dora.DoRAParametrization`).
 
     Returns:
         The model, with the new adapter enabled and trainable.

@@ -12,19 +12,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..variants.dora import is_dora, magnitude_size
+from ..variants.experts import ExpertLayout
 from .adapter_file import FORMAT, read_lora_file
 from .atomic import atomic_write
-from .distributed import check_in, copy_into, gather_full, is_sharded, write_once
-from .dora import is_dora, magnitude_size
-from .errors import LoRAError
-from .experts import ExpertLayout
-from .freeze import freeze_base
-from .inject import _ADAPTER_NAME, Mode, inject
-from .layers import base_tensor, join, parameter_target, tensor_names
-from .merge import remove_lora
-from .paths import check_output_file
-from .registry import check_adapters_exist, iter_lora, list_adapters
-from .trainable_copies import (
+from .copies import (
     CopyPlan,
     TrainableCopy,
     check_copyable,
@@ -32,6 +24,14 @@ from .trainable_copies import (
     iter_copies,
     register_copies,
 )
+from .distributed import check_in, copy_into, gather_full, is_sharded, write_once
+from .errors import LoRAError
+from .freeze import freeze_base
+from .inject import _ADAPTER_NAME, Mode, inject
+from .lookup import check_adapters_exist, iter_lora, list_adapters
+from .merge import remove_lora
+from .paths import check_output_file
+from .targets import base_tensor, join, parameter_target, tensor_names
 
 __all__ = [
     "FORMAT",

@@ -10,13 +10,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .classes import own_class
+from ..variants.lora import LoRAParametrization
+from .copies import TrainableCopy, drop_copies, iter_copies, parametrization_list
 from .distributed import refuse_sharded
 from .errors import LoRAError
-from .factored import remove_factored_forward
-from .parametrization import LoRAParametrization
-from .registry import check_adapters_exist, iter_lora
-from .trainable_copies import TrainableCopy, drop_copies, iter_copies, parametrization_list
+from .forward import remove_factored_forward
+from .generated_class import own_class
+from .lookup import check_adapters_exist, iter_lora
 
 Entry = LoRAParametrization | TrainableCopy
 Take = Callable[[Entry], bool]

@@ -12,9 +12,9 @@ import math
 
 from torch import Tensor, nn
 
+from ..variants.lora import LoRAParametrization
 from .errors import LoRAError
-from .parametrization import LoRAParametrization
-from .registry import check_adapters_exist, iter_lora
+from .lookup import check_adapters_exist, iter_lora
 
 __all__ = ["adapter_scale", "base_scale", "set_adapter_scale"]
 

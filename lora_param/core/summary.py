@@ -9,8 +9,8 @@ from typing import cast
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layers import parametrization_list
-from .registry import iter_lora
+from .lookup import iter_lora
+from .targets import parametrization_list
 
 __all__ = ["ParameterCounts", "parameter_counts", "trainable_summary"]
 

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .parametrization import LoRAParametrization
-from .registry import check_adapters_exist, iter_lora, list_adapters
-from .trainable_copies import TrainableCopy, iter_copies
+from ..variants.lora import LoRAParametrization
+from .copies import TrainableCopy, iter_copies
+from .lookup import check_adapters_exist, iter_lora, list_adapters
 
 __all__ = ["disable_lora", "enable_lora", "lora_disabled", "set_active_adapters"]
 

@@ -37,13 +37,13 @@ import torch
 from torch import Tensor, nn
 
 from ..core.atomic import atomic_write
-from ..core.dora import is_dora
 from ..core.errors import LoRAError
 from ..core.freeze import freeze_base
 from ..core.inject import Mode, inject
-from ..core.layers import AdaptTarget, layer_kind, module_targets
-from ..core.parametrization import LoRAParametrization
-from ..core.registry import iter_lora, list_adapters
+from ..core.lookup import iter_lora, list_adapters
+from ..core.targets import AdaptTarget, layer_kind, module_targets
+from ..variants.dora import is_dora
+from ..variants.lora import LoRAParametrization
 
 __all__ = ["KOHYA_PREFIXES", "export_kohya", "import_kohya", "read_kohya_file"]
 

@@ -16,15 +16,15 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..core.atomic import atomic_write
-from ..core.distributed import check_in, full_tensor, is_sharded, write_once
-from ..core.dora import is_dora
-from ..core.errors import LoRAError
-from ..core.layers import tensor_names
-from ..core.paths import check_output_folder
-from ..core.registry import iter_lora, list_adapters
-from ..core.trainable_copies import (
+from ..core.copies import (
     iter_copies,
 )
+from ..core.distributed import check_in, full_tensor, is_sharded, write_once
+from ..core.errors import LoRAError
+from ..core.lookup import iter_lora, list_adapters
+from ..core.paths import check_output_folder
+from ..core.targets import tensor_names
+from ..variants.dora import is_dora
 from .peft_format import (
     CONFIG_NAME,
     PREFIX,

@@ -15,18 +15,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.dora import is_dora
-from ..core.errors import LoRAError
-from ..core.inject import Mode, add_lora
-from ..core.layers import base_tensor, is_hf_conv1d, tensor_names
-from ..core.merge import remove_lora
-from ..core.registry import iter_lora, list_adapters
-from ..core.trainable_copies import (
+from ..core.copies import (
     CopyPlan,
     CopyRole,
     check_copyable,
     register_copies,
 )
+from ..core.errors import LoRAError
+from ..core.inject import Mode, add_lora
+from ..core.lookup import iter_lora, list_adapters
+from ..core.merge import remove_lora
+from ..core.targets import base_tensor, is_hf_conv1d, tensor_names
+from ..variants.dora import is_dora
 from .peft_format import (
     CONFIG_NAME,
     PREFIX,

@@ -8,7 +8,7 @@ bitsandbytes lays them out.
 
 from .api import QUANTIZABLE_KINDS, dequantize_base, quantize_base, quantize_targets
 from .merge import RequantizationWarning
-from .registry import iter_quantized, packed_head
+from .packed import iter_quantized, packed_head
 from .weight import METHODS, QuantizedWeight
 
 __all__ = [

@@ -9,12 +9,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.errors import LoRAError
-from ..core.layers import AdaptTarget
 from ..core.matching import Targets
-from ..core.parametrization import LoRAParametrization
+from ..core.targets import AdaptTarget
+from ..variants.lora import LoRAParametrization
 from .bnb import adopt_bnb_layers, bnb_kind, release_bnb_layers
 from .kernels import Kernel, check_kernel
-from .registry import (
+from .packed import (
     iter_quantized,
     packed_head,
     parametrization_list,

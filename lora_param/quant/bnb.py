@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..core.errors import LoRAError
-from ..core.factored import install_factored_forward
-from ..core.layers import AdaptTarget, join
+from ..core.forward import install_factored_forward
+from ..core.targets import AdaptTarget, join
 
 __all__ = [
     "BnbWeight",

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..core.merge import drop_adapters
-from ..core.parametrization import LoRAParametrization
+from ..variants.lora import LoRAParametrization
 from .bnb import BnbWeight, requantized, set_bnb_weight, to_plain_linear
-from .registry import iter_quantized, parametrization_list, replace_packed, stored_tensors
+from .packed import iter_quantized, parametrization_list, replace_packed, stored_tensors
 from .weight import QuantizedWeight
 
 __all__ = ["PackedMerges", "RequantizationWarning", "merged_fp32", "plan_packed_merges"]

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrize import ParametrizationList
 
 from ..core.errors import LoRAError
-from ..core.layers import join
-from .registry import iter_quantized, packed_head, parametrization_list
+from ..core.targets import join
+from .packed import iter_quantized, packed_head, parametrization_list
 from .weight import QuantizedWeight
 
 __all__ = ["check_packed_state", "install_load_checks", "pack_plain_weights"]

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from ..core.errors import LoRAError
 from ..core.inject import _ADAPTER_NAME, Mode, inject
-from ..core.layers import parameter_target
+from ..core.lookup import check_adapters_exist, iter_lora, list_adapters
 from ..core.merge import remove_lora
-from ..core.parametrization import LoRAParametrization
-from ..core.registry import check_adapters_exist, iter_lora, list_adapters
+from ..core.targets import parameter_target
+from ..variants.lora import LoRAParametrization
 
 __all__ = ["CombineMethod", "CombineReport", "combine_adapters"]
 

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from ..core.adapter_file import read_lora_file
 from ..core.errors import LoRAError
-from ..core.layers import base_tensor, join, tensor_names
-from ..core.parametrization import LoRAParametrization
-from ..core.registry import check_adapters_exist, iter_lora, list_adapters
+from ..core.lookup import check_adapters_exist, iter_lora, list_adapters
+from ..core.targets import base_tensor, join, tensor_names
+from ..variants.lora import LoRAParametrization
 
 __all__ = ["hotswap_lora", "prepare_hotswap"]
 

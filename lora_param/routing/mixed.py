@@ -35,10 +35,10 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from ..core.errors import LoRAError
-from ..core.factored import base_forward
-from ..core.layers import join
-from ..core.parametrization import LoRAParametrization
-from ..core.registry import iter_lora, list_adapters
+from ..core.forward import base_forward
+from ..core.lookup import iter_lora, list_adapters
+from ..core.targets import join
+from ..variants.lora import LoRAParametrization
 
 __all__ = ["BASE", "mixed_adapters"]
 

@@ -10,9 +10,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..variants.experts import (
+    ExpertLayout,
+    expert_tensor_names,
+    expert_transposed,
+    is_experts_module,
+)
+from ..variants.lora import LayerKind
 from .errors import LoRAError
-from .experts import ExpertLayout, expert_tensor_names, expert_transposed, is_experts_module
-from .parametrization import LayerKind
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -188,7 +193,7 @@ def parameter_target(
     """A tensor named explicitly: a supported layer's weight keeps its kind, others are matrices.
 
     A 3-D floating-point tensor outside a supported layer is a stack of experts: one LoRA per
-    expert along its first dimension (see :mod:`lora_param.core.experts`).
+    expert along its first dimension (see :mod:`lora_param.variants.experts`).
     """
     kind = layer_kind(module) if name == "weight" else None
     if kind is not None:

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .errors import LoRAError
-from .parametrization import LoRAParametrization
+from ..core.errors import LoRAError
+from .lora import LoRAParametrization
 
 __all__ = [
     "ExpertLayout",
@@ -46,7 +46,7 @@ def is_experts_module(module: nn.Module) -> bool:
 
 def expert_tensor_names(module: nn.Module) -> list[str]:
     """The module's own 3-D floating-point parameters (parametrized ones included)."""
-    from .layers import base_tensor, tensor_names  # layers imports this module
+    from ..core.targets import base_tensor, tensor_names  # layers imports this module
 
     names = []
     for name in tensor_names(module):

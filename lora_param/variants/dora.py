@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .parametrization import LoRAParametrization
+from .lora import LoRAParametrization
 
 __all__ = ["DoRAParametrization", "is_dora", "magnitude_size"]
 

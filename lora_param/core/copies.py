@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .classes import own_class
+from ..variants.lora import LoRAParametrization
 from .errors import LoRAError
-from .layers import base_tensor, join, parametrization_list, tensor_names
-from .parametrization import LoRAParametrization
+from .generated_class import own_class
+from .targets import base_tensor, join, parametrization_list, tensor_names
 
 __all__ = [
     "CopyPlan",

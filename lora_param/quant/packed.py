@@ -9,10 +9,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from ..core.classes import own_class
-from ..core.factored import install_factored_forward
-from ..core.layers import join
-from ..core.parametrization import LoRAParametrization
+from ..core.forward import install_factored_forward
+from ..core.generated_class import own_class
+from ..core.targets import join
+from ..variants.lora import LoRAParametrization
 from .weight import QuantizedWeight
 
 __all__ = [

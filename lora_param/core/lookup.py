@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..variants.lora import LoRAParametrization
+from .copies import iter_copies
 from .errors import LoRAError
-from .layers import join
-from .parametrization import LoRAParametrization
-from .trainable_copies import iter_copies
+from .targets import join
 
 __all__ = [
     "active_adapters",

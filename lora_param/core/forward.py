@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .classes import own_class
-from .parametrization import LoRAParametrization
+from ..variants.lora import LoRAParametrization
+from .generated_class import own_class
 
 __all__ = [
     "FACTORED_KINDS",

@@ -1,0 +1,1 @@
+"""Adapter variants: LoRA, DoRA, per-expert LoRA, each one file on the variant protocol."""
