@@ -7,6 +7,11 @@ Example:
     >>> save_lora(model, "adapter.pt"); merge_lora(model)
 """
 
+# The core knows only protocols; the plug-ins register themselves when imported here.
+from . import quant as _quant  # noqa: F401  (registers NF4/int8 and bitsandbytes layers)
+from . import variants as _variants  # noqa: F401  (registers LoRA, DoRA, per-expert LoRA)
+from ._compat import install as _install_compat
+from .core.config import LoRAConfig, QuantizationConfig
 from .core.copies import TrainableCopy, iter_copies
 from .core.errors import LoRAError
 from .core.eval_cache import eval_cache_bytes, set_eval_cache
@@ -18,16 +23,20 @@ from .core.lookup import (
     active_adapters,
     adapter_parameters,
     clear_lora_cache,
+    iter_entries,
     iter_lora,
     list_adapters,
 )
-from .core.merge import merge_lora, remove_lora
+from .core.merge import RequantizationWarning, merge_lora, remove_lora
+from .core.store import BaseStore
 from .core.strength import adapter_scale, set_adapter_scale
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
+from .core.targets import LayerSpec
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
+from .core.variant import AdapterVariant, VariantConfig, register_variant, variant_names
 from .interop.kohya import export_kohya, import_kohya
 from .interop.peft import export_peft, import_peft
-from .quant import RequantizationWarning, dequantize_base, quantize_base
+from .quant import Int8Config, NF4Config, dequantize_base, quantize_base
 from .routing import (
     CombineReport,
     combine_adapters,
@@ -35,22 +44,38 @@ from .routing import (
     mixed_adapters,
     prepare_hotswap,
 )
-from .variants.dora import DoRAParametrization
-from .variants.experts import ExpertLoRAParametrization
-from .variants.lora import LoRAParametrization
+from .variants import (
+    DoRAConfig,
+    DoRAParametrization,
+    ExpertLoRAParametrization,
+    LoRAParametrization,
+    PlainLoRAConfig,
+)
 
-__version__ = "0.2.2"
+_install_compat()
+
+__version__ = "0.3.0"
 
 __all__ = [
     "FACTORED_KINDS",
+    "AdapterVariant",
+    "BaseStore",
     "CombineReport",
+    "DoRAConfig",
     "DoRAParametrization",
     "ExpertLoRAParametrization",
+    "Int8Config",
+    "LayerSpec",
+    "LoRAConfig",
     "LoRAError",
     "LoRAParametrization",
+    "NF4Config",
     "ParameterCounts",
+    "PlainLoRAConfig",
+    "QuantizationConfig",
     "RequantizationWarning",
     "TrainableCopy",
+    "VariantConfig",
     "active_adapters",
     "adapter_parameters",
     "adapter_scale",
@@ -68,6 +93,7 @@ __all__ = [
     "import_kohya",
     "import_peft",
     "iter_copies",
+    "iter_entries",
     "iter_lora",
     "list_adapters",
     "load_base_state_dict",
@@ -80,10 +106,12 @@ __all__ = [
     "parameter_counts",
     "prepare_hotswap",
     "quantize_base",
+    "register_variant",
     "remove_lora",
     "save_lora",
     "set_active_adapters",
     "set_adapter_scale",
     "set_eval_cache",
     "trainable_summary",
+    "variant_names",
 ]

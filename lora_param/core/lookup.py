@@ -1,29 +1,52 @@
-"""Finding the adapters in a model: an explicit notion of which parameters are LoRA's."""
+"""Finding the adapters in a model: which entries, tensors and parameters are whose."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..variants.lora import LoRAParametrization
 from .copies import iter_copies
+from .entries import adapter_lists
+from .entry import AdapterEntry
 from .errors import LoRAError
 from .targets import join
+from .variant import AdapterVariant
 
 __all__ = [
     "active_adapters",
     "adapter_parameters",
     "check_adapters_exist",
     "clear_lora_cache",
+    "iter_entries",
     "iter_lora",
     "list_adapters",
+    "owned_tensor_ids",
 ]
 
 
-def iter_lora(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRAParametrization]]:
-    """Yield ``(tensor path, module, tensor name, parametrization)`` for every adapter.
+def iter_entries(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, AdapterEntry]]:
+    """Yield ``(tensor path, module, tensor name, entry)`` for everything adapters own.
+
+    Updates (:class:`~lora_param.core.variant.AdapterVariant`) and trained copies
+    (:class:`~lora_param.TrainableCopy`), in module order, then list order.
+    """
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, plist in cast(nn.ModuleDict, module.parametrizations).items():
+            for p in cast(nn.ModuleList, plist):
+                if isinstance(p, AdapterEntry):
+                    yield join(module_name, tensor_name), module, tensor_name, p
+
+
+def iter_lora(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, AdapterVariant]]:
+    """Yield ``(tensor path, module, tensor name, entry)`` for every adapter update.
+
+    Every variant (LoRA, DoRA, per-expert LoRA, ...); trained copies are in
+    :func:`~lora_param.iter_copies`.
 
     Args:
         model: Any module, with or without adapters.
@@ -31,27 +54,19 @@ def iter_lora(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRAParam
     Yields:
         One tuple per adapter per adapted tensor, in module order then registration order.
     """
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for tensor_name, plist in module.parametrizations.items():
-            for p in plist:
-                if isinstance(p, LoRAParametrization):
-                    yield join(module_name, tensor_name), module, tensor_name, p
+    for path, module, name, p in iter_entries(model):
+        if isinstance(p, AdapterVariant):
+            yield path, module, name, p
 
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters present in the model, in order of first appearance."""
-    names = [p.adapter for *_, p in iter_lora(model)]
-    names += [c.adapter for *_, c in iter_copies(model)]
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(p.adapter for *_, p in iter_entries(model)))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters enabled on at least one layer (LoRA update or trained copy)."""
-    names = [p.adapter for *_, p in iter_lora(model) if p.enabled]
-    names += [c.adapter for *_, c in iter_copies(model) if c.enabled]
-    return list(dict.fromkeys(names))
+    """Names of the adapters enabled on at least one tensor (update or trained copy)."""
+    return list(dict.fromkeys(p.adapter for *_, p in iter_entries(model) if p.enabled))
 
 
 def check_adapters_exist(model: nn.Module, names: list[str]) -> None:
@@ -68,8 +83,9 @@ def check_adapters_exist(model: nn.Module, names: list[str]) -> None:
 def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:
     """The parameters an adapter trains, of one adapter or of all.
 
-    ``lora_A`` and ``lora_B`` of every adapted tensor, then the adapter's own copies of the
-    tensors it trains in full (a head from ``trainable=``, biases from ``bias=``).
+    The trainable tensors of every update (``lora_A`` and ``lora_B``, DoRA's magnitude, ...),
+    then the adapter's own copies of the tensors it trains in full (a head from
+    ``trainable=``, biases from ``bias=``).
 
     Args:
         model: A model with adapters.
@@ -80,22 +96,30 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.
     """
     if adapter is not None:
         check_adapters_exist(model, [adapter])
-    factors = [
+    updates = [
         t
         for *_, p in iter_lora(model)
         if adapter is None or p.adapter == adapter
-        for t in p.parameters()
+        for t in p.trainable_tensors().values()
     ]
     copies = [c.value for *_, c in iter_copies(model) if adapter is None or c.adapter == adapter]
-    return factors + copies
+    return updates + copies
+
+
+def owned_tensor_ids(model: nn.Module) -> set[int]:
+    """``id`` of every tensor adapters own (updates' tensors, frozen ones too, and copies)."""
+    ids = {id(t) for *_, p in iter_lora(model) for t in p.tensors().values()}
+    ids |= {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
+    ids |= {id(c.value) for *_, c in iter_copies(model)}
+    return ids
 
 
 def clear_lora_cache(model: nn.Module) -> None:
-    """Drop every adapter's cached weight (the ``torch.no_grad()`` fast path).
+    """Drop every cached adapted weight (the ``torch.no_grad()`` fast path).
 
     The cache notices optimizer steps, ``copy_``, ``load_state_dict``, ``.to()`` and
     ``model.train()/eval()`` by itself; only in-place edits through ``.data``
     (``p.data.mul_(2)``), which no version counter sees, need this call.
     """
-    for *_, p in iter_lora(model):
-        p.clear_cache()
+    for _, plist in adapter_lists(model):
+        plist.clear_cache()

@@ -1,58 +1,61 @@
 """DoRA (weight-decomposed LoRA): ``W' = m * (W + sBA) / ||W + sBA||``, one norm per output.
 
-``DoRAParametrization`` is a :class:`LoRAParametrization` with a trainable magnitude vector ``m``
-(``lora_magnitude``), initialised to the norms of the base weight so that the model starts
-unchanged. The norm is taken, as in PEFT, per output row of the ``(out, in)`` matrix for Linear,
-Conv (over ``in * k``), Hugging Face Conv1D and plain parameters, and per embedding dimension
-(over the vocabulary) for ``nn.Embedding``.
+``DoRAParametrization`` is LoRA with a trainable magnitude vector ``m`` (``lora_magnitude``),
+initialised to the norms of the base weight so that the model starts unchanged. The norm is
+taken, as in PEFT, per output row of the ``(out, in)`` matrix for Linear, Conv (over
+``in * k``), Hugging Face Conv1D and plain parameters, and per embedding dimension (over the
+vocabulary) for ``nn.Embedding``.
 
 The norm is detached from the gradient, as the DoRA paper (section 4.3) suggests and PEFT does:
 it rescales the output but receives no gradient, which saves the memory of its backward.
 
-Factored forward (Linear): ``y = m / ||W + sBA|| * (x W^T + s (x A^T) B^T) + bias``. The norms
-are computed without building ``W + sBA``::
+Factored forward: ``y = m / ||W + sBA|| * (x W^T + s (x A^T) B^T) + bias``. The norms are
+computed without building ``W + sBA``::
 
     ||W_i + s(BA)_i||^2 = ||W_i||^2 + 2s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T
 
 ``W A^T`` is ``(out, r)``, ``||W_i||^2`` is cached while ``W`` is unchanged, so a training step
-costs one extra ``(out, in) x (in, r)`` product and no weight-sized temporary. Under
-``torch.no_grad()`` the DoRA weight is cached as the LoRA weight is (evaluation at merged speed).
-Dropout, when set, applies to the low-rank branch's input only, in both paths.
+costs one extra ``(out, in) x (in, r)`` product and no weight-sized temporary (for a packed
+base, the dequantized weight the norm needs is one layer's temporary). The rescaling keeps its
+output, not its input, for backward (:class:`_RescaleShift`), so DoRA adds no activation-sized
+tensor to the graph. Norms are computed in float32 (float64 for float64 weights). Dropout,
+when set, applies to the low-rank branch's input only, in both paths.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.eval_cache import VersionedCache
+from ..core.layer_ops import LayerOps
+from ..core.targets import LayerSpec
+from ..core.variant import BaseOutput, VariantConfig, register_variant
 from .lora import LoRAParametrization
 
-__all__ = ["DoRAParametrization", "is_dora", "magnitude_size"]
+__all__ = ["DoRAConfig", "DoRAParametrization", "is_dora"]
 
 
-def magnitude_size(layer: dict[str, Any]) -> int:
-    """Length of the magnitude vector for a layer described as in ``adapter_config``."""
-    if layer["kind"] == "embedding" and not layer["fan_in_fan_out"]:
-        return int(layer["fan_in"])
-    return int(layer["fan_out"])
+@dataclass(frozen=True)
+class DoRAConfig(VariantConfig):
+    """DoRA: LoRA plus a learned magnitude per output (``add_lora(variant="dora")``)."""
 
-
-def is_dora(p: object) -> TypeGuard[DoRAParametrization]:
-    """True for a DoRA adapter entry."""
-    return isinstance(p, DoRAParametrization)
+    name: ClassVar[str] = "dora"
 
 
 def _row_norms(matrix: Tensor, lora_b: Tensor, lora_a: Tensor, scale: float, sq: Tensor) -> Tensor:
     """Row norms of ``matrix + scale * lora_b @ lora_a`` without forming that sum.
 
-    ``sq`` holds the squared row norms of ``matrix`` (float32).
+    ``sq`` holds the squared row norms of ``matrix``, in the dtype the norms are computed in.
     """
-    wa = (matrix @ lora_a.t()).float()  # (rows, r)
-    b = lora_b.float()
-    a = lora_a.float()
+    dtype = sq.dtype
+    wa = (matrix @ lora_a.t().to(matrix.dtype)).to(dtype)  # (rows, r)
+    b = lora_b.to(dtype)
+    a = lora_a.to(dtype)
     cross = (b * wa).sum(1)
     quad = ((b @ (a @ a.t())) * b).sum(1)
     return (sq + (2 * scale) * cross + (scale * scale) * quad).clamp_min(0).sqrt()
@@ -65,27 +68,40 @@ class DoRAParametrization(LoRAParametrization):
     magnitude is initialised (``m = ||W||``, so the wrapped model starts unchanged).
 
     Args:
-        *args: As for :class:`LoRAParametrization`.
-        base_weight: The weight the adapter is registered on (its original, unparametrized).
+        spec: As for :class:`LoRAParametrization`.
+        base_weight: The weight the adapter is registered on (the base, as the layer sees it).
         **kwargs: As for :class:`LoRAParametrization`.
     """
 
-    def __init__(self, *args: Any, base_weight: Tensor, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    variant: ClassVar[str] = "dora"
+    additive: ClassVar[bool] = False
+    capabilities: ClassVar[frozenset[str]] = frozenset({"combine", "strength"})
+    lowrank_exact: ClassVar[bool] = False
+    needs_weight: ClassVar[bool] = True
+
+    def __init__(self, spec: LayerSpec, *, base_weight: Tensor, **kwargs: Any) -> None:
+        super().__init__(spec, **kwargs)
         # Embeddings are normalized per embedding dimension (a column), as PEFT does.
         self.norm_columns = self.kind == "embedding" or self.fan_in_fan_out
-        size = self.fan_in if self.norm_columns and not self.fan_in_fan_out else self.fan_out
+        size = self.magnitude_size(spec)
         self.lora_magnitude = nn.Parameter(
             torch.empty(size, device=self.lora_A.device, dtype=self.lora_A.dtype)
         )
-        self._magnitude_grad = True
-        self._sq_cache: tuple | None = None  # (weight, version, data_ptr, squared norms)
+        self._squares = VersionedCache()  # ||W_i||^2 while the base weight is unchanged
         self.reset_magnitude(base_weight)
+
+    @staticmethod
+    def magnitude_size(spec: LayerSpec) -> int:
+        """Length of the magnitude vector: the outputs (the embedding dimension for embeddings)."""
+        if spec.kind == "embedding" and not spec.fan_in_fan_out:
+            return spec.fan_in
+        return spec.fan_out
 
     def reset_magnitude(self, weight: Tensor) -> None:
         """Set ``m`` to the norms of ``weight`` (the model then computes ``weight`` exactly)."""
         with torch.no_grad():
-            norms = torch.linalg.vector_norm(self._matrix(weight.detach()), dim=1)
+            matrix = self._matrix(weight.detach())
+            norms = torch.linalg.vector_norm(matrix.to(self.compute_dtype_for(matrix)), dim=1)
             self.lora_magnitude.copy_(norms.to(self.lora_magnitude.dtype))
 
     # ---- layout helpers -------------------------------------------------------------------
@@ -96,7 +112,7 @@ class DoRAParametrization(LoRAParametrization):
             return weight.reshape(weight.shape[0], -1).t()
         return weight.reshape(weight.shape[0], -1)
 
-    def _factors(self) -> tuple[Tensor, Tensor]:
+    def _oriented(self) -> tuple[Tensor, Tensor]:
         """``(B, A)`` of the update expressed in ``_matrix``'s orientation."""
         if self.norm_columns and not self.fan_in_fan_out:
             return self.lora_A.t(), self.lora_B.t()
@@ -111,21 +127,27 @@ class DoRAParametrization(LoRAParametrization):
     # ---- the norm -------------------------------------------------------------------------
 
     def _squared_norms(self, weight: Tensor) -> Tensor:
-        """``||W_i||^2`` per output, cached while the base weight is unchanged."""
-        cache = self._sq_cache
-        stamp = (weight._version, weight.data_ptr(), weight.shape)
-        if cache is not None and cache[0] is weight and cache[1] == stamp:
-            return cache[2]
+        """``||W_i||^2`` per output (float32 or wider), kept while the base weight is unchanged."""
+        if torch.compiler.is_compiling():
+            matrix = self._matrix(weight.detach())
+            return torch.linalg.vector_norm(
+                matrix, dim=1, dtype=self.compute_dtype_for(matrix)
+            ).square()
+        cached = self._squares.get((weight,), weight.shape)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
         with torch.no_grad():
             matrix = self._matrix(weight.detach())
-            sq = torch.linalg.vector_norm(matrix, dim=1, dtype=torch.float32).square()
-        self._sq_cache = (weight, stamp, sq)
+            sq = torch.linalg.vector_norm(
+                matrix, dim=1, dtype=self.compute_dtype_for(matrix)
+            ).square()
+        self._squares.put((weight,), weight.shape, sq)
         return sq
 
     def weight_norm(self, weight: Tensor) -> Tensor:
         """``||W + sBA||`` per output (detached), in factored form: no weight-sized temporary."""
         with torch.no_grad():
-            lora_b, lora_a = self._factors()
+            lora_b, lora_a = self._oriented()
             norms = _row_norms(
                 self._matrix(weight.detach()),
                 lora_b.detach(),
@@ -137,95 +159,110 @@ class DoRAParametrization(LoRAParametrization):
 
     def magnitude_scale(self, weight: Tensor) -> Tensor:
         """``m / ||W + sBA||``, the per-output factor (differentiable in ``m`` only)."""
-        return self.lora_magnitude / self.weight_norm(weight)
+        return self.lora_magnitude.to(weight.dtype) / self.weight_norm(weight)
 
-    # ---- LoRAParametrization interface ----------------------------------------------------
+    def cache_tensors(self) -> list[Tensor]:
+        """LoRA's and the magnitude."""
+        return [*super().cache_tensors(), self.lora_magnitude]
 
-    @LoRAParametrization.enabled.setter  # type: ignore[attr-defined]
-    def enabled(self, value: bool) -> None:
-        value = bool(value)
-        if value != self._enabled:
-            if value:
-                self.lora_magnitude.requires_grad_(self._magnitude_grad)
-            else:
-                self._magnitude_grad = self.lora_magnitude.requires_grad
-                self.lora_magnitude.requires_grad_(False)
-        LoRAParametrization.enabled.fset(self, value)  # type: ignore[attr-defined]
+    def clear_cache(self) -> None:
+        """Forget the cached squared norms of the base weight."""
+        self._squares.clear()
 
-    def add_update(self, weight: Tensor, dropout: bool = False) -> Tensor:
+    # ---- the protocol ------------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, Tensor]:
+        """``lora_A``, ``lora_B`` and ``lora_magnitude``."""
+        return {**super().tensors(), "lora_magnitude": self.lora_magnitude}
+
+    @classmethod
+    def tensor_shapes(cls, spec: LayerSpec, fields: Mapping[str, Any]) -> dict[str, tuple]:
+        """LoRA's factors and the magnitude ``(outputs,)``."""
+        return {
+            **super().tensor_shapes(spec, fields),
+            "lora_magnitude": (cls.magnitude_size(spec),),
+        }
+
+    def adapt(self, weight: Tensor, dropout: bool = False) -> Tensor:
         """The DoRA weight ``m * (W + sBA) / ||W + sBA||`` (whether enabled or not)."""
-        merged = super().add_update(weight, dropout=dropout)
+        merged = super().adapt(weight, dropout=dropout)
         if dropout and self.dropout_p > 0 and self.training:
             norms = self.weight_norm(weight)  # the norm of the full update, as PEFT takes it
         else:
-            norms = torch.linalg.vector_norm(self._matrix(merged.detach()), dim=1)
-        return merged * self._broadcast(self.lora_magnitude / norms)
+            matrix = self._matrix(merged.detach())
+            norms = torch.linalg.vector_norm(
+                matrix, dim=1, dtype=self.compute_dtype_for(matrix)
+            ).to(weight.dtype)
+        return merged * self._broadcast(self.lora_magnitude.to(weight.dtype) / norms)
 
-    def delta(self) -> Tensor:
-        """Not defined without the base weight; use :meth:`delta_for`."""
-        raise NotImplementedError(
-            "a DoRA update depends on the base weight: use delta_for(weight) instead."
-        )
+    def add_branch(self, ops: LayerOps, layer: Any, x: Tensor, y: Tensor) -> Tensor:
+        """Not additive: DoRA computes the whole layer in :meth:`layer_forward`."""
+        raise NotImplementedError
 
-    def delta_for(self, weight: Tensor) -> Tensor:
-        """The change DoRA makes to ``weight``: ``DoRA(weight) - weight``."""
-        return self.add_update(weight) - weight
+    @classmethod
+    def has_branch(cls) -> bool:
+        """DoRA's update depends on the weight: no additive branch."""
+        return False
 
-    def forward(self, weight: Tensor) -> Tensor:
-        """Return the DoRA weight (or ``weight`` itself when disabled); cached under no_grad."""
-        if not self._enabled:
-            return weight
-        if (
-            torch.compiler.is_compiling()
-            or torch.is_grad_enabled()
-            or (self.training and self.dropout_p > 0)
-        ):
-            self._cache = None
-            return self.add_update(weight, dropout=True)
-        tensors = (weight, self.lora_A, self.lora_B, self.lora_magnitude)
-        stamp = (*((t._version, t.data_ptr()) for t in tensors), self.scale)
-        cache = self._cache
-        if (
-            cache is not None
-            and all(c is t for c, t in zip(cache[0], tensors, strict=True))
-            and cache[1] == stamp
-        ):
-            return cache[2]
-        out = self.add_update(weight)
-        self._cache = (tensors, stamp, out)
-        return out
+    def lowrank(self) -> None:
+        """No exact low-rank form: the update depends on the weight."""
+        return None
 
-    def factored_forward(self, module: Any, x: Tensor, branch: Any) -> Tensor:
-        """``m / ||W + sBA|| * (base(x) + s * B A x) + bias`` for a layer with only this adapter.
-
-        Args:
-            module: The layer (Linear, Conv, Embedding or HF Conv1D).
-            x: Its input.
-            branch: The factored low-rank branch for the layer's kind, ``(m, x, p, y) -> y + sBAx``.
-        """
-        kind = module._lora_kind
-        weight = module.parametrizations.weight.original
-        bias = getattr(module, "bias", None)
-        if not self._enabled:
-            return _plain(kind, module, x, weight, bias)
-        compiling = torch.compiler.is_compiling()
-        dropping = self.training and self.dropout_p > 0
-        if not compiling and not torch.is_grad_enabled() and not dropping:
-            return _plain(kind, module, x, self.forward(weight), bias)
-        if self._cache is not None and not compiling:
-            self._cache = None  # training moves on; free the eval copy
-        y = branch(module, x, self, _plain(kind, module, x, weight, None))
-        scale = self.magnitude_scale(weight)
-        if kind == "conv":
+    def layer_forward(
+        self,
+        ops: LayerOps,
+        layer: Any,
+        x: Tensor,
+        base: BaseOutput,
+        weight: Callable[[], Tensor],
+    ) -> Tensor:
+        """``m / ||W + sBA|| * (base(x) + s * B A x) + bias``, without forming ``W + sBA``."""
+        w = weight()
+        y = super().add_branch(ops, layer, x, base(layer, x, False))
+        scale = self.magnitude_scale(w)
+        bias = None if self.kind == "embedding" else getattr(layer, "bias", None)
+        if ops.channel_dim == 1:
             shape = (1, -1) + (1,) * (y.dim() - 2)
             scale = scale.view(shape)
             bias = None if bias is None else bias.view(shape)
-        if compiling or not bool(scale.detach().abs().min() > 0):
+        if torch.compiler.is_compiling() or not bool(scale.detach().abs().min() > 0):
             return y * scale if bias is None else torch.addcmul(bias, y, scale)
-        return _RescaleShift.apply(y, scale, bias)
+        out: Tensor = _RescaleShift.apply(y, scale, bias)
+        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"
+
+    @classmethod
+    def from_fields(
+        cls,
+        spec: LayerSpec,
+        fields: Mapping[str, Any],
+        *,
+        adapter: str,
+        device: torch.device | None,
+        dtype: torch.dtype | None,
+        base_weight: Tensor | None,
+    ) -> DoRAParametrization:
+        """Build from LoRA's fields; the magnitude starts at the base weight's norms."""
+        if base_weight is None:
+            raise ValueError("a DoRA adapter needs the base weight to start from")
+        return cls(
+            spec,
+            base_weight=base_weight,
+            rank=int(fields["rank"]),
+            alpha=float(fields["alpha"]),
+            adapter=adapter,
+            dropout=float(fields.get("dropout", 0.0)),
+            init=fields.get("init", "kaiming"),
+            use_rslora=bool(fields.get("use_rslora", False)),
+            device=device,
+            dtype=dtype,
+        )
+
+    def delta_for(self, weight: Tensor) -> Tensor:
+        """The change DoRA makes to ``weight``, ``DoRA(weight) - weight`` (see :meth:`delta`)."""
+        return self.delta(weight)
 
 
 class _RescaleShift(torch.autograd.Function):
@@ -264,16 +301,10 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum(dims, keepdim=False).reshape(shape) if dims else t
 
 
-def _plain(kind: str, m: Any, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """The layer's own computation with weight ``w`` and the given bias (None: no bias)."""
-    if kind == "linear":
-        return F.linear(x, w, bias)
-    if kind == "conv":
-        return m._conv_forward(x, w, bias)
-    if kind == "embedding":
-        return F.embedding(
-            x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse
-        )
-    flat = x.reshape(-1, x.shape[-1])
-    out = flat @ w if bias is None else torch.addmm(bias, flat, w)
-    return out.view((*x.shape[:-1], m.nf))
+def is_dora(p: object) -> bool:
+    """True for a DoRA entry (0.2's helper; 0.3 code asks ``entry.variant == "dora"``)."""
+    return isinstance(p, DoRAParametrization)
+
+
+def _register() -> None:
+    register_variant(DoRAConfig, DoRAParametrization)

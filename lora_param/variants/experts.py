@@ -13,66 +13,16 @@ experts' code (a loop or a grouped matmul) reads the tensor itself.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch import Tensor
 
-from ..core.errors import LoRAError
+from ..core.layer_ops import LayerOps
+from ..core.targets import LayerSpec
 from .lora import LoRAParametrization
 
-__all__ = [
-    "ExpertLayout",
-    "ExpertLoRAParametrization",
-    "expert_transposed",
-    "is_experts_module",
-]
-
-ExpertLayout = Literal["out_in", "in_out"]
-
-
-def is_experts_module(module: nn.Module) -> bool:
-    """True for a mixture-of-experts block holding its experts as 3-D parameters.
-
-    transformers' experts classes (``@use_experts_implementation``) carry ``is_transposed``;
-    other classes qualify by a name containing ``Expert``.
-    """
-    cls = parametrize.type_before_parametrizations(module)
-    if not (hasattr(module, "is_transposed") or "Expert" in cls.__name__):
-        return False
-    return bool(expert_tensor_names(module))
-
-
-def expert_tensor_names(module: nn.Module) -> list[str]:
-    """The module's own 3-D floating-point parameters (parametrized ones included)."""
-    from ..core.targets import base_tensor, tensor_names  # layers imports this module
-
-    names = []
-    for name in tensor_names(module):
-        tensor = base_tensor(module, name)
-        if tensor is not None and tensor.dim() == 3 and tensor.is_floating_point():
-            names.append(name)
-    return names
-
-
-def expert_transposed(module: nn.Module, path: str, layout: ExpertLayout | None) -> bool:
-    """Whether a 3-D expert tensor is stored ``(experts, in, out)``.
-
-    Args:
-        module: The module owning the tensor.
-        path: The tensor's path (for error messages).
-        layout: ``"out_in"``, ``"in_out"``, or None to follow the module's ``is_transposed``
-            flag (absent: ``"out_in"``, as ``F.linear(x, W[e])`` reads it).
-    """
-    if layout is None:
-        return bool(getattr(module, "is_transposed", False))
-    if layout not in ("out_in", "in_out"):
-        raise LoRAError(
-            f"expert_layout for '{path}' must be 'out_in', 'in_out' or None (follow the "
-            f"module's is_transposed flag), got {layout!r}."
-        )
-    return layout == "in_out"
+__all__ = ["ExpertLoRAParametrization"]
 
 
 class ExpertLoRAParametrization(LoRAParametrization):
@@ -80,52 +30,58 @@ class ExpertLoRAParametrization(LoRAParametrization):
 
     ``A`` is ``(experts, rank, fan_in)`` and ``B`` ``(experts, fan_out, rank)``; ``fan_in`` and
     ``fan_out`` are one expert's. With ``fan_in_fan_out`` the tensor is stored
-    ``(experts, fan_in, fan_out)`` and each expert gets the transposed update. Everything else
-    (toggles, the eval cache, merge, files) is the parent's.
+    ``(experts, fan_in, fan_out)`` and each expert gets the transposed update. It is plain LoRA
+    (variant ``"lora"``) on expert tensors: everything but the shapes is the parent's.
 
     Args:
-        fan_in: Input features of one expert.
-        fan_out: Output features of one expert.
-        weight_shape: The 3-D shape ``(experts, ...)``.
-        **kwargs: As :class:`LoRAParametrization` (``kind`` is always ``"experts"``).
+        spec: The 3-D expert tensor (kind ``"experts"``), fans of one expert.
+        **kwargs: As :class:`LoRAParametrization`.
     """
 
-    def __init__(
-        self, fan_in: int, fan_out: int, weight_shape: tuple[int, ...], **kwargs: Any
-    ) -> None:
-        if len(weight_shape) != 3:
-            raise ValueError(f"expert tensors are 3-D, got shape {tuple(weight_shape)}")
-        kwargs["kind"] = "experts"
-        super().__init__(fan_in, fan_out, weight_shape, **kwargs)
-        self.experts = int(weight_shape[0])
-        like = self.lora_A
-        rank = self.rank
-        self.lora_A = nn.Parameter(like.new_empty(self.experts, rank, fan_in))
-        self.lora_B = nn.Parameter(like.new_zeros(self.experts, fan_out, rank))
-        self.reset_parameters()
+    kinds: ClassVar[frozenset[str]] = frozenset({"experts"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"strength"})
+
+    def __init__(self, spec: LayerSpec, **kwargs: Any) -> None:
+        if len(spec.shape) != 3:
+            raise ValueError(f"expert tensors are 3-D, got shape {tuple(spec.shape)}")
+        super().__init__(spec, **kwargs)
+
+    @property
+    def experts(self) -> int:
+        """Number of experts."""
+        return int(self.weight_shape[0])
+
+    @staticmethod
+    def _factor_shapes(spec: LayerSpec, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (spec.experts, rank, spec.fan_in), (spec.experts, spec.fan_out, rank)
 
     def reset_parameters(self) -> None:
         """Draw each expert's ``A`` as a Linear's (PEFT's bound ``1/sqrt(fan_in)``); ``B`` = 0."""
-        if self.lora_A.dim() != 3:  # the parent's 2-D placeholders, during __init__
-            return
         with torch.no_grad():
             if self.init == "gaussian":
-                nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
+                torch.nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
             else:
                 bound = 1.0 / math.sqrt(self.fan_in)
-                nn.init.uniform_(self.lora_A, -bound, bound)
+                torch.nn.init.uniform_(self.lora_A, -bound, bound)
             self.lora_B.zero_()
 
-    def add_update(self, weight: Tensor, dropout: bool = False) -> Tensor:
+    def adapt(self, weight: Tensor, dropout: bool = False) -> Tensor:
         """``weight + scale * B[e] @ A[e]`` for every expert; ``dropout`` masks A's inputs."""
-        lora_a = self.lora_A
-        if dropout and self.dropout_p > 0 and self.training:
-            lora_a = lora_a * self.dropout(torch.ones_like(lora_a[:, :1]))
+        lora_a, lora_b, scale = self._factors(weight.dtype, dropout)
         if self.fan_in_fan_out:
             return torch.baddbmm(
-                weight, lora_a.transpose(1, 2), self.lora_B.transpose(1, 2), alpha=self.scale
+                weight, lora_a.transpose(1, 2), lora_b.transpose(1, 2), alpha=scale
             )
-        return torch.baddbmm(weight, self.lora_B, lora_a, alpha=self.scale)
+        return torch.baddbmm(weight, lora_b, lora_a, alpha=scale)
+
+    def add_branch(self, ops: LayerOps, layer: Any, x: Tensor, y: Tensor) -> Tensor:
+        """Expert tensors are read by their block's own code: no factored form."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_branch(cls) -> bool:
+        """No factored form (the block reads the tensor itself)."""
+        return False
 
     def extra_repr(self) -> str:
         layout = "in_out" if self.fan_in_fan_out else "out_in"

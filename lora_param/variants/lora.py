@@ -1,95 +1,130 @@
-"""`LoRAParametrization`: the module registered on a weight by torch.nn.utils.parametrize."""
+"""Plain LoRA (and rsLoRA): ``W' = W + scale * B @ A``, the variant every other builds on.
+
+``A`` is ``(rank, fan_in)`` and ``B`` ``(fan_out, rank)`` in the tensor's matrix view (a conv
+weight ``(out, in/groups, *k)`` is ``(out, in/groups * prod(k))``; a Hugging Face ``Conv1D``
+weight, stored ``(in, out)``, is seen untransposed). ``B`` starts at zero, so registering the
+adapter leaves the model unchanged. ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with
+rsLoRA).
+
+Memory: the factored forward computes ``base(x) + scale * B(A(dropout(x)))`` and keeps only
+the ``(..., rank)`` activation of ``A x`` for backward besides what the layer keeps; the
+materialized forward forms ``W + sBA`` (one weight-sized temporary per layer and step).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, cast
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AUTO_EVAL_CACHE_MAX_NUMEL", "Init", "LayerKind", "LoRAParametrization"]
+from ..core.errors import LoRAError
+from ..core.layer_ops import LayerKind, LayerOps
+from ..core.targets import LayerSpec
+from ..core.variant import AdapterVariant, VariantConfig, register_variant
 
-#: The default ("auto") eval-cache rule keeps ``W + sBA`` only for weights of at most this many
-#: elements (3 Mi): there the cache makes evaluation as fast as the merged model (the factored
-#: ``base(x) + s*B(A x)`` measured 1.09x / 1.11x merged on 1536-wide and 512x512x3x3 layers of
-#: 2.36 M elements), while an LLM's projections (2048 x 2048 = 4 Mi and up) stay factored: a
-#: cached copy would add a whole weight's memory per layer (see ``lora_param.core.eval_cache``).
-AUTO_EVAL_CACHE_MAX_NUMEL = 3 << 20
+__all__ = ["Init", "LayerKind", "LoRAParametrization", "PlainLoRAConfig", "add_scaled"]
 
-LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param", "experts"]
 Init = Literal["kaiming", "gaussian"]
+INITS = ("kaiming", "gaussian")
 
 
-class LoRAParametrization(nn.Module):
-    """Adds a low-rank update ``scale * B @ A`` to the weight it is registered on.
+@dataclass(frozen=True)
+class PlainLoRAConfig(VariantConfig):
+    """Plain LoRA (the default variant): no options beyond rank, alpha, dropout and init."""
 
-    The weight is seen as a matrix ``(fan_out, fan_in)`` over its first dimension (a conv
-    weight ``(out, in/groups, *k)`` becomes ``(out, in/groups * prod(k))``); with
-    ``fan_in_fan_out`` it is stored transposed, ``(fan_in, fan_out)``, as Hugging Face's
-    ``Conv1D`` does. ``B`` starts at zero, so registering it leaves the model unchanged.
+    name: ClassVar[str] = "lora"
 
-    Under ``torch.no_grad()`` the result is cached, when ``eval_cache`` is true, and reused
-    until the input weight, ``A``, ``B``, ``scale`` or ``enabled`` change (tensor version
-    counters are checked), so evaluation with LoRA on costs what the merged model costs.
-    ``eval_cache`` starts true for weights of at most ``AUTO_EVAL_CACHE_MAX_NUMEL`` elements;
-    ``set_eval_cache`` chooses per model.
+
+def add_scaled(y: Tensor, update: Tensor, scale: float | Tensor) -> Tensor:
+    """``y + scale * update`` in one op where the scale is a number."""
+    # A hot-swap-ready adapter keeps its scale in a tensor; add's alpha takes numbers only.
+    return y + update * scale if isinstance(scale, Tensor) else y.add(update, alpha=scale)
+
+
+def _legacy_spec(args: tuple, kwargs: dict[str, Any]) -> LayerSpec:
+    """0.2's ``LoRAParametrization(fan_in, fan_out, weight_shape, kind=, fan_in_fan_out=)``."""
+    warnings.warn(
+        "LoRAParametrization(fan_in, fan_out, weight_shape, ...) is deprecated: pass a "
+        "lora_param.LayerSpec(kind, shape, fan_in, fan_out, fan_in_fan_out) instead "
+        "(removed in 0.4).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    fan_in, fan_out, shape = args
+    return LayerSpec(
+        str(kwargs.pop("kind", "param")),
+        tuple(shape),
+        int(fan_in),
+        int(fan_out),
+        bool(kwargs.pop("fan_in_fan_out", False)),
+    )
+
+
+class LoRAParametrization(AdapterVariant):
+    """Adds a low-rank update ``scale * B @ A`` to the tensor it is registered on.
 
     Args:
-        fan_in: Columns of the weight matrix (``A`` is ``(rank, fan_in)``).
-        fan_out: Rows of the weight matrix (``B`` is ``(fan_out, rank)``).
-        weight_shape: Shape of the weight the update is reshaped to.
+        spec: The tensor seen as a matrix (see :class:`~lora_param.LayerSpec`).
         rank: Rank of the update.
-        alpha: Scaling numerator; ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
+        alpha: Scaling numerator; ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with
+            rsLoRA); None means ``alpha = rank``.
         adapter: Name of the adapter this update belongs to.
-        kind: Layer kind the weight belongs to (decides the factored forward, if any).
         dropout: Dropout probability on the layer input (factored path) or on the input
             features of ``A`` (materialized path).
         init: ``"kaiming"`` (uniform, as loralib/PEFT; N(0, 1) for embeddings, as PEFT) or
             ``"gaussian"`` (A ~ N(0, 1), as the well-known tutorial) for ``A``.
         use_rslora: Use ``alpha / sqrt(rank)`` as the scale.
-        fan_in_fan_out: The weight is stored ``(fan_in, fan_out)``.
         device: Device of ``A`` and ``B`` (the weight's).
         dtype: Dtype of ``A`` and ``B`` (the weight's).
     """
 
+    variant: ClassVar[str] = "lora"
+    kinds: ClassVar[frozenset[str]] = frozenset(
+        {"linear", "conv", "embedding", "conv1d_hf", "param"}
+    )
+    capabilities: ClassVar[frozenset[str]] = frozenset({"hotswap", "combine", "strength"})
+    lowrank_exact: ClassVar[bool] = True
+
     def __init__(
         self,
-        fan_in: int,
-        fan_out: int,
-        weight_shape: tuple[int, ...],
-        *,
+        spec: LayerSpec | int,
+        *args: Any,
         rank: int = 4,
         alpha: float | None = None,
         adapter: str = "default",
-        kind: LayerKind = "param",
         dropout: float = 0.0,
         init: Init = "kaiming",
         use_rslora: bool = False,
-        fan_in_fan_out: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **legacy: Any,
     ) -> None:
-        super().__init__()
+        if not isinstance(spec, LayerSpec):
+            spec = _legacy_spec((spec, *args), legacy)
+        if legacy:
+            raise TypeError(f"unexpected arguments {sorted(legacy)}")
+        super().__init__(spec, adapter=adapter, dropout=dropout)
         if rank <= 0:
             raise ValueError(f"rank must be positive, got {rank}")
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
-        alpha = float(rank if alpha is None else alpha)
-        self.fan_in, self.fan_out, self.rank, self.alpha = fan_in, fan_out, rank, alpha
-        self.weight_shape = tuple(weight_shape)
-        self.adapter, self.kind, self.init = adapter, kind, init
-        self.use_rslora, self.fan_in_fan_out = use_rslora, fan_in_fan_out
-        self.dropout_p = float(dropout)
-        self.scale = alpha / (math.sqrt(rank) if use_rslora else rank)
-        self.lora_A = nn.Parameter(torch.empty(rank, fan_in, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(fan_out, rank, device=device, dtype=dtype))
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._enabled = True
-        self._requires_grad_when_enabled = (True, True)
-        self._cache: tuple | None = None  # (weight, A, B, stamp, weight + update)
-        self.eval_cache = math.prod(self.weight_shape) <= AUTO_EVAL_CACHE_MAX_NUMEL
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.rank = int(rank)
+        self.alpha = float(rank if alpha is None else alpha)
+        self.init, self.use_rslora = init, bool(use_rslora)
+        self.scale: float | Tensor = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        shape_a, shape_b = self._factor_shapes(spec, self.rank)
+        self.lora_A = nn.Parameter(torch.empty(shape_a, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(shape_b, device=device, dtype=dtype))
         self.reset_parameters()
+
+    @staticmethod
+    def _factor_shapes(spec: LayerSpec, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, spec.fan_in), (spec.fan_out, rank)
 
     def reset_parameters(self) -> None:
         """Draw ``A`` anew with the chosen init and set ``B`` to zero (the update becomes zero).
@@ -104,104 +139,207 @@ class LoRAParametrization(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
 
-    @property
-    def enabled(self) -> bool:
-        """Whether the update is applied.
+    # ---- the protocol ----------------------------------------------------------------------
 
-        A disabled adapter is also frozen (no gradient, nothing unused for DDP); enabling it
-        again restores the ``requires_grad`` flags A and B had (a frozen A stays frozen).
-        """
-        return self._enabled
+    def tensors(self) -> dict[str, Tensor]:
+        """``lora_A`` and ``lora_B``."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        value = bool(value)
-        if value == self._enabled:
-            return
-        if value:
-            grad_a, grad_b = self._requires_grad_when_enabled
-        else:
-            self._requires_grad_when_enabled = (
-                self.lora_A.requires_grad,
-                self.lora_B.requires_grad,
-            )
-            grad_a = grad_b = False
-        self.lora_A.requires_grad_(grad_a)
-        self.lora_B.requires_grad_(grad_b)
-        self._enabled = value
-        self._cache = None
+    @classmethod
+    def tensor_shapes(cls, spec: LayerSpec, fields: Mapping[str, Any]) -> dict[str, tuple]:
+        """``lora_A`` ``(rank, fan_in)``, ``lora_B`` ``(fan_out, rank)``."""
+        shape_a, shape_b = cls._factor_shapes(spec, int(fields["rank"]))
+        return {"lora_A": shape_a, "lora_B": shape_b}
 
-    def delta(self) -> Tensor:
-        """The update ``scale * B @ A`` in the weight's own layout and shape."""
-        return self.add_update(self.lora_B.new_zeros(self.weight_shape), dropout=False)
+    @classmethod
+    def check_fields(cls, spec: LayerSpec, fields: Mapping[str, Any], path: str) -> None:
+        """rank a positive integer, alpha a positive number, use_rslora a bool, a known init."""
+        rank, alpha = fields.get("rank"), fields.get("alpha")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise LoRAError(f"rank for '{path}' must be a positive integer, got {rank!r}.")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise LoRAError(f"alpha for '{path}' must be a positive number, got {alpha!r}.")
+        if not isinstance(fields.get("use_rslora", False), bool):
+            raise LoRAError(f"use_rslora for '{path}' must be True or False.")
+        super().check_fields(spec, fields, path)
 
-    def add_update(self, weight: Tensor, dropout: bool = False) -> Tensor:
-        """``weight + scale * B @ A`` whether enabled or not; ``dropout`` masks A's inputs."""
-        lora_a = self.lora_A
+    def _factors(self, dtype: torch.dtype, dropout: bool) -> tuple[Tensor, Tensor, float]:
+        """``A`` (input features dropped when ``dropout``), ``B`` and a number scale."""
+        lora_a: Tensor = self.lora_A
+        lora_b: Tensor = self.lora_B
+        scale = self.scale
         if dropout and self.dropout_p > 0 and self.training:
-            lora_a = lora_a * self.dropout(torch.ones_like(lora_a[:1]))
-        lora_b, scale = self.lora_B, self.scale
-        if isinstance(scale, Tensor):  # hot-swap-ready (routing.hotswap): alpha takes numbers only
+            lora_a = lora_a * self.dropout(torch.ones_like(lora_a[..., :1, :]))
+        if isinstance(scale, Tensor):  # hot-swap-ready (routing.hotswap): alpha takes numbers
             lora_b, scale = lora_b * scale, 1.0
+        if lora_a.dtype != dtype:
+            lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+        return lora_a, lora_b, float(scale)
+
+    def adapt(self, weight: Tensor, dropout: bool = False) -> Tensor:
+        """``weight + scale * B @ A`` (whether enabled or not); ``dropout`` masks A's inputs."""
+        lora_a, lora_b, scale = self._factors(weight.dtype, dropout)
         if self.fan_in_fan_out:
             return torch.addmm(weight, lora_a.t(), lora_b.t(), alpha=scale)
         matrix = weight.reshape(self.fan_out, self.fan_in)
         return torch.addmm(matrix, lora_b, lora_a, alpha=scale).view(weight.shape)
 
-    def clear_cache(self) -> None:
-        """Forget the cached weight (needed only after edits through ``.data``)."""
-        self._cache = None
+    def add_branch(self, ops: LayerOps, layer: Any, x: Tensor, y: Tensor) -> Tensor:
+        """``y + scale * B(A(dropout(x)))`` in the layer's geometry."""
+        x_in = x if self.kind == "embedding" else self.dropout(x)
+        return add_scaled(y, ops.lowrank(layer, x_in, self.lora_A, self.lora_B), self.scale)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        # .to() / .half() swap tensor data without bumping version counters: drop the cache.
-        self._cache = None
-        return super()._apply(fn, recurse)
+    def lowrank(self) -> tuple[Tensor, Tensor] | None:
+        """``(A, scale * B)``."""
+        return self.lora_A, self.lora_B * self.scale
 
-    def train(self, mode: bool = True) -> LoRAParametrization:
-        """Set train/eval mode, dropping the cache (``model.eval()`` always starts fresh)."""
-        self._cache = None
-        return super().train(mode)
+    def base_scale(self) -> float:
+        """The adapter's own scale, ``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA)."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
-    def forward(self, weight: Tensor) -> Tensor:
-        """Return ``weight + scale * B @ A`` (or ``weight`` itself when disabled)."""
-        if not self._enabled:
-            return weight
-        if torch.compiler.is_compiling():
-            return self.add_update(weight, dropout=True)
-        if torch.is_grad_enabled() or (self.training and self.dropout_p > 0):
-            self._cache = None
-            return self.add_update(weight, dropout=True)
-        if not self.eval_cache:
-            self._cache = None
-            return self.add_update(weight)
-        # The cache holds the tensors themselves, so identity checks are safe (no id reuse);
-        # versions catch in-place updates (optimizer steps, copy_), data_ptr catches `.data =`.
-        a, b = cast(Tensor, self._parameters["lora_A"]), cast(Tensor, self._parameters["lora_B"])
-        stamp = (
-            weight._version,
-            weight.data_ptr(),
-            a._version,
-            a.data_ptr(),
-            b._version,
-            b.data_ptr(),
-            self.scale,
+    def set_strength(self, strength: float) -> None:
+        """``scale = strength * alpha / rank``; a tensor scale (hot-swap) keeps its identity."""
+        value = self.base_scale() * float(strength)
+        if isinstance(self.scale, Tensor):
+            with torch.no_grad():
+                self.scale.fill_(value)
+        else:
+            self.scale = value
+        self.strength = float(strength)
+        self.clear_cache()
+
+    # ---- hot-swapping -------------------------------------------------------------------------
+
+    def swap_room(self) -> int:
+        """The rank ``A`` and ``B`` hold now."""
+        return int(self.lora_A.shape[-2])
+
+    def swap_prepared(self) -> bool:
+        """Whether the scale is a tensor (``prepare_swap`` ran)."""
+        return isinstance(self.scale, Tensor)
+
+    def prepare_swap(self, max_rank: int) -> None:
+        """Zero-pad ``A`` and ``B`` to ``max_rank``; the scale becomes a 0-d tensor buffer."""
+        rank, scale = self.swap_room(), self.scale
+        if rank < max_rank:
+            a, b = self.lora_A, self.lora_B
+            new_a = a.new_zeros(max_rank, a.shape[1])
+            new_b = b.new_zeros(b.shape[0], max_rank)
+            new_a[:rank] = a
+            new_b[:, :rank] = b
+            self.lora_A = nn.Parameter(new_a, requires_grad=a.requires_grad)
+            self.lora_B = nn.Parameter(new_b, requires_grad=b.requires_grad)
+        if not isinstance(scale, Tensor):
+            del self.__dict__["scale"]
+            self.register_buffer(
+                "scale", torch.tensor(float(scale), device=self.lora_A.device), persistent=False
+            )
+        self.rank = max_rank
+        self.alpha = self._alpha_for(float(self.scale), max_rank)
+        self.clear_cache()
+
+    def _alpha_for(self, scale: float, rank: int) -> float:
+        """The alpha that gives ``scale`` at ``rank`` (so saved files keep the update)."""
+        return scale * (math.sqrt(rank) if self.use_rslora else rank)
+
+    def plan_swap(
+        self, fields: Mapping[str, Any] | None, tensors: Mapping[str, Tensor], where: str
+    ) -> Any:
+        """Copy another LoRA's factors and scale into the padded tensors (the rest zeroed)."""
+        if fields is None:
+            lora_a = lora_b = None
+            scale = 1.0
+        else:
+            rank, room = int(fields["rank"]), self.swap_room()
+            if (fields["fan_in"], fields["fan_out"]) != (self.fan_in, self.fan_out):
+                raise LoRAError(
+                    f"{where} is {fields['fan_out']}x{fields['fan_in']}, but the model's "
+                    f"tensor is {self.fan_out}x{self.fan_in}."
+                )
+            if rank > room:
+                raise LoRAError(
+                    f"{where} has rank {rank}, more than the {room} prepare_hotswap made room "
+                    "for; prepare with a larger max_rank."
+                )
+            lora_a, lora_b = tensors.get("lora_A"), tensors.get("lora_B")
+            shapes = self.tensor_shapes(self.spec, {"rank": rank})
+            if (
+                lora_a is None
+                or lora_b is None
+                or tuple(lora_a.shape) != shapes["lora_A"]
+                or tuple(lora_b.shape) != shapes["lora_B"]
+            ):
+                raise LoRAError(f"{where} lacks well-shaped factors.")
+            denom = math.sqrt(rank) if fields.get("use_rslora", False) else rank
+            scale = float(fields["alpha"]) / denom
+
+        def copy_in() -> None:
+            rank = 0 if lora_a is None else lora_a.shape[0]
+            self.lora_A[rank:].zero_()
+            self.lora_B[:, rank:].zero_()
+            if lora_a is not None and lora_b is not None:
+                self.lora_A[:rank].copy_(lora_a)
+                self.lora_B[:, :rank].copy_(lora_b)
+            self.scale.fill_(scale)  # type: ignore[union-attr]  # a tensor once prepared
+            self.alpha = self._alpha_for(scale, self.swap_room())
+            self.clear_cache()
+
+        return copy_in
+
+    def fields(self) -> dict[str, Any]:
+        """rank, alpha, use_rslora, init."""
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "use_rslora": self.use_rslora,
+            "init": self.init,
+        }
+
+    @classmethod
+    def from_fields(
+        cls,
+        spec: LayerSpec,
+        fields: Mapping[str, Any],
+        *,
+        adapter: str,
+        device: torch.device | None,
+        dtype: torch.dtype | None,
+        base_weight: Tensor | None,
+    ) -> LoRAParametrization:
+        """Build from rank, alpha, use_rslora, init and dropout fields."""
+        return cls(
+            spec,
+            rank=int(fields["rank"]),
+            alpha=float(fields["alpha"]),
+            adapter=adapter,
+            dropout=float(fields.get("dropout", 0.0)),
+            init=fields.get("init", "kaiming"),
+            use_rslora=bool(fields.get("use_rslora", False)),
+            device=device,
+            dtype=dtype,
         )
-        cache = self._cache
-        if (
-            cache is not None
-            and cache[0] is weight
-            and cache[1] is a
-            and cache[2] is b
-            and cache[3] == stamp
-        ):
-            return cache[4]
-        out = self.add_update(weight)
-        self._cache = (weight, a, b, stamp, out)
-        return out
+
+    def cache_tensors(self) -> list[Tensor]:
+        """``A``, ``B`` (and a tensor scale)."""
+        scale = self.scale
+        out: list[Tensor] = [self.lora_A, self.lora_B]
+        return [*out, scale] if isinstance(scale, Tensor) else out
+
+    def cache_key(self) -> tuple:
+        """Enabled flag and a number scale (a tensor scale is one of the cached tensors)."""
+        scale = self.scale
+        return (self._enabled, None if isinstance(scale, Tensor) else scale)
 
     def extra_repr(self) -> str:
+        scale = float(self.scale)
         return (
             f"adapter={self.adapter!r}, kind={self.kind}, fan_in={self.fan_in}, "
             f"fan_out={self.fan_out}, rank={self.rank}, alpha={self.alpha:g}, "
-            f"scale={self.scale:g}, enabled={self._enabled}"
+            f"scale={scale:g}, enabled={self._enabled}"
         )
+
+
+def _register() -> None:
+    from .experts import ExpertLoRAParametrization  # experts builds on this module
+
+    register_variant(PlainLoRAConfig, LoRAParametrization, ExpertLoRAParametrization)
