@@ -35,7 +35,7 @@ def _run_script(name: str, *args: str, timeout: int = 300) -> subprocess.Complet
 
 
 def test_bench_lora_quick_mlp_runs_and_prints_table():
-    proc = _run_script("bench_lora.py", "--quick", "--models", "mlp", "--markdown", timeout=120)
+    proc = _run_script("bench_lora.py", "--quick", "--models", "mlp", "--markdown", timeout=300)
     out = proc.stdout
     assert "FAILED" not in proc.stderr, proc.stderr  # a memory worker failed
     header = next(line for line in out.splitlines() if line.startswith("model "))

@@ -11,9 +11,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .parametrization import LoRAParametrization
-from .registry import check_adapters_exist, iter_lora, list_adapters
-from .trainable_copies import TrainableCopy, iter_copies
+from .entry import AdapterEntry
+from .lookup import check_adapters_exist, iter_entries, list_adapters
 
 __all__ = ["disable_lora", "enable_lora", "lora_disabled", "set_active_adapters"]
 
@@ -27,9 +26,9 @@ def _select(model: nn.Module, adapter: str | Sequence[str] | None) -> list[str]:
     return names
 
 
-def _entries(model: nn.Module) -> list[LoRAParametrization | TrainableCopy]:
-    """Every switchable entry: LoRA updates, then trained copies."""
-    return [*(p for *_, p in iter_lora(model)), *(c for *_, c in iter_copies(model))]
+def _entries(model: nn.Module) -> list[AdapterEntry]:
+    """Every switchable entry: updates and trained copies."""
+    return [p for *_, p in iter_entries(model)]
 
 
 def _set(model: nn.Module, adapter: str | Sequence[str] | None, enabled: bool) -> None:

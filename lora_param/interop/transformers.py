@@ -30,7 +30,7 @@ from torch import nn
 
 from ..core.errors import LoRAError
 from ..core.io import load_lora, save_lora
-from ..core.registry import list_adapters
+from ..core.lookup import list_adapters
 from .peft_export import export_peft
 from .peft_format import unwrap_model
 
