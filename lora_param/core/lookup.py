@@ -30,8 +30,14 @@ __all__ = [
 def iter_entries(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, AdapterEntry]]:
     """Yield ``(tensor path, module, tensor name, entry)`` for everything adapters own.
 
-    Updates (:class:`~lora_param.core.variant.AdapterVariant`) and trained copies
+    Updates (:class:`~lora_param.AdapterVariant`) and trained copies
     (:class:`~lora_param.TrainableCopy`), in module order, then list order.
+
+    Args:
+        model: Any module, with or without adapters.
+
+    Yields:
+        One tuple per entry: what :func:`~lora_param.iter_lora` yields, plus the copies.
     """
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):

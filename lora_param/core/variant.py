@@ -349,7 +349,11 @@ def register_variant(config: type[VariantConfig], *classes: type[AdapterVariant]
 
 
 def variant_names() -> list[str]:
-    """Names of the registered variants."""
+    """Names of the registered variants (``"lora"``, ``"dora"``, ...): what ``variant=`` takes.
+
+    Returns:
+        The names, in registration order.
+    """
     return list(_CONFIGS)
 
 
