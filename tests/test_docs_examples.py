@@ -573,4 +573,7 @@ def test_api_reference_covers_every_public_name_by_its_public_path() -> None:
     ]
     assert all(re.fullmatch(r"lora_param\.\w+", d) for d in directives), directives
     documented = {d.split(".", 1)[1] for d in directives}
-    assert documented == set(lora_param.__all__), set(lora_param.__all__) ^ documented
+    # LoRATrainer is public but lazy (not in __all__, so that a star import needs no
+    # transformers); it is documented all the same.
+    public = {*lora_param.__all__, "LoRATrainer"}
+    assert documented == public, public ^ documented

@@ -138,16 +138,14 @@ def read_lora_file(
         ) from None
     if not isinstance(payload, dict) or payload.get("format") not in READABLE:
         found = payload.get("format") if isinstance(payload, dict) else None
-        newer = isinstance(found, str) and found.startswith("lora_param.adapter/")
-        raise LoRAError(
-            f"{str(path)!r} is not a lora_param adapter file this version reads (format "
-            f"{found!r}; it reads {list(READABLE)}): "
-            + (
-                "it was written by a newer lora_param; upgrade lora_param."
-                if newer
-                else "use load_base_state_dict for plain checkpoints or import_peft for PEFT "
-                "folders."
+        if isinstance(found, str) and found.startswith("lora_param.adapter/"):
+            raise LoRAError(
+                f"{str(path)!r} was written by a newer lora_param (format {found!r}; this "
+                f"version reads {list(READABLE)}): upgrade lora_param to load it."
             )
+        raise LoRAError(
+            f"{str(path)!r} is not a lora_param adapter file (format {FORMAT!r} expected); "
+            "use load_base_state_dict for plain checkpoints or import_peft for PEFT folders."
         )
     try:
         adapters = json.loads(payload["config"])["adapters"]

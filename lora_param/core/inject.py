@@ -507,7 +507,7 @@ def _plan_layers(
         if r > limit:
             raise LoRAError(
                 f"rank {r} for '{target.path}' exceeds {cls.rank_limit_text(target.spec)} = "
-                f"{limit}; an update of this variant cannot have a larger rank on this matrix. "
+                f"{limit}; an adapter update cannot have a larger rank than its matrix. "
                 'Lower rank for this layer, e.g. rank={"'
                 + target.module_name
                 + f'": {limit}, "*": {r}}}.'
