@@ -126,6 +126,20 @@ def training_args(out: Path, **kw):
     )
 
 
+#: What `accelerate launch` sets from the FSDP2 config file of docs/guides/distributed.md.
+ACCELERATE_LAUNCH_FSDP2 = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
+    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_OFFLOAD_PARAMS": "false",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+    "FSDP_ACTIVATION_CHECKPOINTING": "false",
+}
+
+
 def fsdp_config(state_dict_type: str) -> dict:
     return {
         "version": 2,
@@ -176,10 +190,16 @@ def fsdp2_phases(out: Path, record: dict, tensors: dict) -> None:
     for kind in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
 
         def build(folder, seed, kind=kind):
-            args = training_args(folder, use_cpu=True, fsdp=True, fsdp_config=fsdp_config(kind))
+            if kind == "SHARDED_STATE_DICT":  # as `accelerate launch --config_file` sets it up
+                os.environ.update(ACCELERATE_LAUNCH_FSDP2)
+                args = training_args(folder, use_cpu=True)
+            else:  # through TrainingArguments
+                args = training_args(folder, use_cpu=True, fsdp=True, fsdp_config=fsdp_config(kind))
             return LoRATrainer(model=make_model(seed), args=args, train_dataset=Tokens())
 
         trainer = train_and_resume(kind, out, build, record, tensors)
+        for name in ACCELERATE_LAUNCH_FSDP2:
+            os.environ.pop(name, None)
         record[kind]["sharded"] = type(
             trainer.model.model.layers[0].self_attn.q_proj.parametrizations.weight[0].lora_A
         ).__name__
