@@ -127,6 +127,8 @@ def test_fsdp2_checkpoints_hold_the_adapters_only(fsdp2, name):
     _check_adapters_only(run["final"])
     if name != "trl":
         assert run["sharded"] == "DTensor"  # the adapters were sharded while training
+        # the launch-like run: bf16 mixed precision, as in the docs' config file
+        assert run["mixed_precision"] == ("bf16" if name == "SHARDED_STATE_DICT" else "no")
 
 
 @pytest.mark.parametrize("name", FSDP2_RUNS)

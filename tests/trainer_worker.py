@@ -137,6 +137,7 @@ ACCELERATE_LAUNCH_FSDP2 = {
     "FSDP_OFFLOAD_PARAMS": "false",
     "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
     "FSDP_ACTIVATION_CHECKPOINTING": "false",
+    "ACCELERATE_MIXED_PRECISION": "bf16",
 }
 
 
@@ -200,6 +201,7 @@ def fsdp2_phases(out: Path, record: dict, tensors: dict) -> None:
         trainer = train_and_resume(kind, out, build, record, tensors)
         for name in ACCELERATE_LAUNCH_FSDP2:
             os.environ.pop(name, None)
+        record[kind]["mixed_precision"] = trainer.accelerator.mixed_precision
         record[kind]["sharded"] = type(
             trainer.model.model.layers[0].self_attn.q_proj.parametrizations.weight[0].lora_A
         ).__name__
