@@ -35,7 +35,7 @@ from torch import nn
 
 from ..core.errors import LoRAError
 from ..core.io import load_lora, save_lora
-from ..core.registry import adapter_parameters, list_adapters
+from ..core.registry import list_adapters
 from .engine_state import adapters_from_state_dict, adapters_sharded, gathered_adapters
 from .peft_export import export_peft
 from .peft_format import unwrap_model
@@ -212,13 +212,13 @@ class LoRATrainerMixin:
     ) -> Any:
         """As ``Trainer.train``; under DeepSpeed, resumes from checkpoints without the base.
 
-        DeepSpeed checkpoints written here leave the frozen base weights out; DeepSpeed's
-        strict load would call them missing, so while training runs the model's
-        ``load_state_dict`` does not count frozen base tensors as missing.
+        DeepSpeed checkpoints written here leave the frozen tensors out; DeepSpeed's strict
+        load would call them missing, so while training runs the model's ``load_state_dict``
+        does not count frozen tensors as missing.
         """
         model = unwrap_model(self.model)
         hook = (
-            model.register_load_state_dict_post_hook(_frozen_base_not_missing)
+            model.register_load_state_dict_post_hook(_frozen_not_missing)
             if self.is_deepspeed_enabled
             else None
         )
@@ -286,16 +286,15 @@ class LoRATrainerMixin:
         self._load_from_checkpoint(best)
 
 
-def _frozen_base_not_missing(module: nn.Module, incompatible: Any) -> None:
-    """``load_state_dict`` post-hook: frozen tensors other than adapters are not "missing"."""
+def _frozen_not_missing(module: nn.Module, incompatible: Any) -> None:
+    """``load_state_dict`` post-hook: frozen tensors are not "missing".
+
+    DeepSpeed checkpoints written by :class:`LoRATrainerMixin` leave out what does not train
+    (the base, disabled adapters): the model built again for resuming already holds it.
+    """
     if not incompatible.missing_keys:
         return
-    adapters = {id(t) for t in adapter_parameters(module)}
-    frozen = {
-        name
-        for name, t in module.named_parameters(remove_duplicate=False)
-        if not t.requires_grad and id(t) not in adapters
-    }
+    frozen = {n for n, t in module.named_parameters(remove_duplicate=False) if not t.requires_grad}
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
 
 
