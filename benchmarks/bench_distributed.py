@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run from a checkout without installing
@@ -165,8 +166,27 @@ def _run(setup: str, size: str, steps: int, mmap_threshold: int | None) -> list[
         return [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
 
 
-def _mb(value: float) -> str:
-    return f"{value / 2**20:,.0f}"
+#: The table: (column, unit, format spec); MB are per rank, the larger of the ranks.
+COLUMNS = [
+    ("setup", "", ""),
+    ("malloc", "", ""),
+    ("params", "MB", ",.0f"),
+    ("after setup", "MB", ",.0f"),
+    ("peak training", "MB", ",.0f"),
+    ("peak - imports", "MB", ",.0f"),
+    ("step", "s", ".2f"),
+]
+
+
+def _results_writer() -> Any:
+    """benchmarks/_results.py where the checkout has it (the shared results files), else None."""
+    if not (HERE / "_results.py").exists():
+        return None
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import _results
+
+    return _results
 
 
 def main() -> None:
@@ -177,6 +197,9 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    writer = _results_writer()
+    if writer is not None:
+        writer.add_results_argument(parser)
     args = parser.parse_args()
     if args.worker:
         worker(args.size, args.steps, args.out)
@@ -184,49 +207,47 @@ def main() -> None:
     size = "quick" if args.quick else "default"
     steps = args.steps or (2 if args.quick else 4)
     s = SIZES[size]
-    rows = []
+    rows: list[dict[str, Any]] = []
     runs = [("single", "one process", 1), ("fsdp2", "FSDP2, 2 ranks", 2)]
     for threshold, allocator in ((None, "glibc default"), (MMAP_THRESHOLD, "mmap >= 1 MiB")):
         for setup, label, ranks in runs:
             records = _run(setup, size, steps, threshold)
             assert len(records) == ranks, records
-            peak = max(r["peak_kb"] for r in records)
             rows.append(
                 {
                     "setup": label,
                     "malloc": allocator,
-                    "params": _mb(max(r["params_bytes"] for r in records)),
-                    "after setup": _mb(max(r["after_setup_kb"] for r in records) << 10),
-                    "peak training": _mb(peak << 10),
-                    "peak - imports": _mb(
-                        max(r["peak_kb"] - r["imports_kb"] for r in records) * 1024
-                    ),
-                    "step s": f"{max(r['step_s'] for r in records):.2f}",
+                    "params": max(r["params_bytes"] for r in records) / 2**20,
+                    "after setup": max(r["after_setup_kb"] for r in records) / 1024,
+                    "peak training": max(r["peak_kb"] for r in records) / 1024,
+                    "peak - imports": max(r["peak_kb"] - r["imports_kb"] for r in records) / 1024,
+                    "step": max(r["step_s"] for r in records),
                 }
             )
             total = records[0]["total_params"]
-    print(
+    header = (
         f"Llama, hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']}: "
         f"{total / 1e6:.1f} M params float32; LoRA rank {RANK} on q/k/v/o; batch {BATCH} x "
         f"{TOKENS} tokens per rank; {steps} AdamW steps; CPU, gloo, 1 thread per rank"
     )
-    columns = list(rows[0])
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + "   (MB per rank)")
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print(header)
+    names = [f"{c} {u}".strip() if u == "s" else c for c, u, _ in COLUMNS]
+    cells = [[format(row[c], spec) for c, _, spec in COLUMNS] for row in rows]
+    widths = [max(len(n), *(len(r[i]) for r in cells)) for i, n in enumerate(names)]
+    print("  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)) + "   (MB per rank)")
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
     if args.markdown:
         print()
-        print("| " + " | ".join(columns) + " |")
-        print("|" + "|".join(" --- " for _ in columns) + "|")
-        for row in rows:
-            print("| " + " | ".join(str(row[c]) for c in columns) + " |")
-    results = HERE / "_results.py"
-    if results.exists():  # the benchmarks' shared results writer, where the checkout has it
-        sys.path.insert(0, str(HERE))
-        import _results  # type: ignore[import-not-found]
-
-        _results.record("bench_distributed", rows)
+        print("| " + " | ".join(names) + " |")
+        print("|" + "|".join(" --- " for _ in names) + "|")
+        for r in cells:
+            print("| " + " | ".join(r) + " |")
+    if writer is not None:
+        results = writer.Results("bench_distributed", __doc__, args, threads=1)
+        columns = [writer.Column(c, u, spec) for c, u, spec in COLUMNS]
+        results.table("memory per rank", columns, rows, title=header)
+        results.write(args.results_dir)
 
 
 if __name__ == "__main__":
