@@ -42,6 +42,7 @@ from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_a
 from .core.variant import AdapterVariant, VariantConfig, register_variant, variant_names
 from .interop.kohya import export_kohya, import_kohya
 from .interop.peft import export_peft, import_peft
+from .interop.transformers import LoRATrainerMixin
 from .quant import Int8Config, NF4Config, dequantize_base, quantize_base
 from .routing import (
     CombineReport,
@@ -78,6 +79,7 @@ __all__ = [
     "LoRAConfig",
     "LoRAError",
     "LoRAParametrization",
+    "LoRATrainerMixin",
     "NF4Config",
     "ParameterCounts",
     "PlainLoRAConfig",
