@@ -24,6 +24,7 @@ Only ``safetensors`` is needed (imported when called); diffusers is not.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -41,7 +42,7 @@ from ..core.freeze import freeze_base
 from ..core.inject import Mode, inject
 from ..core.lookup import iter_lora, list_adapters
 from ..core.targets import AdaptTarget, layer_kind, module_targets
-from .kohya_codecs import codec_for_parts, codec_for_variant, known_families
+from .kohya_codecs import KohyaCodec, codec_for_parts, codec_for_variant, known_families
 
 __all__ = ["KOHYA_PREFIXES", "export_kohya", "import_kohya", "read_kohya_file"]
 
@@ -364,6 +365,18 @@ def _export_name(model: nn.Module, path: str, prefix: str) -> str:
     return f"{prefix}_{name}"
 
 
+def _network_metadata(codecs: list[KohyaCodec]) -> dict[str, str]:
+    """``ss_network_module`` (LyCORIS's when any entry is a LyCORIS family) and, for one
+    LyCORIS family, ``ss_network_args`` naming its ``algo``."""
+    modules = {c.network_module for c in codecs}
+    module = "networks.lora" if modules <= {"networks.lora"} else "lycoris.kohya"
+    out = {"ss_network_module": module}
+    algos = {c.algo for c in codecs}
+    if len(algos) == 1 and None not in algos:
+        out["ss_network_args"] = json.dumps({"algo": algos.pop()})
+    return out
+
+
 def export_kohya(
     model: nn.Module,
     path: str | os.PathLike,
@@ -375,9 +388,10 @@ def export_kohya(
 
     Keys use the model's module paths with ``.`` replaced by ``_`` (diffusers names for a
     diffusers UNet, which A1111, ComfyUI and diffusers read); text encoders get the
-    ``text_model_`` spelling of real files. Convolutions are written LoCon-style. The adapter's
-    own ``alpha`` is written (rsLoRA converted exactly to ``alpha * sqrt(r)``); a strength set
-    with ``set_adapter_scale`` is not. DoRA adapters add ``dora_scale`` ``(out, 1, ...)``.
+    ``text_model_`` spelling of real files. Convolutions are written LoCon-style. The
+    adapter's own ``alpha`` is written (rsLoRA converted exactly to ``alpha * sqrt(r)``); a
+    strength set with ``set_adapter_scale`` is not. DoRA adapters add ``dora_scale``
+    ``(out, 1, ...)``.
 
     Args:
         model: A model with adapters on Linear / Conv / HF Conv1D layers.
@@ -400,10 +414,12 @@ def export_kohya(
     elif adapter not in names:
         raise LoRAError(f"no adapter named {adapter!r} in this model; it has {names}.")
     out: dict[str, Tensor] = {}
+    codecs: list[KohyaCodec] = []
     for tpath, module, tensor_name, p in iter_lora(model):
         if p.adapter != adapter:
             continue
         codec = codec_for_variant(p, tpath)
+        codecs.append(codec)
         module_path = tpath.rpartition(".")[0]
         if tensor_name != "weight" or p.kind not in ("linear", "conv", "conv1d_hf"):
             raise LoRAError(
@@ -416,6 +432,6 @@ def export_kohya(
         for suffix, tensor in codec.write(p).items():
             out[f"{stem}.{suffix}"] = tensor.detach().contiguous().cpu()
     st = _safetensors_torch()
-    metadata = {"ss_network_module": "networks.lora", "lora_param_adapter": adapter}
+    metadata = {**_network_metadata(codecs), "lora_param_adapter": adapter}
     data = st.save(out, metadata=metadata)
     return atomic_write(path, lambda f: f.write(data))

@@ -73,6 +73,10 @@ class KohyaCodec:
     #: Suffixes the entry must hold, and those it may hold.
     required: ClassVar[frozenset[str]] = frozenset({"lora_down.weight", "lora_up.weight"})
     optional: ClassVar[frozenset[str]] = frozenset({"alpha"})
+    #: The file's ``ss_network_module`` metadata (the trainer that reads it back), and the
+    #: LyCORIS ``algo`` written to ``ss_network_args`` (None: plain kohya LoRA).
+    network_module: ClassVar[str] = "networks.lora"
+    algo: ClassVar[str | None] = None
 
     def claims(self, parts: Mapping[str, Tensor]) -> bool:
         """Whether an entry's suffixes are exactly this family's."""

@@ -41,7 +41,7 @@ from .peft_params import (
     wrapper_depths,
 )
 
-__all__ = ["export_peft"]
+__all__ = ["export_peft", "mha_out_projections", "rank_pattern_for", "target_modules_for"]
 
 
 def _plain_number(x: float) -> int | float:
@@ -147,6 +147,46 @@ def _peft_tensors(
     return "param", {f"{pre}.lora_A.weight": a, f"{pre}.lora_B.weight": b}
 
 
+def mha_out_projections(model: nn.Module) -> set[str]:
+    """Paths of ``nn.MultiheadAttention`` ``out_proj`` layers: attention reads their weight and
+    never calls their forward, so PEFT's forward-wrapping adapters on them do nothing."""
+    return {
+        f"{n}.out_proj" if n else "out_proj"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
+
+
+def rank_pattern_for(paths: list[str], values: list) -> tuple[Any, dict[str, Any]]:
+    """The most common value and the ``rank_pattern`` / ``alpha_pattern`` PEFT reads the
+    others from: plain module paths where PEFT resolves them unambiguously, anchored exact
+    regexes otherwise."""
+    default = Counter(values).most_common(1)[0][0]
+    plain = {path: _plain_number(v) for path, v in zip(paths, values, strict=True) if v != default}
+    exact = {f"^{re.escape(k)}": v for k, v in plain.items()}
+    for candidate in (plain, exact):
+        ok = all(
+            _pattern_value(candidate, path, default) == v
+            for path, v in zip(paths, values, strict=True)
+        )
+        if ok:
+            return default, candidate
+    raise LoRAError(
+        "internal error: could not express per-layer ranks/alphas for PEFT"
+    )  # pragma: no cover
+
+
+def target_modules_for(base_names: list[str], module_paths: list[str]) -> list[str] | str | None:
+    """PEFT's ``target_modules`` selecting exactly ``module_paths``: the names (PEFT matches
+    them as suffixes), or an exact regex where a suffix would select more."""
+    if not module_paths:
+        return None
+    names: list[str] | str = sorted(module_paths)
+    if {n for n in base_names if _peft_targets(names, n)} != set(module_paths):
+        names = _exact_regex(sorted(module_paths))
+    return names
+
+
 def _nested_parameters(model: nn.Module, adapter: str) -> dict[str, int]:
     """Wrapper depth of each tensor adapted by name in a module where PEFT nests several."""
     by_module: dict[int, tuple[nn.Module, str, dict[str, str]]] = {}
@@ -240,11 +280,7 @@ def _build_export(
     # The model's MultiheadAttention never calls out_proj.forward, so PEFT's (forward-replacing)
     # LoRA on out_proj would be silently ignored by PEFT: refuse rather than write a file that
     # PEFT would read as something else.
-    mha_out = {
-        f"{n}.out_proj" if n else "out_proj"
-        for n, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-    }
+    mha_out = mha_out_projections(model)
     ignored = [path for path, kind, _, _ in entries if kind == "module" and path in mha_out]
     if ignored:
         raise LoRAError(
@@ -264,8 +300,6 @@ def _build_export(
     else:  # mixed: express every layer's scale as alpha / r
         alphas = [float(p.scale) * p.rank for p in ps]
     ranks = [int(p.rank) for p in ps]
-    default_r = Counter(ranks).most_common(1)[0][0]
-    default_alpha = Counter(alphas).most_common(1)[0][0]
 
     module_paths = [path for path, kind, _, _ in entries if kind == "module"]
     param_paths = [
@@ -273,36 +307,11 @@ def _build_export(
     ]
     # PEFT looks up patterns by module path, or by "<module>.<parameter>" for target_parameters
     all_paths = [t if kind == "param" else path for path, kind, _, t in entries]
-
-    # rank_pattern / alpha_pattern: plain module paths where PEFT resolves them unambiguously,
-    # anchored exact regexes otherwise.
-    def patterns(values: list, default) -> dict[str, Any]:
-        plain = {
-            path: _plain_number(v)
-            for path, v in zip(all_paths, values, strict=True)
-            if v != default
-        }
-        exact = {f"^{re.escape(k)}": v for k, v in plain.items()}
-        for candidate in (plain, exact):
-            ok = all(
-                _pattern_value(candidate, path, default) == v
-                for path, v in zip(all_paths, values, strict=True)
-            )
-            if ok:
-                return candidate
-        raise LoRAError(
-            "internal error: could not express per-layer ranks/alphas for PEFT"
-        )  # pragma: no cover
-
-    rank_pattern = patterns(ranks, default_r)
-    alpha_pattern = patterns(alphas, default_alpha)
+    default_r, rank_pattern = rank_pattern_for(all_paths, ranks)
+    default_alpha, alpha_pattern = rank_pattern_for(all_paths, alphas)
 
     base_names = module_names(model)
-    target_modules: list[str] | str | None = sorted(module_paths) if module_paths else None
-    if module_paths:
-        wanted = set(module_paths)
-        if {n for n in base_names if _peft_targets(target_modules, n)} != wanted:
-            target_modules = _exact_regex(sorted(module_paths))
+    target_modules = target_modules_for(base_names, module_paths)
     target_parameters = sorted(param_paths) if param_paths else None
     if target_parameters:
         base_params = [
