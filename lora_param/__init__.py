@@ -55,6 +55,8 @@ from .variants import (
     DoRAConfig,
     DoRAParametrization,
     ExpertLoRAParametrization,
+    LoHaConfig,
+    LoHaParametrization,
     LoRAParametrization,
     PlainLoRAConfig,
 )
@@ -76,6 +78,8 @@ __all__ = [
     "ExpertLoRAParametrization",
     "Int8Config",
     "LayerSpec",
+    "LoHaConfig",
+    "LoHaParametrization",
     "LoRAConfig",
     "LoRAError",
     "LoRAParametrization",

@@ -1,21 +1,25 @@
 """Adapter variants, one file each on the variant protocol (:mod:`lora_param.core.variant`).
 
 Importing this package registers them: plain LoRA (and rsLoRA; per expert on 3-D expert
-tensors) and DoRA.
+tensors), DoRA and LoHa.
 """
 
-from . import dora, lora
+from . import dora, loha, lora
 from .dora import DoRAConfig, DoRAParametrization
 from .experts import ExpertLoRAParametrization
+from .loha import LoHaConfig, LoHaParametrization
 from .lora import LoRAParametrization, PlainLoRAConfig
 
 lora._register()
 dora._register()
+loha._register()
 
 __all__ = [
     "DoRAConfig",
     "DoRAParametrization",
     "ExpertLoRAParametrization",
+    "LoHaConfig",
+    "LoHaParametrization",
     "LoRAParametrization",
     "PlainLoRAConfig",
 ]
