@@ -57,6 +57,8 @@ from .variants import (
     ExpertLoRAParametrization,
     LoHaConfig,
     LoHaParametrization,
+    LoKrConfig,
+    LoKrParametrization,
     LoRAParametrization,
     PlainLoRAConfig,
 )
@@ -80,6 +82,8 @@ __all__ = [
     "LayerSpec",
     "LoHaConfig",
     "LoHaParametrization",
+    "LoKrConfig",
+    "LoKrParametrization",
     "LoRAConfig",
     "LoRAError",
     "LoRAParametrization",

@@ -8,7 +8,7 @@ replaced by ``_``, after a prefix naming the model part):
 * ``<prefix>_<name>.lora_up.weight``: ``B``, ``(out, r)`` or ``(out, r, 1, 1)`` (a 1x1 conv);
 * ``<prefix>_<name>.alpha``: a scalar; the scale is ``alpha / r``, and ``alpha = r`` when absent;
 * ``<prefix>_<name>.dora_scale`` (LyCORIS DoRA): the magnitude, ``(out, 1, ...)``;
-* LyCORIS LoHa (``hada_*``) entries: :mod:`.kohya_loha`.
+* LyCORIS LoHa (``hada_*``) and LoKr (``lokr_*``) entries: :mod:`.kohya_loha`, :mod:`.kohya_lokr`.
 
 Prefixes: ``lora_unet`` (the UNet), ``lora_te`` / ``lora_te1`` (the first text encoder),
 ``lora_te2`` (SDXL's second). A file holding several parts is loaded with one call per model,
@@ -257,7 +257,7 @@ def import_kohya(
     freeze: bool = True,
     mode: Mode = "factored",
 ) -> nn.Module:
-    """Load a kohya / A1111 LoRA (LoCon; LyCORIS DoRA, LoHa) file into a model.
+    """Load a kohya / A1111 LoRA (LoCon; LyCORIS DoRA, LoHa, LoKr) file into a model.
 
     Every key is checked against the model before anything changes; on error the model is
     exactly as it was. For a file holding UNet and text-encoder parts, call once per model::
@@ -272,7 +272,7 @@ def import_kohya(
         prefix: ``"lora_unet"``, ``"lora_te"``, ``"lora_te1"`` or ``"lora_te2"``. Keys of the
             other kohya prefixes are ignored.
         adapter: Name of the new adapter.
-        strict: Refuse keys of other methods (LyCORIS ``lokr_*``, IA3, ...), keys of no
+        strict: Refuse keys of other methods (LyCORIS IA3, GLoRA, ...), keys of no
             module of the model, and keys of no known prefix. With ``strict=False`` they are
             skipped and listed in a warning.
         freeze: Freeze the base model (every non-adapter parameter).
@@ -392,7 +392,7 @@ def export_kohya(
     ``text_model_`` spelling of real files. Convolutions are written LoCon-style. The
     adapter's own ``alpha`` is written (rsLoRA converted exactly to ``alpha * sqrt(r)``); a
     strength set with ``set_adapter_scale`` is not. DoRA adapters add ``dora_scale``
-    ``(out, 1, ...)``; LoHa adapters are written with LyCORIS's keys
+    ``(out, 1, ...)``; LoHa and LoKr adapters are written with LyCORIS's keys
     (``ss_network_module`` ``lycoris.kohya``).
 
     Args:

@@ -1,18 +1,20 @@
 """Adapter variants, one file each on the variant protocol (:mod:`lora_param.core.variant`).
 
 Importing this package registers them: plain LoRA (and rsLoRA; per expert on 3-D expert
-tensors), DoRA and LoHa.
+tensors), DoRA, LoHa and LoKr.
 """
 
-from . import dora, loha, lora
+from . import dora, loha, lokr, lora
 from .dora import DoRAConfig, DoRAParametrization
 from .experts import ExpertLoRAParametrization
 from .loha import LoHaConfig, LoHaParametrization
+from .lokr import LoKrConfig, LoKrParametrization
 from .lora import LoRAParametrization, PlainLoRAConfig
 
 lora._register()
 dora._register()
 loha._register()
+lokr._register()
 
 __all__ = [
     "DoRAConfig",
@@ -20,6 +22,8 @@ __all__ = [
     "ExpertLoRAParametrization",
     "LoHaConfig",
     "LoHaParametrization",
+    "LoKrConfig",
+    "LoKrParametrization",
     "LoRAParametrization",
     "PlainLoRAConfig",
 ]
