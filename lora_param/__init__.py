@@ -56,6 +56,8 @@ from .variants import (
     DoRAParametrization,
     ExpertLoRAParametrization,
     LoRAParametrization,
+    OFTConfig,
+    OFTParametrization,
     PlainLoRAConfig,
 )
 
@@ -81,6 +83,8 @@ __all__ = [
     "LoRAParametrization",
     "LoRATrainerMixin",
     "NF4Config",
+    "OFTConfig",
+    "OFTParametrization",
     "ParameterCounts",
     "PlainLoRAConfig",
     "QuantizationConfig",
