@@ -40,6 +40,8 @@ from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.targets import LayerSpec
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
 from .core.variant import AdapterVariant, VariantConfig, register_variant, variant_names
+from .interop import kohya_oft as _kohya_oft  # noqa: F401  (registers the OFT kohya codec)
+from .interop import peft_oft as _peft_oft  # noqa: F401  (registers PEFT's OFT folders)
 from .interop.kohya import export_kohya, import_kohya
 from .interop.peft import export_peft, import_peft
 from .interop.transformers import LoRATrainerMixin
