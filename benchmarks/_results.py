@@ -2,7 +2,9 @@
 
 A script builds one :class:`Results`, adds its tables and goal lines as it prints them, and
 writes ``<results-dir>/<script>-<device>.json`` at the end (``<script>-<device>-quick.json`` for
-a ``--quick`` smoke run, which ``render_results.py`` never renders)::
+a ``--quick`` smoke run, which ``render_results.py`` never renders). A script whose runs are
+measured separately (``bench_llm.py``: one per dtype) writes one file per part,
+``<script>-<device>-<part>.json``::
 
     results = Results("bench_lora", __doc__, args, threads=2, packages=("peft", "torchvision"))
     results.table("timings", [Column("model"), Column("train", "ms")], rows)
@@ -64,6 +66,7 @@ REQUIRED_FIELDS = (
     "title",
     "description",
     "device",
+    "part",
     "quick",
     "date",
     "command",
@@ -133,9 +136,13 @@ def device_label(device: Any = "cpu") -> str:
     return f"cuda-{model or 'gpu'}"
 
 
-def results_path(results_dir: str | os.PathLike, script: str, device: str, quick: bool) -> Path:
-    """``<results_dir>/<script>-<device>.json`` (``-quick`` before ``.json`` for smoke runs)."""
-    return Path(results_dir) / f"{script}-{device}{'-quick' if quick else ''}.json"
+def results_path(
+    results_dir: str | os.PathLike, script: str, device: str, quick: bool, part: str | None = None
+) -> Path:
+    """``<results_dir>/<script>-<device>[-<part>].json`` (``-quick`` before ``.json`` for smoke
+    runs)."""
+    stem = "-".join(x for x in (script, device, part, "quick" if quick else None) if x)
+    return Path(results_dir) / f"{stem}.json"
 
 
 def _cpu_model() -> str:
@@ -229,6 +236,8 @@ class Results:
         device: Where it ran: ``"cpu"`` or a CUDA device (labelled ``"cuda-<model>"``).
         argv: The command-line arguments (default ``sys.argv[1:]``).
         quick: A smoke run (default: ``args.quick``).
+        part: Which part of the script's measurements this run is, when they are run
+            separately (e.g. ``"fp32"``); None for a script measured in one run.
     """
 
     def __init__(
@@ -242,6 +251,7 @@ class Results:
         device: Any = "cpu",
         argv: Sequence[str] | None = None,
         quick: bool | None = None,
+        part: str | None = None,
     ) -> None:
         arguments = dict(vars(args) if isinstance(args, argparse.Namespace) else args or {})
         arguments.pop("results_dir", None)
@@ -261,6 +271,7 @@ class Results:
             "title": title,
             "description": description,
             "device": device_label(device),
+            "part": part,
             "quick": quick,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join(["python", f"benchmarks/{script}.py", *argv]),
@@ -373,7 +384,9 @@ class Results:
     def path(self, results_dir: str | os.PathLike) -> Path:
         """Where :meth:`write` puts this run's file in ``results_dir``."""
         data = self.data
-        return results_path(results_dir, data["script"], data["device"], data["quick"])
+        return results_path(
+            results_dir, data["script"], data["device"], data["quick"], data["part"]
+        )
 
     def write(self, results_dir: str | os.PathLike = DEFAULT_DIR) -> Path:
         """Fill in versions, end load and elapsed time; write the file atomically; its path."""

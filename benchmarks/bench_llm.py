@@ -635,9 +635,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    record = Results("bench_llm", __doc__, args, argv=argv, threads=args.threads,
-                     packages=("transformers", "peft", "bitsandbytes"))  # fmt: skip
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     train_phases = [p for p in args.phases if p.startswith("train")]
     print(f"# bench_llm: {args.config} Llama, rank {RANK} on {', '.join(PROJECTIONS)}")
     print(f"# {bm_machine(args.threads)}")
@@ -651,7 +649,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.new_tokens} new tokens; {args.repeats} timed repeats"
     )
     print(f"# {setting}")
-    record.note(f"{args.config} Llama, rank {RANK} on {', '.join(PROJECTIONS)}; {setting}")
     chosen = set(args.variants or TRAIN_VARIANTS + GEN_VARIANTS)
     train_variants = [
         v for v in TRAIN_VARIANTS if v in chosen and (v != "peft-bnb-nf4" or _bnb_available())
@@ -659,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
     gen_variants = [v for v in GEN_VARIANTS if v in chosen]
     for dtype_name in args.dtype:
         t0 = time.perf_counter()
+        # one results file per dtype (their runs take very different times)
+        record = Results("bench_llm", __doc__, args, argv=argv, threads=args.threads,
+                         packages=("transformers", "peft", "bitsandbytes"), part=dtype_name)
+        record.note(f"{args.config} Llama, rank {RANK} on {', '.join(PROJECTIONS)}; {setting}")
         plan = [("generate", gen_variants)] if "generate" in args.phases else []
         plan += [(p, train_variants) for p in train_phases]
         mem = {} if args.no_memory else measure_memory(args, dtype_name, plan, log)
@@ -688,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         record.add_goals(
             g._replace(description=f"{dtype_name}: {g.description}") for g in found
         )
-    record.write(args.results_dir)
+        record.write(args.results_dir)
     return 0
 
 

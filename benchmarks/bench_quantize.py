@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     record = Results("bench_quantize", __doc__, args, argv=argv, threads=max(args.threads),
                      packages=("bitsandbytes",))  # fmt: skip
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     print(f"weight {args.rows} x {args.cols} bf16; peak RSS growth as a multiple of its bytes")
     print("| method | bits/param | packing peak | packing + one dequantized read | goal |")
     print("| --- | ---: | ---: | ---: | --- |")

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _results import DEFAULT_DIR, validate  # noqa: E402
+from _results import DEFAULT_DIR, results_path, validate  # noqa: E402
 
 PAGE = HERE.parent / "docs" / "benchmarks.md"
 #: Sections in this order; scripts not listed follow alphabetically.
@@ -67,9 +67,9 @@ Memory figures come from fresh processes. `--quick` runs (smoke tests) write
 """
 
 
-def load_results(results_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """{script: {device: data}} from the non-quick files; a file missing a field raises."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
+def load_results(results_dir: Path) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
+    """{script: {(device, part): data}} from the non-quick files; an incomplete file raises."""
+    out: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
     for path in sorted(Path(results_dir).glob("*.json")):
         if path.stem.endswith("-quick"):
             continue
@@ -79,15 +79,21 @@ def load_results(results_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
             raise ValueError(f"{path}: " + "; ".join(problems))
         if data["quick"]:
             raise ValueError(f"{path}: a --quick run under a full run's name")
-        expected = f"{data['script']}-{data['device']}.json"
-        if path.name != expected:
-            raise ValueError(f"{path}: its script and device say it should be named {expected}")
-        out.setdefault(data["script"], {})[data["device"]] = data
+        expected = results_path(".", data["script"], data["device"], False, data.get("part"))
+        if path.name != expected.name:
+            raise ValueError(f"{path}: its script, device and part say {expected.name}")
+        out.setdefault(data["script"], {})[(data["device"], data.get("part") or "")] = data
     return out
 
 
-def _device_key(device: str) -> tuple[int, str]:
-    return (0 if device == "cpu" else 1, device)
+def _run_key(run: tuple[str, str]) -> tuple[int, str, str]:
+    device, part = run
+    return (0 if device == "cpu" else 1, device, part)
+
+
+def _run_name(run: tuple[str, str]) -> str:
+    device, part = run
+    return f"{device} {part}" if part else device
 
 
 def _cell(text: str) -> str:
@@ -190,27 +196,30 @@ def run_line(data: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def render_goals(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    devices = sorted(runs, key=_device_key)
-    if not any(runs[d]["goals"] for d in devices):
+def render_goals(runs: Mapping[tuple[str, str], Mapping[str, Any]]) -> list[str]:
+    """One goals table; with several devices, one column per device (parts merged)."""
+    keys = sorted(runs, key=_run_key)
+    if not any(runs[k]["goals"] for k in keys):
         return []
+    devices = list(dict.fromkeys(device for device, _ in keys))
+    order: list[str] = []
+    by_device: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for key in keys:
+        for g in runs[key]["goals"]:
+            if g["description"] not in order:
+                order.append(g["description"])
+            by_device.setdefault(key[0], {})[g["description"]] = g
     lines = ["", "**Goals**", ""]
     if len(devices) == 1:
         lines += ["| goal | measured | required | verdict |", "|---|---:|---:|---|"]
-        for g in runs[devices[0]]["goals"]:
+        for desc in order:
+            g = by_device[devices[0]][desc]
             lines.append(
-                f"| {_cell(g['description'])} | {_goal_value(g, 'measured')} | "
-                f"{_threshold(g)} | **{g['verdict']}** |"
+                f"| {_cell(desc)} | {_goal_value(g, 'measured')} | {_threshold(g)} | "
+                f"**{g['verdict']}** |"
             )
         return lines
-    # side by side: one row per goal description, one column per device
-    order: list[str] = []
-    by_device: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for d in devices:
-        for g in runs[d]["goals"]:
-            if g["description"] not in order:
-                order.append(g["description"])
-            by_device.setdefault(d, {})[g["description"]] = g
+    # side by side: one row per goal, one column per device
     lines.append("| goal | " + " | ".join(devices) + " |")
     lines.append("|---|" + "---|" * len(devices))
     for desc in order:
@@ -237,31 +246,32 @@ def _markdown(text: str) -> list[str]:
     return out
 
 
-def render_script(script: str, runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    devices = sorted(runs, key=_device_key)
-    first = runs[devices[0]]
+def render_script(script: str, runs: Mapping[tuple[str, str], Mapping[str, Any]]) -> list[str]:
+    keys = sorted(runs, key=_run_key)
+    several = len(keys) > 1
+    first = runs[keys[0]]
     lines = ["", f"## {first['title'] or script}", "", f"`benchmarks/{script}.py`."]
     if first["description"]:
         lines += ["", *_markdown(first["description"])]
-    for d in devices:
-        lines += ["", f"Run on **{d}**:", "", *run_line(runs[d])]
+    for key in keys:
+        lines += ["", f"Run on **{_run_name(key)}**:", "", *run_line(runs[key])]
     names: list[str] = []
-    for d in devices:
-        names += [t["name"] for t in runs[d]["tables"] if t["name"] not in names]
+    for key in keys:
+        names += [t["name"] for t in runs[key]["tables"] if t["name"] not in names]
     for name in names:
-        for d in devices:
-            table = next((t for t in runs[d]["tables"] if t["name"] == name), None)
+        for key in keys:
+            table = next((t for t in runs[key]["tables"] if t["name"] == name), None)
             if table is None:
                 continue
             heading = table["title"] or name
-            if len(devices) > 1:
-                heading += f" ({d})"
+            if several:
+                heading += f" ({_run_name(key)})"
             lines += ["", f"**{_cell(heading)}**", "", *render_table(table)]
     lines += render_goals(runs)
-    for d in devices:
-        notes = runs[d]["notes"]
+    for key in keys:
+        notes = runs[key]["notes"]
         if notes:
-            lines += ["", f"Notes ({d}):" if len(devices) > 1 else "Notes:", ""]
+            lines += ["", f"Notes ({_run_name(key)}):" if several else "Notes:", ""]
             lines += [f"- {_cell(n)}" for n in notes]
     return lines
 

@@ -63,7 +63,8 @@ def test_every_results_file_is_complete(results_mod) -> None:
         data = json.loads(path.read_text())
         assert results_mod.validate(data) == [], path.name
         assert not data["quick"], path.name
-        assert path.name == f"{data['script']}-{data['device']}.json"
+        name = results_mod.results_path(".", data["script"], data["device"], False, data["part"])
+        assert path.name == name.name
         assert (BENCH / f"{data['script']}.py").is_file(), f"{path.name}: no such script"
         assert data["tables"], f"{path.name}: no table"
         assert data["load_average"]["start"] and data["load_average"]["end"], path.name
@@ -142,8 +143,20 @@ def test_incomplete_results_are_refused(results_mod, render_mod, tmp_path):
         r.table("t", ["a"], [{"b": 1}])
 
 
-def test_device_labels(results_mod) -> None:
+def test_device_labels_and_file_names(results_mod) -> None:
     assert results_mod.device_label("cpu") == "cpu"
-    assert results_mod.results_path("d", "bench_x", "cuda-h100", False) == Path(
-        "d/bench_x-cuda-h100.json"
-    )
+    path = results_mod.results_path
+    assert path("d", "bench_x", "cuda-h100", False) == Path("d/bench_x-cuda-h100.json")
+    assert path("d", "bench_x", "cpu", True, "fp32") == Path("d/bench_x-cpu-fp32-quick.json")
+
+
+def test_parts_of_one_script_share_its_section(results_mod, render_mod, tmp_path):
+    for part in ("fp32", "bf16"):
+        r = results_mod.Results("bench_fake", "Fake.", {}, argv=[], threads=1, part=part)
+        r.table(f"t-{part}", ["a"], [[1]])
+        r.goal(f"{part}: a goal", measured=1.0, threshold=2.0, passed=True)
+        assert r.write(tmp_path).name == f"bench_fake-cpu-{part}.json"
+    page = render_mod.render(tmp_path)
+    assert page.count("## Fake.") == 1
+    assert "Run on **cpu bf16**" in page and "Run on **cpu fp32**" in page
+    assert "| bf16: a goal |" in page and "| fp32: a goal |" in page

@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 
 
 def _run_script(
-    name: str, *args: str, results: Path, timeout: int = 300
+    name: str, *args: str, results: Path, part: str = "", timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """Run benchmarks/<name> with this checkout importable; fail with its output if it fails.
 
@@ -38,7 +38,7 @@ def _run_script(
         check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    path = results / f"{Path(name).stem}-cpu-quick.json"
+    path = results / f"{Path(name).stem}-cpu{'-' + part if part else ''}-quick.json"
     assert [p.name for p in results.iterdir()] == [path.name]
     data = json.loads(path.read_text())
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -84,7 +84,7 @@ def test_bench_llm_quick_generation_runs_and_prints_goals(tmp_path):
     pytest.importorskip("transformers")
     proc = _run_script(
         "bench_llm.py", "--quick", "--dtype", "bf16", "--phases", "generate", "--markdown",
-        results=tmp_path,
+        results=tmp_path, part="bf16",
     )  # fmt: skip
     out = proc.stdout
     assert "not measured" not in proc.stderr, proc.stderr
