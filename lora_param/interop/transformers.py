@@ -71,7 +71,8 @@ def _trainer_class() -> type:
         from transformers import Trainer
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "LoRATrainer needs transformers; install it with `pip install transformers`."
+            'LoRATrainer needs transformers; install it with `pip install "lora_param[hf]"` '
+            "(or `pip install transformers accelerate`)."
         ) from exc
     return Trainer
 
