@@ -214,6 +214,19 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _command_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--results-dir`` (where the file goes does not change the numbers)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--results-dir":
+            skip = True
+        elif not arg.startswith("--results-dir="):
+            out.append(arg)
+    return out
+
+
 def _description(doc: str | None) -> tuple[str, str]:
     """(first line, the paragraphs after it that are not command examples) of a docstring."""
     paragraphs = [p.strip("\n") for p in (doc or "").strip().split("\n\n") if p.strip()]
@@ -263,7 +276,7 @@ class Results:
 
                 threads = torch.get_num_threads()
         title, description = _description(doc)
-        argv = list(sys.argv[1:] if argv is None else argv)
+        argv = _command_args(sys.argv[1:] if argv is None else argv)
         self._start = time.perf_counter()
         self.data: dict[str, Any] = {
             "schema": SCHEMA,
@@ -273,7 +286,7 @@ class Results:
             "device": device_label(device),
             "part": part,
             "quick": quick,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "command": shlex.join(["python", f"benchmarks/{script}.py", *argv]),
             "arguments": _plain(arguments),
             "machine": {

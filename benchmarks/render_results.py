@@ -250,7 +250,8 @@ def render_script(script: str, runs: Mapping[tuple[str, str], Mapping[str, Any]]
     keys = sorted(runs, key=_run_key)
     several = len(keys) > 1
     first = runs[keys[0]]
-    lines = ["", f"## {first['title'] or script}", "", f"`benchmarks/{script}.py`."]
+    title = (first["title"] or script).rstrip(".")
+    lines = ["", f"## {title}", "", f"`benchmarks/{script}.py`."]
     if first["description"]:
         lines += ["", *_markdown(first["description"])]
     for key in keys:

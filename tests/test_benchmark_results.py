@@ -85,8 +85,9 @@ def test_no_quick_results_are_committed() -> None:
 
 
 def _fake_run(results_mod, device: str, measured: float, tmp_path: Path) -> Path:
-    r = results_mod.Results("bench_fake", "A fake benchmark.\n\nIt measures.", {"quick": False},
-                            argv=["--x", "1"], threads=2)  # fmt: skip
+    doc = "A fake benchmark.\n\nIt measures."
+    argv = ["--x", "1", "--results-dir", str(tmp_path)]  # the folder is left out of the command
+    r = results_mod.Results("bench_fake", doc, {"quick": False}, argv=argv, threads=2)
     r.data["device"] = device
     r.table(
         "main",
@@ -108,7 +109,7 @@ def test_results_file_and_page_for_one_and_two_devices(results_mod, render_mod, 
     assert data["versions"]["python"] and data["versions"]["torch"]
     assert data["tables"][0]["rows"][1] == {"variant": "b", "time": 12345.6, "ratio": None}
     page = render_mod.render(tmp_path)
-    assert "## A fake benchmark." in page
+    assert "## A fake benchmark\n" in page
     assert "| variant | time (ms) | ratio |" in page
     assert "| a | 1.235 | 1.00× |" in page and "| b | 12,346 | — |" in page
     assert "| a is fast | 1.01× | ≤ 1.05× | **PASS** |" in page
@@ -124,7 +125,7 @@ def test_quick_runs_get_their_own_file_and_are_not_rendered(results_mod, render_
     r = results_mod.Results("bench_fake", "Fake.", {"quick": True}, argv=[], threads=1)
     r.table("t", ["a"], [[1]])
     assert r.write(tmp_path).name == "bench_fake-cpu-quick.json"
-    assert "## Fake." not in render_mod.render(tmp_path)
+    assert "## Fake\n" not in render_mod.render(tmp_path)
 
 
 def test_incomplete_results_are_refused(results_mod, render_mod, tmp_path):
@@ -157,6 +158,6 @@ def test_parts_of_one_script_share_its_section(results_mod, render_mod, tmp_path
         r.goal(f"{part}: a goal", measured=1.0, threshold=2.0, passed=True)
         assert r.write(tmp_path).name == f"bench_fake-cpu-{part}.json"
     page = render_mod.render(tmp_path)
-    assert page.count("## Fake.") == 1
+    assert page.count("## Fake\n") == 1
     assert "Run on **cpu bf16**" in page and "Run on **cpu fp32**" in page
     assert "| bf16: a goal |" in page and "| fp32: a goal |" in page
