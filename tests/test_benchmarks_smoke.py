@@ -56,7 +56,7 @@ def _goals(path: Path) -> list[dict]:
 
 def test_bench_lora_quick_mlp_runs_and_prints_table(tmp_path):
     proc = _run_script(
-        "bench_lora.py", "--quick", "--models", "mlp", "--markdown", results=tmp_path, timeout=120
+        "bench_lora.py", "--quick", "--models", "mlp", "--markdown", results=tmp_path
     )
     out = proc.stdout
     assert "FAILED" not in proc.stderr, proc.stderr  # a memory worker failed
