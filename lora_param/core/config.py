@@ -247,4 +247,3 @@ class LoRAConfig:
     def keywords(self) -> dict[str, Any]:
         """The fields as ``add_lora`` keywords."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
