@@ -156,7 +156,7 @@ BAD_ADD = [
     (
         "bad-init",
         dict(targets="fc1", init="xavier"),
-        r"init must be 'kaiming' or 'gaussian', got 'xavier'",
+        r"init='xavier' is not an initialization of the lora variant .*'kaiming', 'gaussian'",
     ),
     (
         "bad-mode",
@@ -291,7 +291,13 @@ def test_model_without_adapters(h, tmp_path, call):
 
 
 def _fail_on_call(monkeypatch, n, exc=RuntimeError("injected failure")):
-    real = parametrize.register_parametrization
+    """Make the ``n``-th entry registration of the library raise (every caller of the one
+    registration function, ``lora_param.core.entries.register_entry``, sees the flaky one)."""
+    import sys
+
+    from lora_param.core import entries
+
+    real = entries.register_entry
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -300,7 +306,9 @@ def _fail_on_call(monkeypatch, n, exc=RuntimeError("injected failure")):
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(parametrize, "register_parametrization", flaky)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("lora_param") and getattr(module, "register_entry", None) is real:
+            monkeypatch.setattr(module, "register_entry", flaky)
     return calls
 
 

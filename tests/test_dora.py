@@ -150,7 +150,7 @@ def test_save_load_and_config(net, batch, tmp_path):
     again = load_lora(copy.deepcopy(net), tmp_path / "d.pt")
     close(again(*batch), model(*batch))
     plain = add_lora(copy.deepcopy(net), rank=2)
-    with pytest.raises(LoRAError, match="DoRA"):
+    with pytest.raises(LoRAError, match="is a lora adapter in the model but a dora adapter"):
         load_lora(plain, tmp_path / "d.pt")
     with pytest.raises(LoRAError, match="use_dora"):
         add_lora(copy.deepcopy(net), rank=2, use_dora="yes")

@@ -17,7 +17,13 @@ from lora_param import (
     merge_lora,
     set_eval_cache,
 )
-from lora_param.core.parametrization import AUTO_EVAL_CACHE_MAX_NUMEL
+from lora_param.core.entries import adapter_lists
+from lora_param.core.eval_cache import AUTO_EVAL_CACHE_MAX_NUMEL
+
+
+def _policies(model: nn.Module) -> dict[str, bool]:
+    """Whether each adapted tensor's evaluation cache is on (one cache per tensor)."""
+    return {path: plist.eval_cache for path, plist in adapter_lists(model)}
 
 
 class Zoo(nn.Module):
@@ -54,14 +60,22 @@ IDS = torch.randint(0, 20, (3, 4), generator=torch.Generator().manual_seed(1))
 
 
 def test_default_rule_caches_small_weights_only():
-    small = LoRAParametrization(64, 64, (64, 64))
-    edge = LoRAParametrization(1536, 2048, (2048, 1536))  # exactly the limit
-    big = LoRAParametrization(1537, 2048, (2048, 1537))
-    llm = LoRAParametrization(2048, 2048, (2048, 2048))  # a 2048-wide LLM projection
+    model = nn.ModuleDict(
+        {
+            "small": nn.Linear(64, 64, device="meta"),
+            "edge": nn.Linear(1536, 2048, device="meta"),  # exactly the limit
+            "big": nn.Linear(1537, 2048, device="meta"),
+            "llm": nn.Linear(2048, 2048, device="meta"),  # a 2048-wide LLM projection
+        }
+    )
+    add_lora(model, rank=1)
     assert AUTO_EVAL_CACHE_MAX_NUMEL == 2048 * 1536
-    assert not llm.eval_cache
-    assert small.eval_cache and edge.eval_cache
-    assert not big.eval_cache
+    assert _policies(model) == {
+        "small.weight": True,
+        "edge.weight": True,
+        "big.weight": False,
+        "llm.weight": False,
+    }
 
 
 def test_policies_decide_per_layer_and_report():
@@ -77,7 +91,7 @@ def test_policies_decide_per_layer_and_report():
         "fc.weight": False,  # 8 x 64 = 512
         "small.weight": True,
     }
-    assert {p.eval_cache for path, _, _, p in iter_lora(model)} == {True, False}
+    assert _policies(model) == report
 
 
 def test_budget_caches_smallest_first():
@@ -95,10 +109,19 @@ def test_budget_caches_smallest_first():
     assert eval_cache_bytes(model) == 96 + 144
 
 
-def test_several_adapters_on_one_tensor_are_reported_separately():
+def test_several_adapters_on_one_tensor_share_one_cache():
+    """One cache per tensor: two enabled adapters keep one adapted copy, not one each."""
     model = add_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], rank=1)
     add_lora(model, ["0"], rank=1, adapter="other")
-    assert set(set_eval_cache(model, "always")) == {"0.weight[default]", "0.weight[other]"}
+    assert set_eval_cache(model, "always") == {"0.weight": True}
+    with torch.no_grad():
+        for *_, p in iter_lora(model):
+            p.lora_B.normal_()
+        out = model(torch.ones(1, 4))
+    assert eval_cache_bytes(model) == 4 * 4 * 4
+    merged = merge_lora(copy.deepcopy(model))
+    with torch.no_grad():
+        torch.testing.assert_close(out, merged(torch.ones(1, 4)))
 
 
 @pytest.mark.parametrize("policy", ["auto", "always", "never"])
@@ -121,13 +144,13 @@ def test_never_keeps_no_copy_and_factored_layers_form_no_weight(monkeypatch):
     set_eval_cache(model, "never")
     assert eval_cache_bytes(model) == 0  # switching drops what was held
     formed: list[tuple[int, ...]] = []
-    original = LoRAParametrization.add_update
+    original = LoRAParametrization.adapt
 
     def counting(self, weight, dropout=False):
         formed.append(tuple(weight.shape))
         return original(self, weight, dropout)
 
-    monkeypatch.setattr(LoRAParametrization, "add_update", counting)
+    monkeypatch.setattr(LoRAParametrization, "adapt", counting)
     with torch.no_grad():
         model(IDS)
     assert eval_cache_bytes(model) == 0
@@ -171,10 +194,10 @@ def test_always_caches_and_training_frees_the_copy():
 )
 def test_bad_arguments_change_nothing(kwargs, message):
     model = _model()
-    before = [p.eval_cache for *_, p in iter_lora(model)]
+    before = _policies(model)
     with pytest.raises(LoRAError, match=message):
         set_eval_cache(model, **kwargs)
-    assert [p.eval_cache for *_, p in iter_lora(model)] == before
+    assert _policies(model) == before
 
 
 def test_model_without_adapters_is_an_error():

@@ -32,7 +32,7 @@ from lora_param import (
     remove_lora,
     save_lora,
 )
-from lora_param.core.experts import ExpertLoRAParametrization
+from lora_param.variants.experts import ExpertLoRAParametrization
 
 
 class _Experts(nn.Module):

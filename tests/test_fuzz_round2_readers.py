@@ -286,10 +286,10 @@ class _ResumingTrainer:
     the hook is the mixin's, so transformers (slow to import) is not needed."""
 
     def __init__(self, model: nn.Module) -> None:
-        from lora_param.interop.transformers import _LoRATrainerMixin
+        from lora_param.interop.transformers import LoRATrainerMixin
 
         self.model = model
-        self.resume = lambda folder: _LoRATrainerMixin._load_from_checkpoint(self, str(folder))
+        self.resume = lambda folder: LoRATrainerMixin._load_from_checkpoint(self, str(folder))
 
 
 @pytest.fixture(scope="module")

@@ -196,3 +196,103 @@ def test_gradient_checkpointing_keeps_adapter_gradients(reentrant):
         model(_ids(), labels=_ids()).loss.backward()
         grads = [p.lora_A.grad for *_, p in iter_lora(model)]
         assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def _state_dict_name(model, tensor) -> str:
+    return next(n for n, t in model.named_parameters() if t is tensor)
+
+
+def _adapter_keys(model) -> dict[str, str]:
+    """Key in the adapter file -> key in the model's state dict, for every adapter tensor."""
+    keys = {}
+    for path, _, _, p in iter_lora(model):
+        for factor in ("lora_A", "lora_B"):
+            keys[f"{p.adapter}.{path}.{factor}"] = _state_dict_name(model, getattr(p, factor))
+    return keys
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_save_takes_adapters_from_the_state_dict_it_is_given(tmp_path, prefix):
+    """Trainer hands _save a gathered state dict under FSDP FULL_STATE_DICT and DeepSpeed: the
+    adapters are read from it (here: other values than the model's), in both formats."""
+    from lora_param.interop.transformers import ADAPTER_FILE, LoRATrainer
+
+    model = add_lora(_llama(), ["*.q_proj", "*.v_proj"], rank=2)
+    trainer = LoRATrainer(model=model, args=_args(tmp_path / "run", 1), train_dataset=_Tokens())
+    keys = _adapter_keys(model)
+    before = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    gathered = {prefix + k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(4)
+    want = {k: torch.randn(v.shape, generator=g) for k, v in before.items()}
+    for key, name in keys.items():
+        gathered[prefix + name] = want[key]
+    trainer._save(str(tmp_path / "out"), state_dict=gathered)
+    written = torch.load(tmp_path / "out" / ADAPTER_FILE, weights_only=True)["tensors"]
+    for key, value in want.items():
+        assert torch.equal(written[key], value), key
+    for key, value in lora_state_dict(model).items():  # the model keeps its own parameters
+        assert torch.equal(value, before[key]), key
+    expected = load_lora(_llama().eval(), tmp_path / "out" / ADAPTER_FILE)
+    via_peft = import_peft(_llama().eval(), tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(via_peft(_ids()).logits, expected(_ids()).logits)
+
+
+def test_save_from_state_dict_with_partitioned_adapters(tmp_path):
+    """DeepSpeed ZeRO-3 leaves empty parameters on each rank (the 40-byte adapters of PEFT's
+    reports): the gathered state dict must hold them; one it lacks is refused, nothing written."""
+    from lora_param.interop.transformers import ADAPTER_FILE, LoRATrainer
+
+    model = add_lora(_llama(), "*.q_proj", rank=2)
+    trainer = LoRATrainer(model=model, args=_args(tmp_path / "run", 1), train_dataset=_Tokens())
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(p for *_, p in iter_lora(model))
+    a = first.lora_A
+    a.ds_numel, a.ds_shape, a.ds_id = a.numel(), tuple(a.shape), 0  # as ZeRO-3 marks it
+    a.data = torch.empty(0)
+    try:
+        trainer._save(str(tmp_path / "out"), state_dict=full)
+        written = torch.load(tmp_path / "out" / ADAPTER_FILE, weights_only=True)["tensors"]
+        key = next(k for k in written if k.endswith(".lora_A"))
+        name = _state_dict_name(model, a)
+        assert written[key].shape == a.ds_shape and torch.equal(written[key], full[name])
+        lacking = {k: v for k, v in full.items() if k != name}
+        with pytest.raises(LoRAError, match="holds only a shard"):
+            trainer._save(str(tmp_path / "lacking"), state_dict=lacking)
+        assert not (tmp_path / "lacking").exists()
+        wrong = {**full, name: torch.zeros(3, 3)}
+        with pytest.raises(LoRAError, match=r"has shape \(3, 3\)"):
+            trainer._save(str(tmp_path / "wrong"), state_dict=wrong)
+        assert not (tmp_path / "wrong").exists()
+    finally:
+        del a.ds_numel, a.ds_shape, a.ds_id
+
+
+def test_resume_from_a_whole_model_fsdp_checkpoint_says_so(tmp_path):
+    from lora_param.interop.transformers import LoRATrainer
+
+    model = add_lora(_llama(), "*.q_proj", rank=2)
+    trainer = LoRATrainer(model=model, args=_args(tmp_path / "run", 1), train_dataset=_Tokens())
+    (tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0").mkdir(parents=True)
+    with pytest.raises(LoRAError, match="whole-model FSDP checkpoint"):
+        trainer._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
+
+
+def test_mixin_gives_any_trainer_subclass_adapter_checkpoints(tmp_path):
+    """LoRATrainerMixin on a Trainer subclass (as with TRL's SFTTrainer), from lora_param."""
+    import lora_param.interop.transformers as hf
+
+    class MyTrainer(transformers.Trainer):
+        pass
+
+    class LoRAMyTrainer(hf.LoRATrainerMixin, MyTrainer):
+        pass
+
+    model = add_lora(_llama(), "*.q_proj", rank=2)
+    trainer = LoRAMyTrainer(model=model, args=_args(tmp_path / "run", 2), train_dataset=_Tokens())
+    trainer.train()
+    files = {p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
+    assert {hf.ADAPTER_FILE, "adapter_model.safetensors"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin"}
+    with pytest.raises(LoRAError, match="add_lora"):
+        LoRAMyTrainer(model=_llama(), args=_args(tmp_path / "x", 1), train_dataset=_Tokens())

@@ -23,7 +23,7 @@ from lora_param import (
     iter_lora,
     lora_disabled,
 )
-from lora_param.core.trainable_copies import drop_copies
+from lora_param.core.copies import drop_copies
 from lora_param.interop.peft import export_peft, import_peft
 
 pytest.importorskip("safetensors.torch")

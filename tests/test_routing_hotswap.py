@@ -134,7 +134,7 @@ def test_swaps_that_do_not_fit_change_nothing(tmp_path):
         hotswap_lora(model, big)
     prepare_hotswap(model, max_rank=4)
     snap = _snapshot(model)
-    with pytest.raises(LoRAError, match=r"rank 5 on '.*', more than the 4"):
+    with pytest.raises(LoRAError, match=r"'.*' of '.*' has rank 5, more than the 4"):
         hotswap_lora(model, big)
     _assert_same(model, snap)
     with pytest.raises(LoRAError, match=r"adapts \['fc2.weight'\]"):

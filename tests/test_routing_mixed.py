@@ -205,21 +205,78 @@ def test_directly_read_tensors_are_refused_by_name_or_left_at_base():
             torch.testing.assert_close(mixed[i], _alone(model, x[i : i + 1], name)[0], **TOL)
 
 
-def test_non_plain_lora_entries_are_refused():
-    class DoRALike(LoRAParametrization):
-        pass
+class _Head(nn.Module):
+    """Conv features, a LayerNorm, a Linear head: places for copies and DoRA."""
 
-    model = _zoo()
-    for *_, p in iter_lora(model):
-        if p.adapter == "c":
-            p.__class__ = DoRALike
-    with pytest.raises(LoRAError, match="'c' is a DoRALike"), mixed_adapters(model, ["a", "c"]):
-        pass
-    x = _ids(2)
-    with torch.no_grad(), mixed_adapters(model.eval(), ["a", "b"]):  # c present, not mixed
-        out = model(x)
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(2).mean(-1).repeat(1, 4)  # (n, 16)
+        return self.head(torch.tanh(self.body(self.norm(h))))
+
+
+def _perturb_copies(model: nn.Module, seed: int = 2) -> None:
+    from lora_param import iter_copies
+
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        torch.testing.assert_close(out[1], _alone(model, x[1:2], "b")[0], **TOL)
+        for *_, c in iter_copies(model):
+            c.value.add_(torch.randn(c.value.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_dora_heads_and_biases_route_per_example(grad):
+    """Rows of an adapter with a trained head, trained biases or DoRA equal that adapter alone
+    (PEFT routes modules_to_save per example); "__base__" rows are the base model."""
+    torch.manual_seed(0)
+    model = _Head()
+    add_lora(model, ["conv", "body"], rank=2, adapter="plain")
+    add_lora(model, ["body"], rank=2, trainable=["head"], adapter="headed")
+    add_lora(model, ["conv", "body"], rank=2, bias="all", adapter="biased")
+    add_lora(model, ["conv", "body", "head"], rank=2, use_dora=True, adapter="dora")
+    _randomize(model)
+    _perturb_copies(model)
+    x = torch.randn(6, 2, 4, 4)
+    names = ["plain", "headed", "__base__", "biased", "dora", "headed"]
+    model.eval()
+    with torch.set_grad_enabled(grad):
+        with mixed_adapters(model, names):
+            mixed = model(x)
+        if grad:
+            mixed.square().sum().backward()
+        for i, name in enumerate(names):
+            alone = _alone(model, x[i : i + 1], name)
+            torch.testing.assert_close(mixed[i], alone[0], **TOL)
+    if grad:  # every adapter in the mix got gradients from its rows (heads and biases too)
+        from lora_param import adapter_parameters
+
+        for name in set(names) - {"__base__"}:
+            assert all(t.grad is not None for t in adapter_parameters(model, name)), name
+
+
+def test_packed_conv_and_hf_conv1d_route_with_gradients():
+    """Mixed batches on packed (quantized) Conv2d and HF Conv1D layers, training."""
+    from lora_param import quantize_base
+
+    torch.manual_seed(0)
+    model = Zoo()
+    quantize_base(model, ["conv2d", "hf", "fc"], method="nf4")
+    add_lora(model, rank=2, adapter="a")
+    add_lora(model, ["conv2d", "hf"], rank=3, adapter="b")
+    _randomize(model)
+    x = _ids(4)
+    names = ["a", "b", "__base__", "a"]
+    with mixed_adapters(model, names):
+        mixed = model(x)
+    mixed.square().sum().backward()
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            torch.testing.assert_close(mixed[i], _alone(model, x[i : i + 1], name)[0], **TOL)
 
 
 def test_changing_the_mix_does_not_recompile():

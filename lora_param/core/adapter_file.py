@@ -1,15 +1,18 @@
 """lora_param's adapter file: its format tag, and reading one with every field checked.
 
 A file written by :func:`lora_param.save_lora` is a ``torch.save`` dict with ``"format"``
-(:data:`FORMAT`), ``"config"`` (JSON: per adapter, its layers' settings and its trained
-copies), ``"tensors"`` (the LoRA factors) and ``"copies"`` (per-adapter heads and biases).
-Reading checks all of it before a caller changes any model.
+(:data:`FORMAT`), ``"config"`` (JSON: per adapter, per adapted tensor its matrix view, its
+``variant`` and that variant's fields; and its trained copies), ``"tensors"`` (each entry's
+tensors, keyed ``"<adapter>.<tensor path>.<tensor name>"``) and ``"copies"`` (per-adapter
+heads and biases). Reading checks all of it before a caller changes any model; files written
+by 0.2 (format 1) are read as the same adapters.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,11 +20,15 @@ from torch import Tensor
 
 from .errors import LoRAError
 from .paths import check_input_file
+from .targets import LayerSpec
+from .variant import variant_class
 
-__all__ = ["FORMAT", "read_lora_file"]
+__all__ = ["FORMAT", "READABLE", "layer_spec", "read_lora_file"]
 
-FORMAT = "lora_param.adapter/1"
-
+FORMAT = "lora_param.adapter/2"
+#: Formats :func:`read_lora_file` reads: 0.2's (LoRA and DoRA by a ``use_dora`` flag) and 0.3's
+#: (a ``variant`` per layer, the variant's tensors by name).
+READABLE = ("lora_param.adapter/1", FORMAT)
 
 _LAYER_FIELDS: dict[str, Any] = {
     "kind": str,
@@ -29,12 +36,16 @@ _LAYER_FIELDS: dict[str, Any] = {
     "fan_in": int,
     "fan_out": int,
     "fan_in_fan_out": bool,
-    "rank": int,
-    "alpha": (int, float),
-    "use_rslora": bool,
+    "variant": str,
     "dropout": (int, float),
-    "init": str,
 }
+
+
+def _upgrade_layer(layer: dict[str, Any]) -> None:
+    """A 0.2 (format 1) layer entry in 0.3's terms: ``use_dora`` becomes the variant."""
+    if "variant" not in layer:
+        layer["variant"] = "dora" if layer.pop("use_dora", False) is True else "lora"
+    layer.pop("experts", None)  # the expert count is the shape's first dimension
 
 
 def _check_config(adapters: Any, path: str) -> None:
@@ -55,24 +66,29 @@ def _check_config(adapters: Any, path: str) -> None:
         for tpath, layer in spec["layers"].items():
             if not isinstance(layer, dict):
                 raise bad(f"layer {tpath!r} of {name!r} is not a mapping")
+            if not isinstance(layer.get("use_dora", False), bool):
+                raise bad(f"layer {tpath!r} of {name!r} has use_dora={layer['use_dora']!r}")
+            _upgrade_layer(layer)
             for field, kind in _LAYER_FIELDS.items():
                 value = layer.get(field)
                 if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                     raise bad(f"layer {tpath!r} of {name!r} has {field}={value!r}")
-            if min(layer["fan_in"], layer["fan_out"], layer["rank"]) <= 0 or layer["alpha"] <= 0:
-                raise bad(f"layer {tpath!r} of {name!r} has non-positive sizes")
-            if not 0 <= layer["dropout"] < 1 or layer["init"] not in ("kaiming", "gaussian"):
-                raise bad(f"layer {tpath!r} of {name!r} has dropout/init out of range")
-            if not isinstance(layer.get("use_dora", False), bool):
-                raise bad(f"layer {tpath!r} of {name!r} has use_dora={layer['use_dora']!r}")
-            experts = layer.get("experts", 1)
-            if (
-                not isinstance(experts, int)
-                or isinstance(experts, bool)
-                or experts <= 0
-                or ("experts" in layer) != (layer["kind"] == "experts")
+            shape = layer["shape"]
+            if not shape or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
             ):
-                raise bad(f"layer {tpath!r} of {name!r} has experts={layer.get('experts')!r}")
+                raise bad(f"layer {tpath!r} of {name!r} has shape={shape!r}")
+            if min(layer["fan_in"], layer["fan_out"]) <= 0:
+                raise bad(f"layer {tpath!r} of {name!r} has non-positive sizes")
+            if not 0 <= layer["dropout"] < 1:
+                raise bad(f"layer {tpath!r} of {name!r} has dropout out of range")
+            if layer["kind"] == "experts" and len(shape) != 3:
+                raise bad(f"layer {tpath!r} of {name!r} is an expert tensor of shape {shape}")
+            try:
+                cls = variant_class(layer["variant"], layer["kind"], tpath)
+                cls.check_fields(layer_spec(layer), layer, tpath)
+            except LoRAError as e:
+                raise bad(f"layer {tpath!r} of {name!r}: {e}") from None
         copies = spec.get("copies", {})
         if not isinstance(copies, dict):
             raise bad(f"adapter {name!r} has copies that are not a mapping")
@@ -84,6 +100,17 @@ def _check_config(adapters: Any, path: str) -> None:
                 or not isinstance(copy.get("shape"), list)
             ):
                 raise bad(f"copy {tpath!r} of {name!r} is not described by role, owner and shape")
+
+
+def layer_spec(layer: Mapping[str, Any]) -> LayerSpec:
+    """The :class:`LayerSpec` an adapter file's layer entry describes."""
+    return LayerSpec(
+        layer["kind"],
+        tuple(layer["shape"]),
+        int(layer["fan_in"]),
+        int(layer["fan_out"]),
+        bool(layer["fan_in_fan_out"]),
+    )
 
 
 def read_lora_file(
@@ -109,7 +136,13 @@ def read_lora_file(
             f"cannot read adapter file {str(path)!r}: it is corrupt, truncated, or not a "
             f"lora_param adapter file ({type(e).__name__}: {detail})."
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        if isinstance(found, str) and found.startswith("lora_param.adapter/"):
+            raise LoRAError(
+                f"{str(path)!r} was written by a newer lora_param (format {found!r}; this "
+                f"version reads {list(READABLE)}): upgrade lora_param to load it."
+            )
         raise LoRAError(
             f"{str(path)!r} is not a lora_param adapter file (format {FORMAT!r} expected); "
             "use load_base_state_dict for plain checkpoints or import_peft for PEFT folders."

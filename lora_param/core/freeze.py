@@ -7,10 +7,9 @@ from typing import Literal
 from torch import nn
 
 from .errors import LoRAError
-from .layers import base_tensor, tensor_names
+from .lookup import iter_lora, owned_tensor_ids
 from .matching import Targets, as_patterns, is_literal, matches, nearest
-from .registry import iter_lora
-from .trainable_copies import iter_copies
+from .targets import base_tensor, tensor_names
 
 __all__ = ["Bias", "freeze_base", "trainable_modules"]
 
@@ -80,8 +79,7 @@ def freeze_base(model: nn.Module, keep: list[nn.Module], bias: Bias) -> None:
         bias: ``"none"``, ``"all"`` (every bias trains in place) or ``"lora_only"`` (biases of
             adapted layers); a bias is a parameter with "bias" in its name (``in_proj_bias`` too).
     """
-    lora = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
-    lora |= {id(c.value) for *_, c in iter_copies(model)}
+    lora = owned_tensor_ids(model)
     for param in model.parameters():
         if id(param) not in lora:
             param.requires_grad_(False)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import LoRAError
-from .layers import join
+from .targets import join
 
 __all__ = ["guard_save_pretrained", "merged_state_dict"]
 

@@ -2,41 +2,89 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .classes import own_class
+from .config import Bias, LoRAConfig, Mode, QuantizationConfig, pack_targets, quantization_config
+from .copies import drop_copies, plan_copies, register_copies
 from .distributed import is_sharded
-from .dora import DoRAParametrization
+from .entries import drop_entries, register_entry
+from .entry import AdapterEntry
 from .errors import LoRAError
-from .experts import ExpertLayout, ExpertLoRAParametrization, is_experts_module
-from .factored import factored_forward_applies, install_factored_forward
-from .freeze import Bias, freeze_base, trainable_modules
+from .forward import factored_forward_applies, install_forward
+from .freeze import freeze_base, trainable_modules
 from .hf_save import guard_save_pretrained
-from .layers import (
+from .lookup import list_adapters
+from .matching import Pattern, Targets, as_patterns, is_literal, matches, nearest, pick
+from .targets import (
     SUPPORTED_LAYERS,
     AdaptTarget,
+    ExpertLayout,
     base_tensor,
+    is_experts_module,
     join,
     module_targets,
     parameter_target,
     tensor_names,
 )
-from .matching import Pattern, Targets, as_patterns, is_literal, matches, nearest, pick
-from .merge import drop_adapters
-from .parametrization import Init, LoRAParametrization
-from .registry import list_adapters
-from .trainable_copies import drop_copies, plan_copies, register_copies
+from .variant import AdapterVariant, VariantConfig, variant_class
 
-__all__ = ["Mode", "add_lora", "find_targets", "inject"]
+__all__ = [
+    "ADAPTER_NAME",
+    "Mode",
+    "TargetPreparer",
+    "add_lora",
+    "check_adapter_name",
+    "find_targets",
+    "inject",
+    "register_target_preparer",
+]
 
-Mode = Literal["factored", "materialized"]
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+_ADAPTER_NAME = ADAPTER_NAME  # 0.2 name, used by other modules
+
+#: ``(targets) -> undo``: readies layers of a plug-in's own for adapters before they are
+#: registered (e.g. puts a base store under a bitsandbytes layer's weight).
+TargetPreparer = Callable[[list[AdaptTarget]], Callable[[], None]]
+_PREPARERS: list[TargetPreparer] = []
+
+
+def register_target_preparer(preparer: TargetPreparer) -> None:
+    """Let a plug-in ready its layers before adapters go on them (called with every target)."""
+    if preparer not in _PREPARERS:
+        _PREPARERS.append(preparer)
+
+
+def _prepare(targets: list[AdaptTarget]) -> Callable[[], None]:
+    undos: list[Callable[[], None]] = []
+    try:
+        for preparer in _PREPARERS:
+            undos.append(preparer(targets))
+    except BaseException:
+        for undo in reversed(undos):
+            undo()
+        raise
+
+    def undo_all() -> None:
+        for undo in reversed(undos):
+            undo()
+
+    return undo_all
+
+
+def check_adapter_name(name: object, what: str = "adapter name") -> str:
+    """Raise LoRAError unless ``name`` can name an adapter (letters, digits, ``_``, ``-``)."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise LoRAError(f"{what} {name!r} is invalid: use letters, digits, '_' or '-' (no dots).")
+    return name
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -44,7 +92,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (n, m)
         for n, m in model.named_modules()
-        if ".parametrizations" not in f".{n}" and not isinstance(m, LoRAParametrization)
+        if ".parametrizations" not in f".{n}" and not isinstance(m, AdapterEntry)
     ]
 
 
@@ -98,7 +146,8 @@ def find_targets(
             follows each experts module's ``is_transposed`` flag.
 
     Returns:
-        The targets, in model order, each tensor once.
+        The targets, each tensor once: in model order for one pattern, pattern by pattern for
+        a list.
 
     Raises:
         LoRAError: A pattern matches nothing adaptable, a layer named explicitly is not
@@ -248,53 +297,61 @@ def _check_number(value: object, what: str, path: str) -> float:
 
 def inject(
     model: nn.Module,
-    plan: Sequence[tuple[AdaptTarget, dict]],
+    plan: Sequence[tuple[AdaptTarget, Mapping[str, Any]]],
     *,
     adapter: str,
     mode: Mode,
-) -> None:
-    """Register one LoRAParametrization per planned tensor; undo everything on failure."""
-    done: list[AdaptTarget] = []
+) -> list[AdapterVariant]:
+    """Register one adapter entry per planned tensor; undo everything on failure.
+
+    Args:
+        model: The model (its ``save_pretrained`` gets guarded).
+        plan: ``(target, fields)``: the tensor and the entry's fields (``variant`` and that
+            variant's settings, as an adapter file records them).
+        adapter: The adapter's name.
+        mode: ``"factored"`` installs the adapted forward on layers where it is exact.
+
+    Returns:
+        The entries registered, in plan order.
+    """
+    done: list[tuple[AdaptTarget, AdapterVariant]] = []
+    undo_prepare = _prepare([t for t, _ in plan])
     try:
-        for target, options in plan:
-            like = base_tensor(target.module, target.param_name)
-            if not like.is_floating_point():  # packed (bitsandbytes): adapters take its dtype
-                like = getattr(target.module, target.param_name)
-            options = dict(options)
-            cls: type[LoRAParametrization] = LoRAParametrization
-            if options.pop("use_dora", False):
-                cls, options["base_weight"] = DoRAParametrization, like
-            elif target.kind == "experts":
-                cls = ExpertLoRAParametrization
-            p = cls(
-                target.fan_in,
-                target.fan_out,
-                target.shape,
+        for target, fields in plan:
+            module, name = target.module, target.param_name
+            cls = variant_class(str(fields.get("variant", "lora")), target.kind, target.path)
+            like = base_tensor(module, name)
+            current: Tensor | None = None
+            if cls.needs_weight or not like.is_floating_point():
+                with torch.no_grad():  # the weight as the layer sees it now (dequantized)
+                    current = getattr(module, name)
+                like = current if not like.is_floating_point() else like
+            entry = cls.from_fields(
+                target.spec,
+                fields,
                 adapter=adapter,
-                kind=target.kind,
-                fan_in_fan_out=target.fan_in_fan_out,
                 device=like.device,
                 dtype=like.dtype,
-                **options,
+                base_weight=current,
             )
-            own_class(target.module)
-            # Parameter order matters (optimizer state is positional): remember it once.
-            target.module.__dict__.setdefault("_lora_param_order", list(target.module._parameters))
-            # unsafe=True skips parametrize's trial evaluation of W + s*B@A (a weight-sized
-            # temporary per layer); LoRAParametrization keeps shape and dtype by construction.
-            parametrize.register_parametrization(target.module, target.param_name, p, unsafe=True)
-            done.append(target)
+            register_entry(module, name, entry)
+            done.append((target, entry))
             if (
                 mode == "factored"
-                and target.param_name == "weight"
-                and factored_forward_applies(target.module, target.kind)
+                and name == "weight"
+                and factored_forward_applies(module, target.kind)
             ):
-                install_factored_forward(target.module, target.kind)
+                install_forward(module, target.kind)
     except BaseException:
-        for target in reversed(done):
-            drop_adapters(target.module, target.param_name, lambda q: q.adapter == adapter)
+        for target, entry in reversed(done):
+            drop_entries(target.module, target.param_name, functools.partial(operator.is_, entry))
+        undo_prepare()
         raise
     guard_save_pretrained(model)
+    return [entry for _, entry in done]
+
+
+_CONFIG_KEYWORDS = {f: getattr(LoRAConfig(), f) for f in LoRAConfig().keywords()}
 
 
 def add_lora(
@@ -307,22 +364,25 @@ def add_lora(
     layer_types: type | Sequence[type] | None = None,
     adapter: str = "default",
     dropout: float = 0.0,
-    init: Init = "kaiming",
+    init: str = "kaiming",
     use_rslora: bool = False,
     freeze: bool = True,
     trainable: Targets = None,
     bias: Bias = "none",
     mode: Mode = "factored",
     expert_layout: ExpertLayout | None = None,
-    quantize: Literal["nf4", "int8"] | None = None,
+    quantize: str | QuantizationConfig | None = None,
+    variant: str | VariantConfig = "lora",
     use_dora: bool = False,
+    config: LoRAConfig | None = None,
 ) -> nn.Module:
-    """Add a LoRA adapter to every matching layer of an existing model, in one call.
+    """Add an adapter to every matching layer of an existing model, in one call.
 
-    Each matching weight gets a :class:`LoRAParametrization` through
-    ``torch.nn.utils.parametrize``: ``layer.weight`` reads ``W + scale * B @ A`` while ``W``
-    stays untouched. Every argument is checked before the model changes; on error the model
-    is exactly as it was.
+    Each matching weight gets an adapter entry (plain LoRA by default, a
+    :class:`LoRAParametrization`) through ``torch.nn.utils.parametrize``: ``layer.weight``
+    reads ``W + scale * B @ A`` while ``W`` stays untouched. Every argument is checked before
+    the model changes; on error the model is exactly as it was. The keywords and
+    ``config=LoRAConfig(...)`` are two spellings of the same call.
 
     Args:
         model: Any ``nn.Module``; changed in place and returned.
@@ -333,9 +393,9 @@ def add_lora(
             first dimension.
         rank: Rank, or a mapping ``{glob: rank}`` (first matching key wins, e.g.
             ``{"fc1": 8, "*": 2}``). A layer found by a pattern (``targets=None``, a glob, a
-            regex, a callable) whose ``min(fan_in, fan_out)`` is below its rank gets that
-            smaller rank, and one warning lists such layers; for a layer named literally in
-            ``targets`` a too-large rank is a ``LoRAError``.
+            regex, a callable) whose matrix cannot hold its rank gets the largest rank it can,
+            and one warning lists such layers; for a layer named literally in ``targets`` a
+            too-large rank is a ``LoRAError``.
         alpha: Scale numerator (``scale = alpha / rank``); None means ``alpha = rank``. A
             number or a mapping like ``rank``.
         exclude: Patterns (same forms as ``targets``) removing matches.
@@ -343,7 +403,7 @@ def add_lora(
         adapter: Name of this adapter; several adapters with different names can coexist.
         dropout: Dropout probability on the adapter's input.
         init: ``"kaiming"`` (as loralib/PEFT: uniform, N(0, 1) for embeddings) or
-            ``"gaussian"`` (A ~ N(0, 1), as the tutorial).
+            ``"gaussian"`` (A ~ N(0, 1), as the tutorial); variants may offer more.
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
         freeze: Freeze every parameter except what the adapters train.
         trainable: Module patterns trained in full by this adapter (a classifier head). The
@@ -357,10 +417,16 @@ def add_lora(
         expert_layout: How 3-D expert tensors (mixture-of-experts) are stored: ``"out_in"``
             (``W[e]`` is ``(out, in)``, as Mixtral's ``F.linear(x, W[e])``) or ``"in_out"``;
             None follows each experts module's ``is_transposed`` flag (transformers sets it).
-        quantize: ``"nf4"`` or ``"int8"`` first stores the adapted layers' weights packed
-            (QLoRA; see :func:`lora_param.quantize_base`, whose defaults apply); None keeps them.
-        use_dora: DoRA: also learn a magnitude per output, ``W' = m (W + sBA) / ||W + sBA||``
-            (see :class:`~lora_param.core.dora.DoRAParametrization`).
+        quantize: Store the adapted layers' weights packed first (QLoRA): a method name,
+            ``"nf4"`` or ``"int8"`` (defaults of :func:`lora_param.quantize_base`), or its
+            options, e.g. ``lora_param.NF4Config(block_size=128, compute_dtype=torch.bfloat16)``;
+            None keeps them.
+        variant: The adapter variant: ``"lora"`` (default), ``"dora"``, ... or an options
+            object such as ``lora_param.DoRAConfig()`` (see ``lora_param.variant_names()``).
+        use_dora: Shorthand for ``variant="dora"``: also learn a magnitude per output,
+            ``W' = m (W + sBA) / ||W + sBA||`` (see :class:`lora_param.DoRAParametrization`).
+        config: All of the above (but ``adapter``) as one :class:`lora_param.LoRAConfig`; pass
+            either ``config`` or the keywords.
 
     Returns:
         The model, with the new adapter enabled and trainable.
@@ -368,88 +434,150 @@ def add_lora(
     Raises:
         LoRAError: Any bad input; nothing was changed.
     """
+    keywords: dict[str, Any] = {
+        "targets": targets,
+        "rank": rank,
+        "alpha": alpha,
+        "exclude": exclude,
+        "layer_types": layer_types,
+        "dropout": dropout,
+        "init": init,
+        "use_rslora": use_rslora,
+        "variant": variant,
+        "trainable": trainable,
+        "bias": bias,
+        "mode": mode,
+        "expert_layout": expert_layout,
+        "quantize": quantize,
+        "freeze": freeze,
+    }
+    if not isinstance(use_dora, bool):
+        raise LoRAError(f"use_dora must be True or False, got {use_dora!r}.")
+    if config is not None:
+        if not isinstance(config, LoRAConfig):
+            raise LoRAError(f"config must be a lora_param.LoRAConfig, got {type(config).__name__}.")
+        given = [k for k, v in keywords.items() if _given(v, _CONFIG_KEYWORDS[k])] + (
+            ["use_dora"] if use_dora else []
+        )
+        if given:
+            raise LoRAError(
+                f"pass either config= or keywords, not both (got {', '.join(given)} besides "
+                "config); use config.replace(...) to change a field."
+            )
+    else:
+        if use_dora:
+            if variant not in ("lora", "dora"):
+                raise LoRAError(f"use_dora=True and variant={variant!r} disagree; pass one.")
+            keywords["variant"] = "dora"
+        config = LoRAConfig(**keywords)
+    return _add(model, config, adapter)
+
+
+def _given(value: Any, default: Any) -> bool:
+    """Whether a keyword differs from its default (numbers and lists by value)."""
+    if value is default:
+        return False
+    try:
+        return bool(value != default)
+    except Exception:  # objects whose comparison raises: count them as given
+        return True
+
+
+def _check_config(config: LoRAConfig) -> None:
+    if config.mode not in ("factored", "materialized"):
+        raise LoRAError(f"mode must be 'factored' or 'materialized', got {config.mode!r}.")
+    if config.bias not in ("none", "all", "lora_only"):
+        raise LoRAError(f"bias must be 'none', 'all' or 'lora_only', got {config.bias!r}.")
+    dropout = config.dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise LoRAError(f"dropout must be a number in [0, 1), got {dropout!r}.")
+    if not isinstance(config.use_rslora, bool):
+        raise LoRAError(f"use_rslora must be True or False, got {config.use_rslora!r}.")
+
+
+def _plan_layers(
+    found: list[AdaptTarget], config: LoRAConfig
+) -> tuple[list[tuple[AdaptTarget, dict[str, Any]]], list[str]]:
+    """Each target's entry fields; the layers whose rank was lowered to fit (for a warning)."""
+    options = config.variant_options()
+    named = {p for p in as_patterns(config.targets, "targets") if is_literal(p)}
+    plan = []
+    lowered: list[str] = []
+    for target in found:
+        cls = variant_class(options.name, target.kind, target.path)
+        names = [target.module_name, target.path]
+        r = pick(config.rank, names, "rank")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise LoRAError(f"rank for '{target.path}' must be a positive integer, got {r!r}.")
+        limit = cls.max_rank(target.spec)
+        if r > limit and not named & set(names):
+            # Found by a pattern, not named: give the small layer the largest rank it can hold.
+            r = limit
+            lowered.append(f"{target.path} ({r})")
+        if r > limit:
+            raise LoRAError(
+                f"rank {r} for '{target.path}' exceeds {cls.rank_limit_text(target.spec)} = "
+                f"{limit}; an adapter update cannot have a larger rank than its matrix. "
+                'Lower rank for this layer, e.g. rank={"'
+                + target.module_name
+                + f'": {limit}, "*": {r}}}.'
+            )
+        a = pick(config.alpha, names, "alpha")
+        a = r if a is None else _check_number(a, "alpha", target.path)
+        fields: dict[str, Any] = {
+            "variant": options.name,
+            "rank": r,
+            "alpha": float(a),
+            "dropout": float(config.dropout),
+            "init": config.init,
+            "use_rslora": config.use_rslora,
+            **options.to_fields(),
+        }
+        cls.check_fields(target.spec, fields, target.path)
+        plan.append((target, fields))
+    return plan, lowered
+
+
+def _add(model: nn.Module, config: LoRAConfig, adapter: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise LoRAError(f"add_lora needs an nn.Module, got {type(model).__name__}.")
-    if not isinstance(adapter, str) or not _ADAPTER_NAME.fullmatch(adapter):
-        raise LoRAError(
-            f"adapter name {adapter!r} is invalid: use letters, digits, '_' or '-' (no dots)."
-        )
+    check_adapter_name(adapter)
     if adapter in list_adapters(model):
         raise LoRAError(
             f"adapter {adapter!r} already exists in this model; pass another adapter= name, "
             f"or remove_lora(model, {adapter!r}) first."
         )
-    if mode not in ("factored", "materialized"):
-        raise LoRAError(f"mode must be 'factored' or 'materialized', got {mode!r}.")
-    if init not in ("kaiming", "gaussian"):
-        raise LoRAError(f"init must be 'kaiming' or 'gaussian', got {init!r}.")
-    if not isinstance(use_dora, bool):
-        raise LoRAError(f"use_dora must be True or False, got {use_dora!r}.")
-    if bias not in ("none", "all", "lora_only"):
-        raise LoRAError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}.")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise LoRAError(f"dropout must be a number in [0, 1), got {dropout!r}.")
+    _check_config(config)
+    quant = None if config.quantize is None else quantization_config(config.quantize)
     found = find_targets(
-        model, targets, exclude=exclude, layer_types=layer_types, expert_layout=expert_layout
+        model,
+        config.targets,
+        exclude=config.exclude,
+        layer_types=config.layer_types,
+        expert_layout=config.expert_layout,
     )
     if not found:
-        raise LoRAError(f"exclude={exclude!r} removes every layer targets={targets!r} matched.")
-    plan = []
-    named = {p for p in as_patterns(targets, "targets") if is_literal(p)}
-    lowered: list[str] = []
-    for target in found:
-        names = [target.module_name, target.path]
-        r = pick(rank, names, "rank")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise LoRAError(f"rank for '{target.path}' must be a positive integer, got {r!r}.")
-        if r > min(target.fan_in, target.fan_out) and not named & set(names):
-            # Found by a pattern, not named: give the small layer the largest rank it can hold.
-            r = min(target.fan_in, target.fan_out)
-            lowered.append(f"{target.path} ({r})")
-        if r > min(target.fan_in, target.fan_out):
-            raise LoRAError(
-                f"rank {r} for '{target.path}' exceeds min(fan_in={target.fan_in}, "
-                f"fan_out={target.fan_out}) = {min(target.fan_in, target.fan_out)}; a LoRA "
-                "update cannot have a larger rank than its matrix. Lower rank for this layer, "
-                'e.g. rank={"'
-                + target.module_name
-                + f'": {min(target.fan_in, target.fan_out)}, "*": {r}}}.'
-            )
-        a = pick(alpha, names, "alpha")
-        a = r if a is None else _check_number(a, "alpha", target.path)
-        options = {
-            "rank": r,
-            "alpha": a,
-            "dropout": dropout,
-            "init": init,
-            "use_rslora": use_rslora,
-        }
-        if use_dora:
-            if target.kind == "experts":
-                raise LoRAError(
-                    f"use_dora=True on '{target.path}', a 3-D expert tensor: DoRA is supported on "
-                    "Linear, Conv, Embedding, HF Conv1D and 2-D parameters. Exclude the experts "
-                    '(exclude="*.experts") or add them in a separate add_lora call without DoRA.'
-                )
-            options["use_dora"] = True
-        plan.append((target, options))
+        raise LoRAError(
+            f"exclude={config.exclude!r} removes every layer targets={config.targets!r} matched."
+        )
+    plan, lowered = _plan_layers(found, config)
     sharded = [t.path for t, _ in plan if is_sharded(base_tensor(t.module, t.param_name))]
     if sharded:
         raise LoRAError(
             f"add_lora cannot adapt sharded (FSDP2) weights {sharded[:5]}: FSDP2 manages them. "
             "Call add_lora before fully_shard (with the same seed on every rank)."
         )
-    keep = trainable_modules(model, trainable)
-    copies = plan_copies(model, keep, bias, [t.module for t in found])
-    undo_quantize = _quantize_for_lora(model, found, quantize, keep)
-    # Copies first: they replace the pretrained value, the LoRA updates add on top of them.
+    keep = trainable_modules(model, config.trainable)
+    copies = plan_copies(model, keep, config.bias, [t.module for t in found])
+    undo_quantize = _quantize_for_lora(model, found, quant, keep)
+    # Copies first: they replace the pretrained value, the updates add on top of them.
     try:
         register_copies(copies, adapter)
     except BaseException:
         undo_quantize()
         raise
     try:
-        inject(model, plan, adapter=adapter, mode=mode)
+        inject(model, plan, adapter=adapter, mode=config.mode)
     except BaseException:
         for c in reversed(copies):
             drop_copies(c.module, c.tensor_name, lambda q: q.adapter == adapter)
@@ -460,42 +588,27 @@ def add_lora(
             f"adapter {adapter!r}: {len(lowered)} layer(s) are smaller than the rank asked for "
             f"and got the largest rank they can hold: {', '.join(lowered)}. Name a layer in "
             "targets to make a too-large rank an error instead.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    if freeze:
+    if config.freeze:
         freeze_base(model, [], "none")
     return model
 
 
 def _quantize_for_lora(
-    model: nn.Module, found: list[AdaptTarget], method: str | None, keep: list[nn.Module]
+    model: nn.Module,
+    found: list[AdaptTarget],
+    method: QuantizationConfig | None,
+    keep: list[nn.Module],
 ) -> Callable[[], None]:
-    """Pack the targets' weights for ``add_lora(quantize=...)``; return the undo.
-
-    Layers bitsandbytes quantized get their packed-weight entry here too, with or without
-    ``quantize``.
-    """
-    from ..quant.api import prepare_bnb_layers, quantize_targets  # quant builds on core
-
+    """Pack the targets' weights for ``add_lora(quantize=...)``; return the undo."""
     if method is None:
-        return prepare_bnb_layers(found)
+        return lambda: None
     packed = {id(t.module): t.path for t in found}
     trained = [packed[id(m)] for m in keep if id(m) in packed]
     if trained:
         raise LoRAError(
-            f"{trained[:5]} would be stored packed (quantize={method!r}) and cannot train; "
+            f"{trained[:5]} would be stored packed (quantize={method.name!r}) and cannot train; "
             "remove them from trainable= or exclude them from targets."
         )
-    # The user's string; quantize_targets checks it (check_method) before packing anything.
-    undo_quantize = quantize_targets(found, method=method, root=model)  # type: ignore[arg-type]
-    try:
-        undo_bnb = prepare_bnb_layers(found)
-    except BaseException:
-        undo_quantize()
-        raise
-
-    def undo() -> None:
-        undo_bnb()
-        undo_quantize()
-
-    return undo
+    return pack_targets(found, method, model)

@@ -12,19 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .adapter_file import FORMAT, read_lora_file
+from .adapter_file import FORMAT, layer_spec, read_lora_file
 from .atomic import atomic_write
-from .distributed import check_in, copy_into, gather_full, is_sharded, write_once
-from .dora import is_dora, magnitude_size
-from .errors import LoRAError
-from .experts import ExpertLayout
-from .freeze import freeze_base
-from .inject import _ADAPTER_NAME, Mode, inject
-from .layers import base_tensor, join, parameter_target, tensor_names
-from .merge import remove_lora
-from .paths import check_output_file
-from .registry import check_adapters_exist, iter_lora, list_adapters
-from .trainable_copies import (
+from .copies import (
     CopyPlan,
     TrainableCopy,
     check_copyable,
@@ -32,6 +22,16 @@ from .trainable_copies import (
     iter_copies,
     register_copies,
 )
+from .distributed import check_in, copy_into, gather_full, is_sharded, write_once
+from .entries import entry_list
+from .errors import LoRAError
+from .freeze import freeze_base
+from .inject import Mode, check_adapter_name, inject
+from .lookup import check_adapters_exist, iter_lora, list_adapters, owned_tensor_ids
+from .merge import remove_lora
+from .paths import check_output_file
+from .targets import ExpertLayout, base_tensor, join, parameter_target, tensor_names
+from .variant import variant_class
 
 __all__ = [
     "FORMAT",
@@ -56,7 +56,10 @@ def _selected(model: nn.Module, adapter: str | None) -> list[str]:
 
 
 def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, Tensor]:
-    """The adapter tensors alone, keyed ``"<adapter>.<tensor path>.lora_A"`` / ``.lora_B``.
+    """The adapter tensors alone, keyed ``"<adapter>.<tensor path>.<name>"``.
+
+    ``<name>`` is the variant's tensor name: ``lora_A`` / ``lora_B`` for LoRA,
+    ``lora_magnitude`` too for DoRA, and so on (frozen tensors a variant keeps included).
 
     Args:
         model: A model with adapters.
@@ -69,41 +72,30 @@ def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, T
     out: dict[str, Tensor] = {}
     for path, _, _, p in iter_lora(model):
         if p.adapter in names:
-            out[f"{p.adapter}.{path}.lora_A"] = p.lora_A.detach()
-            out[f"{p.adapter}.{path}.lora_B"] = p.lora_B.detach()
-            if is_dora(p):
-                out[f"{p.adapter}.{path}.lora_magnitude"] = p.lora_magnitude.detach()
+            for name, t in p.tensors().items():
+                out[f"{p.adapter}.{path}.{name}"] = t.detach()
     return out
 
 
 def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, Any]:
     """JSON-ready description of adapters: what each one is, never its transient state.
 
-    Per adapted tensor: kind, shape, rank, alpha and options; per trained copy (a head from
-    ``trainable=``, a bias from ``bias=``): its role, owning module and shape. Whether an
-    adapter is enabled is not recorded: that is the model's state (``lora_disabled`` is a
-    context), and :func:`load_lora` enables what it loads.
+    Per adapted tensor: its matrix view (kind, shape, fans), its variant and that variant's
+    fields (rank, alpha, ...), and dropout; per trained copy (a head from ``trainable=``, a
+    bias from ``bias=``): its role, owning module and shape. Whether an adapter is enabled is
+    not recorded: that is the model's state (``lora_disabled`` is a context), and
+    :func:`load_lora` enables what it loads.
     """
     names = _selected(model, adapter)
     config: dict[str, Any] = {name: {"layers": {}, "copies": {}} for name in names}
     for path, _, _, p in iter_lora(model):
         if p.adapter in config:
             config[p.adapter]["layers"][path] = {
-                "kind": p.kind,
-                "shape": list(p.weight_shape),
-                "fan_in": p.fan_in,
-                "fan_out": p.fan_out,
-                "fan_in_fan_out": p.fan_in_fan_out,
-                "rank": p.rank,
-                "alpha": p.alpha,
-                "use_rslora": p.use_rslora,
+                **p.spec.fields(),
+                "variant": p.variant,
                 "dropout": p.dropout_p,
-                "init": p.init,
+                **p.fields(),
             }
-            if p.kind == "experts":
-                config[p.adapter]["layers"][path]["experts"] = p.lora_A.shape[0]
-            if is_dora(p):
-                config[p.adapter]["layers"][path]["use_dora"] = True
     for path, _, _, c in iter_copies(model):
         if c.adapter in config:
             config[c.adapter]["copies"][path] = {
@@ -169,26 +161,22 @@ def save_lora(
 
 
 def _check_file_against_model(
-    model: nn.Module, adapters: Mapping[str, Any], tensors: Mapping[str, Tensor], path: str
+    adapters: Mapping[str, Any], tensors: Mapping[str, Tensor], path: str
 ) -> None:
+    """Every tensor each layer's variant needs is in the file with its shape; nothing else."""
     expected = set()
     for name, spec in adapters.items():
         for tpath, layer in spec["layers"].items():
-            stack = (layer["experts"],) if "experts" in layer else ()
-            shapes: list[tuple[str, tuple[int, ...]]] = [
-                (f"{name}.{tpath}.lora_A", (*stack, layer["rank"], layer["fan_in"])),
-                (f"{name}.{tpath}.lora_B", (*stack, layer["fan_out"], layer["rank"])),
-            ]
-            if layer.get("use_dora", False):
-                shapes.append((f"{name}.{tpath}.lora_magnitude", (magnitude_size(layer),)))
-            for key, shape in shapes:
+            cls = variant_class(layer["variant"], layer["kind"], tpath)
+            for tensor, shape in cls.tensor_shapes(layer_spec(layer), layer).items():
+                key = f"{name}.{tpath}.{tensor}"
                 expected.add(key)
                 if key not in tensors:
                     raise LoRAError(f"adapter file {path!r} lacks tensor {key!r}.")
-                if tuple(tensors[key].shape) != shape:
+                if tuple(tensors[key].shape) != tuple(shape):
                     raise LoRAError(
                         f"adapter file {path!r}: {key!r} has shape {tuple(tensors[key].shape)}, "
-                        f"its config says {shape}."
+                        f"its config says {tuple(shape)}."
                     )
     extra = sorted(set(tensors) - expected)
     if extra:
@@ -205,10 +193,7 @@ def _rename(
     path: str,
 ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
     """The one selected adapter under another name (``load_lora(as_adapter=...)``)."""
-    if not isinstance(new, str) or not _ADAPTER_NAME.fullmatch(new):
-        raise LoRAError(
-            f"as_adapter={new!r} is invalid: use letters, digits, '_' or '-' (no dots)."
-        )
+    check_adapter_name(new, "as_adapter")
     if len(adapters) != 1:
         raise LoRAError(
             f"adapter file {path!r} holds the adapters {list(adapters)}; pass adapter= to choose "
@@ -304,7 +289,7 @@ def load_lora(
         copies = {k: v for k, v in copies.items() if k.startswith(adapter + ".")}
     if as_adapter is not None:
         adapters, tensors, copies = _rename(adapters, tensors, copies, as_adapter, str(path))
-    _check_file_against_model(model, adapters, tensors, str(path))
+    _check_file_against_model(adapters, tensors, str(path))
     copy_plans, _ = _plan_file_copies(model, adapters, copies, str(path))
     existing = {(p.adapter, tpath): p for tpath, _, _, p in iter_lora(model)}
     modules = dict(model.named_modules())
@@ -320,24 +305,7 @@ def load_lora(
         plans[name] = [] if present else _plan_from_config(modules, spec["layers"], str(path))
         for tpath, layer in spec["layers"].items():
             if present:
-                p = existing[(name, tpath)]
-                if is_dora(p) != layer.get("use_dora", False):
-                    raise LoRAError(
-                        f"adapter {name!r} on '{tpath}' is "
-                        f"{'DoRA' if is_dora(p) else 'plain LoRA'} in the model but "
-                        f"{'plain LoRA' if is_dora(p) else 'DoRA'} in {str(path)!r}; "
-                        "remove_lora it first."
-                    )
-                if (p.rank, p.fan_in, p.fan_out) != (
-                    layer["rank"],
-                    layer["fan_in"],
-                    layer["fan_out"],
-                ):
-                    raise LoRAError(
-                        f"adapter {name!r} on '{tpath}' has rank {p.rank} and matrix "
-                        f"{p.fan_out}x{p.fan_in} in the model, but rank {layer['rank']} and "
-                        f"{layer['fan_out']}x{layer['fan_in']} in {str(path)!r}."
-                    )
+                _check_existing(existing[(name, tpath)], layer, name, tpath, str(path))
     sharded = [
         t.path
         for plan in plans.values()
@@ -353,7 +321,7 @@ def load_lora(
     copied: list[str] = []
     try:
         for name in adapters:
-            # Copies first: they replace the pretrained value, LoRA adds on top of them.
+            # Copies first: they replace the pretrained value, updates add on top of them.
             register_copies(copy_plans[name], name)
             copied.append(name)
             if plans[name]:
@@ -372,14 +340,12 @@ def load_lora(
         for name, spec in adapters.items():
             for tpath in spec["layers"]:
                 p = loaded[(name, tpath)]
-                copy_into(p.lora_A, tensors[f"{name}.{tpath}.lora_A"])
-                copy_into(p.lora_B, tensors[f"{name}.{tpath}.lora_B"])
                 p.enabled = True
-                p.lora_A.requires_grad_(trainable)
-                p.lora_B.requires_grad_(trainable)
-                if is_dora(p):
-                    copy_into(p.lora_magnitude, tensors[f"{name}.{tpath}.lora_magnitude"])
-                    p.lora_magnitude.requires_grad_(trainable)
+                for tensor, value in p.tensors().items():
+                    copy_into(value, tensors[f"{name}.{tpath}.{tensor}"])
+                for t in p.trainable_tensors().values():
+                    t.requires_grad_(trainable)
+                p.clear_cache()
             for tpath in spec.get("copies", {}):
                 c = held[(name, tpath)]
                 copy_into(c.value, copies[f"{name}.{tpath}"])
@@ -388,6 +354,25 @@ def load_lora(
     if freeze:
         freeze_base(model, [], "none")
     return model
+
+
+def _check_existing(p: Any, layer: Mapping[str, Any], name: str, tpath: str, path: str) -> None:
+    """Refuse loading into an existing entry of another variant or shape."""
+    if p.variant != layer["variant"]:
+        raise LoRAError(
+            f"adapter {name!r} on '{tpath}' is a {p.variant} adapter in the model but a "
+            f"{layer['variant']} adapter in {path!r}; remove_lora it first."
+        )
+    want = type(p).tensor_shapes(layer_spec(layer), layer)
+    have = {k: tuple(t.shape) for k, t in p.tensors().items()}
+    if (p.fan_in, p.fan_out) != (layer["fan_in"], layer["fan_out"]) or have != {
+        k: tuple(v) for k, v in want.items()
+    }:
+        raise LoRAError(
+            f"adapter {name!r} on '{tpath}' has rank {getattr(p, 'rank', '?')} and matrix "
+            f"{p.fan_out}x{p.fan_in} in the model, but rank {layer.get('rank', '?')} and "
+            f"{layer['fan_out']}x{layer['fan_in']} in {path!r}."
+        )
 
 
 def _plan_from_config(
@@ -403,7 +388,7 @@ def _plan_from_config(
                 "load it into the same architecture it was trained on."
             )
         layout: ExpertLayout | None = None
-        if "experts" in layer:
+        if layer["kind"] == "experts":
             layout = "in_out" if layer["fan_in_fan_out"] else "out_in"
         target = parameter_target(module_name, module, tensor, layout)
         if (target.kind == "experts") != (layer["kind"] == "experts"):
@@ -420,10 +405,8 @@ def _plan_from_config(
                 f"'{tpath}' has shape {list(target.shape)} in this model but "
                 f"{layer['shape']} in adapter file {path!r}."
             )
-        options = {k: layer[k] for k in ("rank", "alpha", "use_rslora", "dropout", "init")}
-        if layer.get("use_dora", False):
-            options["use_dora"] = True
-        plan.append((target, options))
+        variant_class(layer["variant"], target.kind, tpath)  # the kind the model gives
+        plan.append((target, dict(layer)))
     return plan
 
 
@@ -434,8 +417,9 @@ def load_base_state_dict(
 
     Parametrize renames ``fc.weight`` to ``fc.parametrizations.weight.original``, so a plain
     checkpoint no longer loads with ``load_state_dict(strict=True)``. This maps the keys,
-    ignores the adapter tensors (they are not in a base checkpoint) and checks keys and
-    shapes before copying anything.
+    ignores what the adapters own (their tensors and their trained copies of heads and
+    biases: not in a base checkpoint), stores plain weights of packed layers in their packed
+    form, and checks keys and shapes before copying anything.
 
     Args:
         model: A model with (or without) adapters.
@@ -445,10 +429,7 @@ def load_base_state_dict(
     Returns:
         The model.
     """
-    from ..quant.state import pack_plain_weights  # the quant package builds on core
-
-    # A packed (quantized) layer takes a plain weight quantized with its own settings.
-    state_dict = pack_plain_weights(model, state_dict)
+    state_dict = _pack_plain_weights(model, state_dict)
     renamed: dict[str, str] = {}
     for module_name, module in model.named_modules():
         if parametrize.is_parametrized(module):
@@ -458,8 +439,8 @@ def load_base_state_dict(
                         module_name, f"parametrizations.{tensor}.original"
                     )
     own = model.state_dict()
-    lora_ids = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
-    lora_keys = {k for k, v in model.named_parameters(remove_duplicate=False) if id(v) in lora_ids}
+    owned = owned_tensor_ids(model)
+    lora_keys = {k for k, v in _named_tensors(model) if id(v) in owned}
     mapped = {renamed.get(k, k): v for k, v in state_dict.items()}
     base_keys = set(own) - lora_keys
     missing = sorted(base_keys - set(mapped))
@@ -483,3 +464,43 @@ def load_base_state_dict(
             )
     model.load_state_dict({k: v for k, v in mapped.items() if k in base_keys}, strict=False)
     return model
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Every parameter and buffer with its state_dict key (shared ones under every name)."""
+    out: list[tuple[str, Tensor]] = list(model.named_parameters(remove_duplicate=False))
+    out += list(model.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _pack_plain_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Replace plain weights of packed layers in a checkpoint by their packed tensors.
+
+    ``{"fc.weight": W}`` becomes ``{"fc.parametrizations.weight.original0": codes, ...}``
+    when ``fc.weight`` is stored packed in ``model`` (its base store packs it with its own
+    settings); other entries pass through.
+    """
+    out = dict(state_dict)
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for name in list(module.parametrizations.keys()):
+            plist = entry_list(module, name)
+            store = None if plist is None else plist.store()
+            path = join(module_name, name)
+            if store is None or path not in out:
+                continue
+            value = out.pop(path)
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise LoRAError(
+                    f"checkpoint tensor {path!r} must be a floating tensor to quantize."
+                )
+            if tuple(value.shape) != tuple(store.shape):
+                raise LoRAError(
+                    f"checkpoint tensor {path!r} has shape {tuple(value.shape)}, the model's has "
+                    f"{tuple(store.shape)}."
+                )
+            prefix = join(module_name, f"parametrizations.{name}.")
+            for i, packed in enumerate(store.pack(value)):
+                out[f"{prefix}original{i}"] = packed
+    return out

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .classes import own_class
+from .copies import TrainableCopy
 from .distributed import refuse_sharded
+from .entries import AdapterList, drop_entries, entry_list
+from .entry import AdapterEntry
 from .errors import LoRAError
-from .factored import remove_factored_forward
-from .parametrization import LoRAParametrization
-from .registry import check_adapters_exist, iter_lora
-from .trainable_copies import TrainableCopy, drop_copies, iter_copies, parametrization_list
+from .lookup import check_adapters_exist, iter_entries
+from .variant import AdapterVariant
 
-Entry = LoRAParametrization | TrainableCopy
-Take = Callable[[Entry], bool]
+__all__ = ["RequantizationWarning", "merge_lora", "remove_lora"]
 
-__all__ = ["drop_adapters", "merge_lora", "remove_lora"]
+Take = Callable[[AdapterEntry], bool]
 
 _UNSHARDED_COPY = (
     "Call save_lora on every rank, then on one rank load_lora the file into an unsharded copy "
@@ -29,85 +30,61 @@ _UNSHARDED_COPY = (
 )
 
 
-def _has_lora(module: nn.Module, tensor_name: str = "weight") -> bool:
-    return parametrize.is_parametrized(module, tensor_name) and any(
-        isinstance(p, LoRAParametrization) for p in parametrization_list(module, tensor_name)
-    )
+class RequantizationWarning(UserWarning):
+    """``merge_lora(requantize=True)`` rounded the merged weights back to the packed format.
 
-
-def drop_adapters(
-    module: nn.Module, tensor_name: str, doomed: Callable[[LoRAParametrization], bool]
-) -> None:
-    """Remove the LoRA entries ``doomed`` selects from one tensor's parametrizations.
-
-    When no parametrization is left, the tensor's ``original`` becomes the module's parameter
-    again: the very object it was before ``add_lora``, in its original position.
+    Requantizing the merged weight is lossy (PEFT does the same when it merges into a 4-bit
+    base); the warning's message gives the relative error it added, per weight. Merge without
+    ``requantize`` to keep the exact result in the compute dtype.
     """
-    plist = parametrization_list(module, tensor_name)
-    drop = [i for i, p in enumerate(plist) if isinstance(p, LoRAParametrization) and doomed(p)]
-    if not drop:
-        return
-    own_class(module)
-    rest = [p for i, p in enumerate(plist) if i not in drop]
-    # An entry that exists only to carry LoRA (lora_param.quant's bitsandbytes weight) goes too.
-    if len(drop) == len(plist) or all(getattr(p, "removed_with_lora", False) for p in rest):
-        order = module.__dict__.get("_lora_param_order")
-        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
-        if order is not None:
-            _restore_order(module, order)
-    else:
-        for i in reversed(drop):
-            del plist[i]
-    if not _has_lora(module):
-        remove_factored_forward(module)
 
 
-def _restore_order(module: nn.Module, order: list[str]) -> None:
-    """Put parameters back in their original order (optimizer state is positional)."""
-    params = module._parameters
-    keys = [k for k in order if k in params] + [k for k in params if k not in order]
-    items = [(k, params[k]) for k in keys]
-    params.clear()
-    params.update(items)
+@dataclass
+class _Plan:
+    """One tensor's merge, computed in full before anything changes."""
+
+    module: nn.Module
+    name: str
+    path: str
+    doomed: Callable[[nn.Module], bool]
+    install: Callable[[], None]
+    error: float | None = None
+    packed: bool = False
 
 
-def _tensors_with_lora(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    """Tensors carrying adapter entries (LoRA updates or trained copies), each once."""
+def _tensors_with_entries(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """Tensors carrying adapter entries (updates or trained copies), each once."""
     seen: dict[tuple[int, str], tuple[nn.Module, str, str]] = {}
-    for path, module, name, _ in [*iter_lora(model), *iter_copies(model)]:
+    for path, module, name, _ in iter_entries(model):
         seen.setdefault((id(module), name), (module, name, path))
     return list(seen.values())
 
 
-def _enabled(p: Entry) -> bool:
-    return p.enabled
+def _chain(entries: list[nn.Module], x: Tensor | tuple[Tensor, ...], take: Take) -> Tensor:
+    """Apply a list's entries in at least float32; adapter entries ``take`` selects apply.
 
-
-def _chain(
-    entries: list[nn.Module], x: Tensor | tuple[Tensor, ...], take: Take = _enabled
-) -> Tensor:
-    """Apply parametrizations in order; adapter entries ``take`` selects apply (no dropout)."""
+    Updates compute through their :meth:`~AdapterVariant.merged` (float32, float64 for
+    float64 weights); a trained copy replaces the value; other parametrizations (a store, a
+    user's own) apply as they are.
+    """
     for p in entries:
-        if isinstance(p, LoRAParametrization):
-            # A LoRA entry adapts one tensor, so x is a single tensor by now.
-            x = p.add_update(x) if take(p) else x  # type: ignore[arg-type]
-        elif isinstance(p, TrainableCopy):
-            x = p.value.detach().clone() if take(p) else x
+        if isinstance(p, AdapterVariant):
+            x = p.merged(cast(Tensor, x)) if take(p) else x
+        elif isinstance(p, AdapterEntry):
+            if take(p):
+                value = cast(TrainableCopy, p).value.detach()
+                x = value.to(torch.promote_types(value.dtype, torch.float32))
         else:
             x = p(*x) if isinstance(x, tuple) else p(x)
-    return x  # type: ignore[return-value]  # every chain ends in a single tensor
-
-
-def _drop(module: nn.Module, name: str, doomed: Take) -> None:
-    """Remove the adapter entries (LoRA updates and copies) ``doomed`` selects from a tensor."""
-    drop_adapters(module, name, doomed)
-    drop_copies(module, name, doomed)
+            if isinstance(x, Tensor) and x.is_floating_point():
+                x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return cast(Tensor, x)
 
 
 def _plan_merge_through(
-    module: nn.Module, name: str, path: str, take: Take = _enabled
-) -> tuple[list, dict]:
-    """Plan a merge where other parametrizations precede LoRA on the tensor.
+    plist: AdapterList, path: str, take: Take
+) -> tuple[list[Tensor], dict[int, nn.Module]]:
+    """Plan a merge where a user's parametrizations precede the adapters on the tensor.
 
     Works on copies of those parametrizations (their ``right_inverse`` and power iterations
     may change their state), so a refusal leaves the model untouched.
@@ -115,25 +92,23 @@ def _plan_merge_through(
     Returns:
         New values for the originals, and the planned copies by position in the list.
     """
-    plist = parametrization_list(module, name)
     entries = list(plist)
-    last = max(i for i, p in enumerate(entries) if _is_entry(p))
-    originals = (
-        (plist.original,)
-        if plist.is_tensor
-        else tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
-    )
+    last = max(i for i, p in enumerate(entries) if isinstance(p, AdapterEntry))
     planned = {
         i: copy.deepcopy(p)
         for i, p in enumerate(entries[: last + 1])
-        if not isinstance(p, (LoRAParametrization, TrainableCopy))
+        if not isinstance(p, AdapterEntry)
     }
     chain = [planned.get(i, p) for i, p in enumerate(entries[: last + 1])]
     # User parametrizations, duck-typed: right_inverse is optional (AttributeError below).
     prefix: list[Any] = [planned[i] for i in sorted(planned)]
     names = [type(p).__name__ for p in prefix]
+    originals = plist.stored()
+    dtype = originals[0].dtype
     with torch.no_grad():
         target = _chain(chain, originals if len(originals) > 1 else originals[0], take)
+        if target.dtype != dtype and dtype.is_floating_point:
+            target = target.to(dtype)
         value: Tensor | tuple[Tensor, ...] = target
         try:
             for p in reversed(prefix):
@@ -144,8 +119,10 @@ def _plan_merge_through(
                 "no right_inverse to absorb the update. Use remove_lora, or remove them first."
             ) from None
         values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        check = _chain(prefix, values if len(values) > 1 else values[0])
-        if check.shape != target.shape or not torch.allclose(check, target, rtol=1e-4, atol=1e-5):
+        check = _chain(prefix, values if len(values) > 1 else values[0], take)
+        if check.shape != target.shape or not torch.allclose(
+            check.to(target.dtype), target, rtol=1e-4, atol=1e-5
+        ):
             raise LoRAError(
                 f"cannot merge LoRA into '{path}': the parametrizations {names} cannot "
                 "represent the merged weight (their right_inverse does not invert them). "
@@ -154,21 +131,18 @@ def _plan_merge_through(
     return list(values), planned
 
 
-def _is_entry(p: nn.Module) -> bool:
-    return isinstance(p, (LoRAParametrization, TrainableCopy))
-
-
-def _check_one_adapter_merge(plist: nn.ModuleList, adapter: str, path: str) -> None:
+def _check_one_adapter_merge(plist: AdapterList, adapter: str, path: str) -> None:
     """Refuse merging one adapter where the others' result would change (exactness first)."""
     entries = list(plist)
-    others = [p for p in entries if _is_entry(p) and p.adapter != adapter]
-    foreign = [type(p).__name__ for p in entries if not _is_entry(p)]
+    owned = [(i, p) for i, p in enumerate(entries) if isinstance(p, AdapterEntry)]
+    mine = [i for i, p in owned if p.adapter == adapter]
+    others = [(i, p) for i, p in owned if p.adapter != adapter]
+    foreign = [type(p).__name__ for p in plist.foreign()]
     # Another adapter's copy replaces whatever lies under it: merging is exact only when this
     # adapter contributes nothing but copies that come before every other adapter's copy.
-    mine = [i for i, p in enumerate(entries) if _is_entry(p) and p.adapter == adapter]
-    theirs = [i for i, p in enumerate(entries) if isinstance(p, TrainableCopy) and p in others]
+    theirs = [i for i, p in others if isinstance(p, TrainableCopy)]
     hidden = theirs and (
-        any(isinstance(entries[i], LoRAParametrization) for i in mine) or max(mine) > min(theirs)
+        any(isinstance(entries[i], AdapterVariant) for i in mine) or max(mine) > min(theirs)
     )
     if hidden:
         names = sorted({cast(TrainableCopy, entries[i]).adapter for i in theirs})
@@ -182,21 +156,105 @@ def _check_one_adapter_merge(plist: nn.ModuleList, adapter: str, path: str) -> N
             f"cannot merge adapter {adapter!r} alone into '{path}': other adapters share it with "
             f"the parametrizations {foreign}. Merge every adapter, or remove the others first."
         )
+    # An update whose result depends on the weight under it (DoRA, OFT) does not commute with
+    # the others: merging is exact only where this adapter's entries come first.
+    for i, p in others:
+        if not isinstance(p, AdapterVariant):
+            continue
+        for j in mine:
+            q = entries[j]
+            if i < j and isinstance(q, AdapterVariant) and not (p.additive and q.additive):
+                raise LoRAError(
+                    f"cannot merge adapter {adapter!r} alone into '{path}': adapter "
+                    f"{p.adapter!r} ({p.variant}) comes before it there and the two do not "
+                    "commute (one is not additive), so the others' result would change. Merge "
+                    "every adapter (merge_lora(model)) or remove_lora the other first."
+                )
 
 
-def _own(p: nn.Module) -> list[Tensor]:
-    """The tensors an adapter entry holds (factors, or a copy)."""
-    if isinstance(p, LoRAParametrization):
-        return [p.lora_A, p.lora_B]
-    return [cast(TrainableCopy, p).value]
-
-
-def _check_finite(path: str, values: list[Tensor]) -> None:
-    if not all(bool(torch.isfinite(v).all()) for v in values):
+def _check_finite(path: str, value: Tensor) -> None:
+    if not bool(torch.isfinite(value).all()):
         raise LoRAError(
             f"merge_lora(safe=True): merging into '{path}' gives NaN or inf values; nothing was "
             "changed. The adapter has diverged: check its factors (lora_state_dict) or its copies."
         )
+
+
+def _install_plain(module: nn.Module, name: str, value: Tensor, requires_grad: bool) -> None:
+    fresh = nn.Parameter(value.detach(), requires_grad=requires_grad)
+    if parametrize.is_parametrized(module, name):
+        cast(AdapterList, cast(nn.ModuleDict, module.parametrizations)[name]).original = fresh
+    else:
+        setattr(module, name, fresh)
+
+
+def _install_through(
+    module: nn.Module, name: str, values: list[Tensor], planned: dict[int, nn.Module]
+) -> None:
+    plist = cast(AdapterList, cast(nn.ModuleDict, module.parametrizations)[name])
+    for i, p in planned.items():
+        plist[i] = p
+    slots = ["original"] if plist.is_tensor else [f"original{i}" for i in range(len(values))]
+    for slot, v in zip(slots, values, strict=True):
+        old = getattr(plist, slot)
+        setattr(plist, slot, nn.Parameter(v.detach().clone(), requires_grad=old.requires_grad))
+    plist.clear_cache()
+
+
+def _plan(
+    module: nn.Module,
+    name: str,
+    path: str,
+    adapter: str | None,
+    safe: bool,
+    requantize: bool,
+) -> _Plan | None:
+    plist = entry_list(module, name)
+    assert plist is not None
+    owned = plist.owned()
+    if adapter is not None and not any(p.adapter == adapter for p in owned):
+        return None
+
+    def take(p: AdapterEntry) -> bool:
+        return p.enabled if adapter is None else p.adapter == adapter
+
+    def doomed(p: nn.Module) -> bool:
+        return isinstance(p, AdapterEntry) and (adapter is None or p.adapter == adapter)
+
+    if adapter is not None:
+        _check_one_adapter_merge(plist, adapter, path)
+    store = plist.store()
+    if store is not None:
+        if store.removed_with_adapters and any(not doomed(p) for p in owned):
+            raise LoRAError(
+                f"cannot merge adapter {adapter!r} alone into '{path}': its base is a "
+                f"{type(store).__name__} that exists only for its adapters, and the others "
+                "would stay on it. Merge every adapter (merge_lora(model)) or remove_lora the "
+                "others first."
+            )
+        with torch.no_grad():
+            value = _chain(list(plist)[1:], store.weight_fp32(*plist.stored()), take)
+        if safe:
+            _check_finite(path, value)
+        install, error = store.merge_step(module, plist.stored(), value, requantize)
+        return _Plan(module, name, path, doomed, install, error, packed=True)
+    if not plist.foreign():
+        original = plist.stored()[0]
+        with torch.no_grad():
+            value = _chain(list(plist), original, take).to(original.dtype)
+        if safe:
+            _check_finite(path, value)
+        requires_grad = original.requires_grad
+        return _Plan(
+            module, name, path, doomed, lambda: _install_plain(module, name, value, requires_grad)
+        )
+    values, planned = _plan_merge_through(plist, path, take)
+    if safe:
+        for v in values:
+            _check_finite(path, v)
+    return _Plan(
+        module, name, path, doomed, lambda: _install_through(module, name, values, planned)
+    )
 
 
 def merge_lora(
@@ -210,14 +268,16 @@ def merge_lora(
     dropped; the others stay, switchable, on top of the new weights. Heads and biases an
     adapter trains (its own copies) are merged too: the copy becomes the weight.
 
-    The merged weight is a new parameter: the pretrained tensor is not modified in place.
-    Other parametrizations (weight_norm, a user's own) stay; LoRA is folded into their inputs
+    Every variant merges through its own formula (DoRA's magnitude included), computed in at
+    least float32 (float64 stays float64) and rounded once to the weight's dtype. The merged
+    weight is a new parameter: the pretrained tensor is not modified in place. Other
+    parametrizations (weight_norm, a user's own) stay; adapters are folded into their inputs
     through their ``right_inverse``. Everything is computed and checked before anything
     changes.
 
-    A packed (quantized) base becomes a plain weight in its compute dtype,
-    ``dequant(Q) + s·B·A`` summed in float32 and rounded once; with ``requantize=True`` it
-    stays packed instead, and a ``RequantizationWarning`` reports the error that added.
+    A packed (quantized) base becomes a plain weight in its compute dtype, ``W'`` of
+    ``dequant(Q)`` rounded once; with ``requantize=True`` it stays packed instead, and a
+    ``RequantizationWarning`` reports the error that added.
 
     Args:
         model: A model with adapters.
@@ -231,78 +291,39 @@ def merge_lora(
 
     Raises:
         LoRAError: No such adapter; a merged weight is not finite (``safe=True``); one adapter
-            cannot be merged alone exactly (another adapter holds its own copy of that tensor).
+            cannot be merged alone exactly (another adapter holds its own copy of that tensor,
+            or comes before it with an update that does not commute with it).
     """
     refuse_sharded(model, "merge_lora", _UNSHARDED_COPY)
     if adapter is not None:
         check_adapters_exist(model, [adapter])
-    from ..quant.merge import plan_packed_merges  # the quant package builds on core
-
-    packed = plan_packed_merges(model, requantize)
-
-    def take(p: Entry) -> bool:
-        return p.enabled if adapter is None else p.adapter == adapter
-
-    def doomed(p: Entry) -> bool:
-        return adapter is None or p.adapter == adapter
-
-    plans: list[tuple[nn.Module, str, Any, bool | None]] = []
-    for module, name, path in _tensors_with_lora(model):
-        plist = parametrization_list(module, name)
-        if adapter is not None and not any(_is_entry(p) and p.adapter == adapter for p in plist):
-            continue
-        if packed.covers(module, name):
-            if adapter is not None:
-                raise LoRAError(
-                    f"merge_lora(adapter={adapter!r}) cannot merge one adapter into the packed "
-                    f"(quantized) base of '{path}'; merge every adapter (merge_lora(model)) or "
-                    "dequantize_base(model) first."
-                )
-            if safe:
-                _check_finite(
-                    path, [t for p in plist if _is_entry(p) and p.enabled for t in _own(p)]
-                )
-            continue
-        if adapter is not None:
-            _check_one_adapter_merge(plist, adapter, path)
-        if all(_is_entry(p) for p in plist):
-            with torch.no_grad():
-                merged = _chain(list(plist), plist.original, take)
-            if safe:
-                _check_finite(path, [merged])
-            plans.append((module, name, merged, plist.original.requires_grad))
-        else:
-            values, planned = _plan_merge_through(module, name, path, take)
-            if safe:
-                _check_finite(path, values)
-            plans.append((module, name, (values, planned), None))
-    if adapter is None:
-        packed.apply()
-    for module, name, value, requires_grad in plans:
-        if requires_grad is not None:
-            _drop(module, name, doomed)
-            fresh = nn.Parameter(value.detach(), requires_grad=requires_grad)
-            if parametrize.is_parametrized(module, name):
-                parametrization_list(module, name).original = fresh
-            else:
-                setattr(module, name, fresh)
-            continue
-        values, planned = value
-        plist = parametrization_list(module, name)
-        for i, p in planned.items():
-            plist[i] = p
-        slots = ["original"] if plist.is_tensor else [f"original{i}" for i in range(len(values))]
-        for slot, v in zip(slots, values, strict=True):
-            old = getattr(plist, slot)
-            setattr(plist, slot, nn.Parameter(v.detach().clone(), requires_grad=old.requires_grad))
-        _drop(module, name, doomed)
+    plans = [
+        plan
+        for module, name, path in _tensors_with_entries(model)
+        if (plan := _plan(module, name, path, adapter, safe, requantize)) is not None
+    ]
+    # Plain tensors (biases, copies) first: a packed layer's step may change the layer's class.
+    for plan in sorted(plans, key=lambda p: p.packed):
+        drop_entries(plan.module, plan.name, plan.doomed)
+        plan.install()
+    errors = {p.path: p.error for p in plans if p.error is not None}
+    if errors:
+        worst = max(errors, key=errors.__getitem__)
+        warnings.warn(
+            f"merge_lora(requantize=True) rounded {len(errors)} merged weights back to "
+            f"their packed format, adding a relative error up to {errors[worst]:.3g} "
+            f"(at '{worst}') on top of the merge; merge_lora(model) without requantize "
+            "keeps the merged weights exact in the compute dtype.",
+            RequantizationWarning,
+            stacklevel=2,
+        )
     return model
 
 
 def remove_lora(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """Drop adapters (all, or one by name) and give back the original weights bit-for-bit.
 
-    The adapters' own copies of heads and biases go with them.
+    The adapters' own copies of heads and biases go with them; a packed base stays packed.
 
     Args:
         model: A model with adapters.
@@ -314,6 +335,10 @@ def remove_lora(model: nn.Module, adapter: str | None = None) -> nn.Module:
     if adapter is not None:
         check_adapters_exist(model, [adapter])
     refuse_sharded(model, "remove_lora", _UNSHARDED_COPY)
-    for module, name, _ in _tensors_with_lora(model):
-        _drop(module, name, lambda p: adapter is None or p.adapter == adapter)
+    for module, name, _ in _tensors_with_entries(model):
+        drop_entries(
+            module,
+            name,
+            lambda p: isinstance(p, AdapterEntry) and (adapter is None or p.adapter == adapter),
+        )
     return model

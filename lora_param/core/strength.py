@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import math
 
-from torch import Tensor, nn
+from torch import nn
 
 from .errors import LoRAError
-from .parametrization import LoRAParametrization
-from .registry import check_adapters_exist, iter_lora
+from .lookup import check_adapters_exist, iter_lora
+from .variant import require
 
-__all__ = ["adapter_scale", "base_scale", "set_adapter_scale"]
-
-
-def base_scale(p: LoRAParametrization) -> float:
-    """The adapter's own scale, ``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA)."""
-    return p.alpha / (math.sqrt(p.rank) if p.use_rslora else p.rank)
+__all__ = ["adapter_scale", "set_adapter_scale"]
 
 
 def set_adapter_scale(model: nn.Module, adapter: str, strength: float) -> None:
@@ -36,7 +31,8 @@ def set_adapter_scale(model: nn.Module, adapter: str, strength: float) -> None:
         strength: Any finite number; the adapter's scale becomes ``strength * alpha / rank``.
 
     Raises:
-        LoRAError: Unknown adapter or a strength that is not a finite number.
+        LoRAError: Unknown adapter, a strength that is not a finite number, or an adapter whose
+            variant has no scale (nothing is changed then).
     """
     if (
         isinstance(strength, bool)
@@ -45,19 +41,26 @@ def set_adapter_scale(model: nn.Module, adapter: str, strength: float) -> None:
     ):
         raise LoRAError(f"strength must be a finite number, got {strength!r}.")
     check_adapters_exist(model, [adapter])
-    for *_, p in iter_lora(model):
-        if p.adapter == adapter:
-            value = base_scale(p) * float(strength)
-            if isinstance(p.scale, Tensor):
-                p.scale.fill_(value)  # a tensor scale (hot-swap) keeps its identity
-            else:
-                p.scale = value
-            p.__dict__["strength"] = float(strength)
-            p.clear_cache()
+    entries = [(path, p) for path, _, _, p in iter_lora(model) if p.adapter == adapter]
+    for path, p in entries:
+        require(p, "strength", "set_adapter_scale", path)
+    for _, p in entries:
+        p.set_strength(float(strength))
 
 
 def adapter_scale(model: nn.Module, adapter: str) -> float:
-    """The strength set by :func:`set_adapter_scale` (1.0 when never set)."""
+    """The strength set by :func:`set_adapter_scale` (1.0 when never set).
+
+    Args:
+        model: A model with adapters.
+        adapter: Adapter name.
+
+    Returns:
+        The adapter's strength (its scale is ``strength * alpha / rank``).
+
+    Raises:
+        LoRAError: No adapter of that name.
+    """
     check_adapters_exist(model, [adapter])
     for *_, p in iter_lora(model):
         if p.adapter == adapter:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import cast
 
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .layers import parametrization_list
-from .registry import iter_lora
+from .entries import adapter_lists
+from .lookup import iter_lora, owned_tensor_ids
 
 __all__ = ["ParameterCounts", "parameter_counts", "trainable_summary"]
 
@@ -22,8 +19,9 @@ class ParameterCounts:
     Attributes:
         trainable: Parameters with ``requires_grad``.
         total: All parameters, adapters included.
-        lora: Adapter parameters (``lora_A`` and ``lora_B`` of every adapter).
-        base: Parameters that are not adapters.
+        lora: Adapter parameters: every adapter's tensors (``lora_A``, ``lora_B``, a DoRA
+            magnitude, ...) and its own trained copies of heads and biases.
+        base: The pretrained model's parameters.
     """
 
     trainable: int
@@ -43,23 +41,16 @@ class ParameterCounts:
 
 
 def _packed_counts(model: nn.Module) -> dict[int, int]:
-    """Weights a packed (quantized) tensor stands for: codes count as the weight, scales as 0."""
+    """Weights a packed (stored) tensor stands for: its first stored tensor counts as the
+    weight, the others (scales) as 0."""
     counts: dict[int, int] = {}
-    for module in model.modules():
-        if not parametrize.is_parametrized(module):
+    for _, plist in adapter_lists(model):
+        store = plist.store()
+        if store is None:
             continue
-        for name in cast(nn.ModuleDict, module.parametrizations):
-            plist = parametrization_list(module, name)
-            head = plist[0]
-            if not hasattr(head, "base_forward"):  # not a packed weight (lora_param.quant)
-                continue
-            stored = (
-                [plist.original]
-                if plist.is_tensor
-                else [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
-            )
-            counts.update((id(t), 0) for t in stored)
-            counts[id(stored[0])] = math.prod(cast("tuple[int, ...]", head.shape))
+        stored = plist.stored()
+        counts.update((id(t), 0) for t in stored)
+        counts[id(stored[0])] = store.numel()
     return counts
 
 
@@ -67,13 +58,21 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
     """Count trainable, total, adapter and base parameters (shared tensors counted once).
 
     A packed (quantized) weight counts as the weights it stores, not its bytes or scales.
+    What the adapters own (their updates' tensors and their trained copies of heads and
+    biases) counts as adapter parameters, not base.
+
+    Args:
+        model: Any model.
+
+    Returns:
+        The counts; see :class:`ParameterCounts`.
     """
     params = {id(p): p for p in model.parameters()}
     packed = _packed_counts(model)
     sizes = {i: packed.get(i, p.numel()) for i, p in params.items()}
-    lora = {id(t) for *_, p in iter_lora(model) for t in p.parameters()}
+    owned = owned_tensor_ids(model)
     total = sum(sizes.values())
-    lora_n = sum(n for i, n in sizes.items() if i in lora)
+    lora_n = sum(n for i, n in sizes.items() if i in owned)
     trainable = sum(sizes[i] for i, p in params.items() if p.requires_grad)
     return ParameterCounts(trainable, total, lora_n, total - lora_n)
 
@@ -102,10 +101,10 @@ def trainable_summary(model: nn.Module, per_layer: bool = False) -> str:
             (
                 path,
                 p.adapter,
-                p.kind,
+                p.variant if p.variant != "lora" else p.kind,
                 "x".join(map(str, p.weight_shape)),
-                str(p.rank),
-                f"{p.alpha:g}",
+                str(getattr(p, "rank", "-")),
+                f"{getattr(p, 'alpha', float('nan')):g}",
                 f"{sum(t.numel() for t in p.parameters()):,}",
                 "yes" if p.enabled else "no",
             )

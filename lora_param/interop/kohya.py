@@ -24,31 +24,28 @@ Only ``safetensors`` is needed (imported when called); diffusers is not.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..core.atomic import atomic_write
-from ..core.dora import is_dora
+from ..core.entry import AdapterEntry
 from ..core.errors import LoRAError
 from ..core.freeze import freeze_base
 from ..core.inject import Mode, inject
-from ..core.layers import AdaptTarget, layer_kind, module_targets
-from ..core.parametrization import LoRAParametrization
-from ..core.registry import iter_lora, list_adapters
+from ..core.lookup import iter_lora, list_adapters
+from ..core.targets import AdaptTarget, layer_kind, module_targets
+from .kohya_codecs import codec_for_parts, codec_for_variant, known_families
 
 __all__ = ["KOHYA_PREFIXES", "export_kohya", "import_kohya", "read_kohya_file"]
 
 KOHYA_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
-_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 _TEXT_WRAPPER = "text_model_"
 _EXTRA_HINT = 'pip install "lora_param[peft]"  (for safetensors)'
 
@@ -100,7 +97,7 @@ def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
         n: m
         for n, m in model.named_modules()
         if ".parametrizations" not in f".{n}"
-        and not isinstance(m, LoRAParametrization)
+        and not isinstance(m, AdapterEntry)
         and layer_kind(m) in ("linear", "conv", "conv1d_hf")
     }
 
@@ -217,16 +214,6 @@ class _Resolver:
 # import
 
 
-@dataclass
-class _Entry:
-    """The tensors of one kohya module entry."""
-
-    down: Tensor | None = None
-    up: Tensor | None = None
-    alpha: Tensor | None = None
-    dora: Tensor | None = None
-
-
 def _split(key: str) -> tuple[str, str]:
     stem, _, suffix = key.partition(".")
     return stem, suffix
@@ -239,82 +226,12 @@ def _which_prefix(stem: str) -> str | None:
     return None
 
 
-def _shape_error(key: str, tensor: Tensor, path: str, want: str) -> LoRAError:
-    return LoRAError(
-        f"{key!r} has shape {tuple(tensor.shape)}, but '{path}' needs {want}; the file was "
-        "made for another model."
-    )
-
-
-def _check_pair(stem: str, path: str, module: nn.Module, entry: _Entry) -> tuple[Tensor, Tensor]:
-    """Check down/up against the layer and return ``(A, B)`` as (r, fan_in) and (fan_out, r)."""
-    assert entry.down is not None and entry.up is not None
-    down, up = entry.down, entry.up
-    if not (down.is_floating_point() and up.is_floating_point()):
-        raise LoRAError(f"{stem!r}: lora_down/lora_up must be floating-point tensors.")
-    rank = down.shape[0] if down.dim() else 0
-    target = module_targets(path, module)
-    assert target is not None
-    t = target[0]
-    is_conv = t.kind == "conv"
-    kernel = tuple(t.shape[2:]) if is_conv else ()
-    pointwise = all(k == 1 for k in kernel)
-    if is_conv and module.groups != 1:
-        raise LoRAError(
-            f"'{path}' is a grouped convolution (groups={module.groups}); kohya LoRA does not "
-            "describe those."
-        )
-    # A Linear takes (r, in) or 1x1-conv (r, in, 1, 1) keys; a 1x1 conv takes either too.
-    as_matrix = (
-        down.dim() >= 2
-        and down.shape[1] == t.fan_in
-        and all(s == 1 for s in down.shape[2:])
-        and pointwise
-    )
-    as_kernel = is_conv and tuple(down.shape[1:]) == tuple(t.shape[1:])
-    down_ok = rank > 0 and (as_matrix or as_kernel)
-    if not down_ok:
-        want = f"({rank}, {t.fan_in // max(1, math.prod(kernel))}, {', '.join(map(str, kernel))})"
-        raise _shape_error(f"{stem}.lora_down.weight", down, path, want if is_conv else "(r, in)")
-    up_ok = (
-        up.dim() >= 2
-        and tuple(up.shape[:2]) == (t.fan_out, rank)
-        and all(s == 1 for s in up.shape[2:])
-    )
-    if not up_ok:
-        raise _shape_error(f"{stem}.lora_up.weight", up, path, f"({t.fan_out}, {rank}[, 1, 1])")
-    return down.reshape(rank, t.fan_in), up.reshape(t.fan_out, rank)
-
-
-def _alpha(stem: str, entry: _Entry, rank: int) -> float:
-    if entry.alpha is None:
-        return float(rank)  # kohya's rule: no alpha means scale 1
-    if entry.alpha.numel() != 1:
-        raise LoRAError(f"{stem}.alpha must be a scalar, got shape {tuple(entry.alpha.shape)}.")
-    value = float(entry.alpha.float().item())
-    if not math.isfinite(value) or value <= 0:
-        raise LoRAError(f"{stem}.alpha is {value}; it must be a positive number.")
-    return value
-
-
-def _magnitude(stem: str, entry: _Entry, target: AdaptTarget) -> Tensor | None:
-    if entry.dora is None:
-        return None
-    d = entry.dora
-    if d.dim() == 0 or d.shape[0] != target.fan_out or d.numel() != target.fan_out:
-        raise LoRAError(
-            f"{stem}.dora_scale has shape {tuple(d.shape)}; only the per-output magnitude "
-            f"({target.fan_out}, 1, ...) (LyCORIS wd_on_out=True) is supported."
-        )
-    return d.reshape(-1)
-
-
 def _group(
     state: Mapping[str, Tensor], prefix: str
-) -> tuple[dict[str, _Entry], list[str], list[str]]:
-    """Entries of ``prefix``, and the keys of other methods and of no known prefix."""
-    entries: dict[str, _Entry] = {}
-    foreign: list[str] = []
+) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
+    """The parts of each ``prefix`` entry (``{suffix: tensor}`` per stem), and the keys of no
+    known prefix."""
+    entries: dict[str, dict[str, Tensor]] = {}
     unknown: list[str] = []
     for key, tensor in state.items():
         stem, suffix = _split(key)
@@ -324,18 +241,8 @@ def _group(
             continue
         if owner != prefix:
             continue  # another part of the pipeline: loaded by the call with its prefix
-        if suffix not in _SUFFIXES:
-            foreign.append(key)
-            continue
-        entry = entries.setdefault(stem, _Entry())
-        field = {
-            "lora_down.weight": "down",
-            "lora_up.weight": "up",
-            "alpha": "alpha",
-            "dora_scale": "dora",
-        }[suffix]
-        setattr(entry, field, tensor)
-    return entries, foreign, unknown
+        entries.setdefault(stem, {})[suffix] = tensor
+    return entries, unknown
 
 
 def import_kohya(
@@ -385,35 +292,31 @@ def import_kohya(
             f"adapter {adapter!r} already exists in this model; pass another adapter= name."
         )
     state = _as_state_dict(path_or_state_dict)
-    entries, foreign, unknown = _group(state, prefix)
+    entries, unknown = _group(state, prefix)
     resolver = _Resolver(model)
     plan: list[tuple[AdaptTarget, dict]] = []
-    values: list[tuple[str, Tensor, Tensor, Tensor | None]] = []
+    values: list[tuple[str, dict[str, Tensor]]] = []
     no_module: list[str] = []
-    for stem, entry in entries.items():
-        if entry.down is None or entry.up is None:
-            present = zip(_SUFFIXES, (entry.down, entry.up, entry.alpha, entry.dora), strict=True)
-            foreign.extend(f"{stem}.{suffix}" for suffix, t in present if t is not None)
+    foreign: list[str] = []
+    for stem, parts in entries.items():
+        codec = codec_for_parts(parts)
+        if codec is None:
+            foreign.extend(f"{stem}.{suffix}" for suffix in parts)
             continue
         path = resolver.resolve(stem[len(prefix) + 1 :])
         if path is None:
             no_module.append(stem)
             continue
         module = resolver.modules[path]
-        lora_a, lora_b = _check_pair(stem, path, module, entry)
         target = module_targets(path, module)[0]  # type: ignore[index]
-        rank = lora_a.shape[0]
-        magnitude = _magnitude(stem, entry, target)
-        options: dict[str, Any] = {"rank": rank, "alpha": _alpha(stem, entry, rank)}
-        if magnitude is not None:
-            options["use_dora"] = True
-        plan.append((target, options))
-        values.append((target.path, lora_a, lora_b, magnitude))
+        fields, tensors = codec.read(stem, parts, target, module)
+        plan.append((target, fields))
+        values.append((target.path, tensors))
     problems = []
     if foreign:
         problems.append(
-            f"keys of another method or incomplete entries (lora_param reads lora_down/"
-            f"lora_up/alpha/dora_scale only): {sorted(foreign)[:10]}"
+            f"keys of another method or incomplete entries (lora_param reads "
+            f"{known_families()}): {sorted(foreign)[:10]}"
         )
     if no_module:
         problems.append(
@@ -439,12 +342,10 @@ def import_kohya(
     inject(model, plan, adapter=adapter, mode=mode)
     loaded = {tpath: q for tpath, _, _, q in iter_lora(model) if q.adapter == adapter}
     with torch.no_grad():
-        for tpath, lora_a, lora_b, magnitude in values:
-            entry_p = loaded[tpath]
-            entry_p.lora_A.copy_(lora_a)
-            entry_p.lora_B.copy_(lora_b)
-            if magnitude is not None and is_dora(entry_p):
-                entry_p.lora_magnitude.copy_(magnitude)
+        for tpath, tensors in values:
+            own = loaded[tpath].tensors()
+            for name, value in tensors.items():
+                own[name].copy_(value.reshape(own[name].shape))
     if freeze:
         freeze_base(model, [], "none")
     return model
@@ -502,28 +403,18 @@ def export_kohya(
     for tpath, module, tensor_name, p in iter_lora(model):
         if p.adapter != adapter:
             continue
+        codec = codec_for_variant(p, tpath)
         module_path = tpath.rpartition(".")[0]
         if tensor_name != "weight" or p.kind not in ("linear", "conv", "conv1d_hf"):
             raise LoRAError(
                 f"'{tpath}' ({p.kind}) cannot be written as a kohya entry: kohya files adapt "
                 "Linear and Conv layers only. Export the others with save_lora or export_peft."
             )
-        if p.kind == "conv" and module.groups != 1:
+        if p.kind == "conv" and cast(Any, module).groups != 1:
             raise LoRAError(f"'{tpath}' is a grouped convolution; kohya files do not describe it.")
         stem = _export_name(model, module_path, prefix)
-        a, b = p.lora_A.detach(), p.lora_B.detach()
-        shape = tuple(p.weight_shape)
-        if p.kind == "conv":
-            a = a.reshape(p.rank, *shape[1:])
-            b = b.reshape(p.fan_out, p.rank, *([1] * (len(shape) - 2)))
-        alpha = p.alpha * math.sqrt(p.rank) if p.use_rslora else p.alpha
-        out[f"{stem}.lora_down.weight"] = a.contiguous().cpu()
-        out[f"{stem}.lora_up.weight"] = b.contiguous().cpu()
-        out[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-        if is_dora(p):
-            m = p.lora_magnitude.detach()
-            ones = [1] * (len(shape) - 1)
-            out[f"{stem}.dora_scale"] = m.reshape(-1, *ones).contiguous().cpu()
+        for suffix, tensor in codec.write(p).items():
+            out[f"{stem}.{suffix}"] = tensor.detach().contiguous().cpu()
     st = _safetensors_torch()
     metadata = {"ss_network_module": "networks.lora", "lora_param_adapter": adapter}
     data = st.save(out, metadata=metadata)

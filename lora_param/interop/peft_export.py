@@ -11,20 +11,21 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
 from ..core.atomic import atomic_write
-from ..core.distributed import check_in, full_tensor, is_sharded, write_once
-from ..core.dora import is_dora
-from ..core.errors import LoRAError
-from ..core.layers import tensor_names
-from ..core.paths import check_output_folder
-from ..core.registry import iter_lora, list_adapters
-from ..core.trainable_copies import (
+from ..core.copies import (
     iter_copies,
 )
+from ..core.distributed import check_in, full_tensor, is_sharded, write_once
+from ..core.errors import LoRAError
+from ..core.lookup import iter_lora, list_adapters
+from ..core.paths import check_output_folder
+from ..core.targets import tensor_names
+from ..variants.lora import LoRAParametrization
+from .peft_codecs import codec_for_entry, folder_format
 from .peft_format import (
     CONFIG_NAME,
     PREFIX,
@@ -161,16 +162,31 @@ def _nested_parameters(model: nn.Module, adapter: str) -> dict[str, int]:
     return depths
 
 
-def _peft_magnitude(module_path: str, target_kind: str, p: Any) -> dict[str, Tensor]:
-    """PEFT's ``lora_magnitude_vector`` for a DoRA layer: (n,), or (1, out, 1, ...) for convs."""
-    if target_kind != "module":
-        raise LoRAError(
-            f"'{module_path}': PEFT has no DoRA for parameters given by name (target_parameters)."
-        )
-    m = p.lora_magnitude.detach()
-    if p.kind == "conv":
-        m = m.reshape(1, -1, *([1] * (len(p.weight_shape) - 2)))
-    return {f"{PREFIX}{module_path}.lora_magnitude_vector": m}
+def _export_any(
+    model: nn.Module,
+    adapter: str | None,
+    base_model_name_or_path: str | None,
+    task_type: str | None,
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The folder's config and tensors: PEFT's LoRA layout, or the folder type of a variant
+    PEFT keeps in another tuner (:func:`~.peft_codecs.register_peft_folder_format`)."""
+    inner = unwrap_model(model)
+    names = list_adapters(inner)
+    chosen = adapter if adapter is not None else (names[0] if len(names) == 1 else None)
+    variants = {p.variant for *_, p in iter_lora(inner) if p.adapter == chosen}
+    fmt = folder_format(variant=next(iter(variants))) if len(variants) == 1 else None
+    if fmt is None or chosen is None:
+        return _build_export(model, adapter, base_model_name_or_path, task_type)
+    config, tensors = fmt.export(inner, chosen)
+    config = {
+        "peft_type": fmt.peft_type,
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        **config,
+    }
+    return config, {k: t.contiguous().clone() for k, t in tensors.items()}
 
 
 def _build_export(
@@ -201,9 +217,9 @@ def _build_export(
         if p.adapter != adapter:
             continue
         module_path = tensor_path[: -len(tensor_name)].rstrip(".")
+        codec = codec_for_entry(p, tensor_path)
         target_kind, pair = _peft_tensors(module_path, module, tensor_name, p)
-        if is_dora(p):
-            pair.update(_peft_magnitude(module_path, target_kind, p))
+        pair.update(codec.export_extra(p, module_path, target_kind))
         if tensor_path in nested:  # PEFT nests one wrapper per adapted parameter
             depth = f".{BASE_LAYER}" * nested[tensor_path]
             pair = {
@@ -239,7 +255,8 @@ def _build_export(
             "export it."
         )
 
-    ps = [p for _, _, p, _ in entries]
+    # The LoRA family's fields (lora and dora, the variants PEFT's LoRA folder holds).
+    ps = [cast(LoRAParametrization, p) for _, _, p, _ in entries]
     rslora_values = {bool(p.use_rslora) for p in ps}
     use_rslora = rslora_values == {True}
     if len(rslora_values) == 1:
@@ -308,12 +325,13 @@ def _build_export(
         if target_modules is None:
             target_modules = []
 
-    dora = {is_dora(p) for p in ps}
-    if len(dora) > 1:
+    variants = {p.variant for p in ps}
+    if len(variants) > 1:
         raise LoRAError(
-            f"adapter {adapter!r} is DoRA on some layers only; PEFT's use_dora is one flag for "
-            "the whole adapter."
+            f"adapter {adapter!r} mixes the variants {sorted(variants)} over its layers; a "
+            "PEFT folder holds one variant for the whole adapter."
         )
+    flags = codec_for_entry(ps[0], entries[0][3]).flags
     copy_tensors, modules_to_save, bias = _export_copies(model, adapter, owners, base_names)
     tensors.update(copy_tensors)
 
@@ -338,7 +356,8 @@ def _build_export(
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "use_dora": dora == {True},
+        "use_dora": False,
+        **flags,
     }
     if target_parameters:
         config["target_parameters"] = target_parameters
@@ -438,6 +457,9 @@ def export_peft(
     ``rank_pattern`` / ``alpha_pattern``; ``use_rslora`` is kept (a mix of rsLoRA and plain layers
     is written as the equivalent ``alpha`` per layer); HF ``Conv1D`` layers set ``fan_in_fan_out``.
 
+    On a sharded (FSDP2) model this is a collective: call it on every rank; the adapter is
+    gathered and rank 0 alone writes the folder.
+
     Args:
         model: A model with adapters (a ``torch.compile`` or DDP wrapper is looked through).
         save_directory: Folder to write.
@@ -450,9 +472,6 @@ def export_peft(
     Returns:
         The folder, as a Path.
 
-    On a sharded (FSDP2) model this is a collective: call it on every rank; the adapter is
-    gathered and rank 0 alone writes the folder.
-
     Raises:
         LoRAError: the folder cannot be written (it is a file, a place that is not writable), or
             the adapter has a layer PEFT cannot represent the same way (grouped or
@@ -464,12 +483,12 @@ def export_peft(
     if base_model_name_or_path is None:
         base_model_name_or_path = _default_name_or_path(model)
     out = Path(save_directory)
-    sharded = any(is_sharded(p.lora_A) for *_, p in iter_lora(unwrap_model(model)))
+    sharded = any(is_sharded(p.anchor()) for *_, p in iter_lora(unwrap_model(model)))
     if sharded:
         check_in("export_peft")
     else:
         check_output_folder(out, "PEFT adapter folder")
-    config, tensors = _build_export(model, adapter, base_model_name_or_path, task_type)
+    config, tensors = _export_any(model, adapter, base_model_name_or_path, task_type)
 
     def write() -> None:
         check_output_folder(out, "PEFT adapter folder")

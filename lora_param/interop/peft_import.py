@@ -15,18 +15,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.dora import is_dora
-from ..core.errors import LoRAError
-from ..core.inject import Mode, add_lora
-from ..core.layers import base_tensor, is_hf_conv1d, tensor_names
-from ..core.merge import remove_lora
-from ..core.registry import iter_lora, list_adapters
-from ..core.trainable_copies import (
+from ..core.copies import (
     CopyPlan,
     CopyRole,
     check_copyable,
     register_copies,
 )
+from ..core.errors import LoRAError
+from ..core.inject import Mode, add_lora
+from ..core.lookup import iter_lora, list_adapters
+from ..core.merge import remove_lora
+from ..core.targets import base_tensor, is_hf_conv1d, module_targets, tensor_names
+from .peft_codecs import codec_for_config, folder_format
 from .peft_format import (
     CONFIG_NAME,
     PREFIX,
@@ -54,16 +54,16 @@ def _our_factors(layout: str, pa: Tensor, pb: Tensor, rank: int) -> tuple[Tensor
     return pa, pb
 
 
-def _split_key(key: str) -> tuple[str, str]:
+def _split_key(key: str, extra: tuple[str, ...]) -> tuple[str, str]:
     for suffix in (
-        ".lora_A.weight",
-        ".lora_B.weight",
-        ".lora_embedding_A",
-        ".lora_embedding_B",
-        ".lora_magnitude_vector",
+        "lora_A.weight",
+        "lora_B.weight",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        *extra,
     ):
-        if key.endswith(suffix):
-            return key[: -len(suffix)], suffix[1:]
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
     return key, ""
 
 
@@ -107,19 +107,29 @@ def import_peft(
 
     path = Path(directory)
     config, raw = read_folder(path)
+    target = unwrap_model(model)
+    fmt = folder_format(peft_type=str(config.get("peft_type")))
+    if fmt is not None and fmt.peft_type != "LORA":
+        if adapter in list_adapters(target):
+            raise LoRAError(
+                f"the model already has an adapter named {adapter!r}; pass another adapter=."
+            )
+        fmt.load(target, config, raw, adapter, freeze, mode)
+        return model
     check_field_types(config, path / CONFIG_NAME)
     check_config(config, path)
-    target = unwrap_model(model)
     if adapter in list_adapters(target):
         raise LoRAError(
             f"the model already has an adapter named {adapter!r}; pass another adapter=."
         )
 
+    codec = codec_for_config(config)
+    known_extra = ("lora_magnitude_vector", *codec.extra_keys)
     groups: dict[tuple[str, int], dict[str, Tensor]] = {}
     extras: dict[str, Tensor] = {}
     for key, t in raw.items():
         stripped = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        wrapped_path, part = _split_key(stripped)
+        wrapped_path, part = _split_key(stripped, tuple(dict.fromkeys(known_extra)))
         if not part:
             extras[stripped] = t
             continue
@@ -136,8 +146,7 @@ def import_peft(
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
-    use_dora = bool(config.get("use_dora", False))
-    magnitudes: dict[str, Tensor] = {}
+    variant_extra: dict[str, dict[str, Tensor]] = {}
 
     plan = []  # (tensor path, module path, A (our layout), B (our layout), rank, alpha)
     by_name: set[str] = set()  # tensors adapted through target_parameters
@@ -148,15 +157,14 @@ def import_peft(
                 f"'{path}' adapts '{module_path}', which this model does not have; "
                 "is this the base model the adapter was trained on?"
             )
-        magnitude = parts.pop("lora_magnitude_vector", None)
-        if (magnitude is not None) != use_dora:
+        extra = {k: parts.pop(k) for k in list(parts) if k in known_extra}
+        if set(extra) != set(codec.extra_keys):
             raise LoRAError(
-                f"'{path}': layer '{module_path}' "
-                + ("lacks lora_magnitude_vector" if use_dora else "has a DoRA magnitude")
-                + f" but the config says use_dora={use_dora}."
+                f"'{path}': layer '{module_path}' has the tensors {sorted(extra)} besides its "
+                f"factors, but the config describes a {codec.variant} adapter, which has "
+                f"{sorted(codec.extra_keys)} (use_dora={config.get('use_dora', False)})."
             )
-        if magnitude is not None:
-            magnitudes[module_path] = magnitude.reshape(-1)
+        variant_extra[module_path] = extra
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a_key, b_key = (
             ("lora_embedding_A", "lora_embedding_B")
@@ -207,7 +215,10 @@ def import_peft(
             tensor_name = "weight"
             w = base_tensor(module, "weight")
             if isinstance(module, nn.Linear):
-                out_f, in_f = w.shape
+                # the layer's own description: a packed (bitsandbytes) weight is (out, in) too
+                linear = module_targets(module_path, module)
+                assert linear is not None
+                out_f, in_f = linear[0].fan_out, linear[0].fan_in
                 expect_a, expect_b = (rank, in_f), (out_f, rank)
             elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 if module.groups != 1 or any(d != 1 for d in module.dilation):
@@ -299,7 +310,7 @@ def import_peft(
         use_rslora=use_rslora,
         freeze=freeze,
         mode=mode,
-        use_dora=use_dora,
+        variant=codec.variant,
     )
     loaded = set()
     factors = {tp: (a, b) for tp, _, a, b, _, _ in plan}
@@ -308,10 +319,11 @@ def import_peft(
             if p.adapter != adapter or tensor_path not in wanted:
                 continue
             a, b = factors[tensor_path]
-            p.lora_A.copy_(a.reshape(p.lora_A.shape))
-            p.lora_B.copy_(b.reshape(p.lora_B.shape))
-            if is_dora(p):
-                p.lora_magnitude.copy_(magnitudes[tensor_path.rpartition(".")[0]])
+            own = p.tensors()
+            own["lora_A"].copy_(a.reshape(own["lora_A"].shape))
+            own["lora_B"].copy_(b.reshape(own["lora_B"].shape))
+            module_path = tensor_path.rpartition(".")[0]
+            codec.import_extra(p, variant_extra.get(module_path, {}), f"'{path}': '{module_path}'")
             loaded.add(tensor_path)
     missing = wanted - loaded
     if missing:  # pragma: no cover - add_lora adapts exactly what it was asked to

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..core.layers import tensor_names
+from ..core.targets import tensor_names
 
 __all__ = [
     "BASE_LAYER",

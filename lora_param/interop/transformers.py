@@ -5,7 +5,13 @@
   ``adapter_config.json`` / ``adapter_model.safetensors`` when the adapter can be expressed in
   PEFT's format) instead of the whole model. The optimizer, scheduler and RNG states are the
   Trainer's own; ``resume_from_checkpoint`` loads the adapters back into the model, so training
-  continues exactly where it stopped.
+  continues exactly where it stopped. :class:`LoRATrainerMixin` gives any other ``Trainer``
+  subclass (TRL's ``SFTTrainer``, ...) the same checkpoints:
+  ``class LoRASFTTrainer(LoRATrainerMixin, SFTTrainer): pass``.
+* Under accelerate's FSDP2 (``fsdp_version: 2``, either state-dict type) and DeepSpeed ZeRO-3,
+  every rank takes part in a save, the adapters alone are gathered and rank 0 writes them; a
+  checkpoint holds no copy of the base (no ``pytorch_model_fsdp_*``). Under DDP only the main
+  process writes and every process loads.
 * On a model that carries LoRA, ``save_pretrained`` writes the *merged* model (plain keys such as
   ``...q_proj.weight`` holding ``W + sBA`` of the enabled adapters), which ``from_pretrained``
   loads with the outputs LoRA gives; the model itself is not changed. ``add_lora`` installs this
@@ -13,35 +19,45 @@
   :func:`lora_param.core.hf_save.guard_save_pretrained`).
 
 ``transformers`` is imported only when :class:`LoRATrainer` is first used
-(``pip install "lora_param[hf]"``). Tested in one process; under DDP only the main process
-writes and every process loads (untested). FSDP and DeepSpeed checkpoints (which hand ``_save``
-a gathered ``state_dict``) are not supported.
+(``pip install "lora_param[hf]"``); the mixin imports nothing until a Trainer calls it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..core.errors import LoRAError
 from ..core.io import load_lora, save_lora
-from ..core.registry import list_adapters
+from ..core.lookup import list_adapters
+from .engine_state import adapters_from_state_dict, adapters_sharded, gathered_adapters
 from .peft_export import export_peft
 from .peft_format import unwrap_model
 
-__all__ = ["ADAPTER_FILE", "LoRATrainer", "save_adapters"]  # noqa: F822 (LoRATrainer: lazy)
+__all__ = [
+    "ADAPTER_FILE",
+    "LoRATrainer",
+    "LoRATrainerMixin",
+    "save_adapters",
+]
 
 ADAPTER_FILE = "lora_adapters.pt"
+#: transformers.trainer's names for the scheduler state and FSDP's whole-model checkpoint.
+SCHEDULER_FILE = "scheduler.pt"
+FSDP_MODEL_PREFIX = "pytorch_model_fsdp"
 _log = logging.getLogger(__name__)
 
 
 def save_adapters(model: nn.Module, output_dir: str | os.PathLike, *, peft: bool = True) -> Path:
     """Write every adapter of ``model`` into ``output_dir`` without the base weights.
+
+    On a sharded (FSDP2) model this is a collective: call it on every rank; rank 0 writes.
 
     Args:
         model: A model with adapters.
@@ -77,24 +93,113 @@ def _trainer_class() -> type:
     return Trainer
 
 
-class _LoRATrainerMixin:
-    """The three Trainer hooks that decide what a checkpoint holds and how it is read back."""
+class LoRATrainerMixin:
+    """Adapter-only checkpoints for any ``transformers.Trainer`` subclass (TRL's included).
+
+    Put it first among the bases: ``class LoRASFTTrainer(LoRATrainerMixin, SFTTrainer): pass``
+    (:class:`LoRATrainer` is ``LoRATrainerMixin`` + ``Trainer``). It replaces the Trainer's
+    hooks that decide what a checkpoint and the final save hold and how a checkpoint is read
+    back; everything else (the training loop, the optimizer and scheduler states, TRL's data
+    handling) is the Trainer's own.
+
+    Under FSDP2 (accelerate's ``fsdp_version: 2``) every rank takes part in the save (the
+    adapter shards are gathered, never the base) and rank 0 writes; under DeepSpeed ZeRO-3 the
+    adapter parameters alone are gathered for the save. A ``state_dict`` that the Trainer hands
+    to ``_save`` (a gathered full state dict) is where the adapters are read from.
+
+    Args:
+        *args: As the Trainer class it is combined with.
+        save_peft: Also write PEFT's ``adapter_config.json`` / ``adapter_model.safetensors``.
+        **kwargs: As the Trainer class it is combined with.
+
+    Raises:
+        LoRAError: the model has no adapters, accelerate is set up for FSDP1 (its flattened
+            parameters hide the adapters; use ``fsdp_version: 2``), or the model was sharded
+            with ``fully_shard`` while the Trainer is not set up for FSDP.
+    """
 
     save_peft: bool = True
     # Set by transformers.Trainer, which this mixin is combined with (annotations only).
     args: Any
-    model: nn.Module
+    model: Any  # nn.Module (Trainer declares it more loosely)
     state: Any
+    accelerator: Any
+    optimizer: Any
+    lr_scheduler: Any
+    model_wrapped: Any
+    is_fsdp_enabled: bool
+    is_deepspeed_enabled: bool
+
+    def __init__(self, *args: Any, save_peft: bool = True, **kwargs: Any) -> None:
+        self.save_peft = save_peft
+        super().__init__(*args, **kwargs)
+        model = unwrap_model(self.model)
+        if not list_adapters(model):
+            raise LoRAError(
+                "LoRATrainer trains adapters, and this model has none: call add_lora (or "
+                "load_lora) on it first, or use transformers.Trainer."
+            )
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise LoRAError(
+                "LoRATrainer under FSDP needs FSDP2: FSDP1 flattens the parameters, so the "
+                "adapters cannot be saved or loaded by name. Set fsdp_version: 2 in the "
+                "accelerate config (or fsdp_config={'version': 2} in TrainingArguments)."
+            )
+        if adapters_sharded(model) and not self.is_fsdp_enabled:
+            raise LoRAError(
+                "the model's adapters are already sharded (fully_shard) but the Trainer is not "
+                "set up for FSDP, so it would wrap the shards in DistributedDataParallel. Launch "
+                "with accelerate's FSDP2 config (fsdp_version: 2), or pass the unsharded model "
+                "and let accelerate shard it."
+            )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the adapters (every rank takes part when they are sharded or partitioned).
+
+        Under FSDP and DeepSpeed, ``Trainer.save_model`` would gather the whole model to rank
+        0 (FSDP's ``FULL_STATE_DICT``, DeepSpeed) or write nothing (``SHARDED_STATE_DICT``);
+        here every rank gathers the adapters alone and rank 0 writes them.
+        """
+        model = unwrap_model(self.model)
+        engine = self.is_fsdp_enabled or self.is_deepspeed_enabled or adapters_sharded(model)
+        if not engine:
+            super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+            return
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        with gathered_adapters(model):
+            self._save(folder)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(  # type: ignore[attr-defined]
+                commit_message="Model save", revision=self.args.hub_revision
+            )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the adapters, config, processor and arguments (``state_dict`` is not used)."""
+        """Write the adapters, config, processor and arguments into ``output_dir``.
+
+        Args:
+            output_dir: The folder; default ``args.output_dir``.
+            state_dict: A gathered state dict of the whole model (Trainer passes one under
+                FSDP's ``FULL_STATE_DICT`` or DeepSpeed): the adapters are taken from it on the
+                rank that writes. None: they are read from the model, gathered from every rank
+                when sharded (then every rank must call this).
+        """
         args = self.args
         output_dir = output_dir if output_dir is not None else args.output_dir
+        model = unwrap_model(self.model)
+        collective = state_dict is None and adapters_sharded(model)
+        if not (args.should_save or collective):
+            return
+        source = (
+            adapters_from_state_dict(model, state_dict)
+            if state_dict is not None
+            else contextlib.nullcontext()
+        )
+        with source:  # checks the state dict before anything is written
+            if args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+            save_adapters(model, output_dir, peft=self.save_peft)
         if not args.should_save:
             return
-        model = unwrap_model(self.model)
-        os.makedirs(output_dir, exist_ok=True)
-        save_adapters(model, output_dir, peft=self.save_peft)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(output_dir)
@@ -103,24 +208,124 @@ class _LoRATrainerMixin:
             processing.save_pretrained(output_dir)
         torch.save(args, os.path.join(output_dir, "training_args.bin"))
 
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """As ``Trainer.train``; under DeepSpeed, resumes from checkpoints without the base.
+
+        DeepSpeed checkpoints written here leave the frozen tensors out; DeepSpeed's strict
+        load would call them missing, so while training runs the model's ``load_state_dict``
+        does not count frozen tensors as missing.
+        """
+        model = unwrap_model(self.model)
+        hook = (
+            model.register_load_state_dict_post_hook(_frozen_not_missing)
+            if self.is_deepspeed_enabled
+            else None
+        )
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's optimizer and scheduler states, without a copy of the base weights."""
+        if self.is_deepspeed_enabled:
+            # Trainer leaves the frozen weights out of DeepSpeed's checkpoint for PEFT models only
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            own = not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper)
+            if own and self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+            return
+        if not self.is_fsdp_enabled:
+            super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+            return
+        # Trainer writes pytorch_model_fsdp_* (every base weight) here too; the adapters are
+        # in the checkpoint already. The optimizer state covers the adapter parameters only.
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(
+            self.accelerator.state.fsdp_plugin,
+            self.accelerator,
+            self.optimizer,
+            self.model,
+            output_dir,
+        )
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: nn.Module | None = None
     ) -> None:
-        """Load a checkpoint's adapters into the model (Trainer restores optimizer and RNG)."""
-        path = Path(resume_from_checkpoint) / ADAPTER_FILE
+        """Load a checkpoint's adapters into the model (Trainer restores optimizer and RNG).
+
+        On a sharded model each rank keeps its own shard; under ZeRO-3 every rank must call it.
+        """
+        folder = Path(resume_from_checkpoint)
+        path = folder / ADAPTER_FILE
         if not path.is_file():
-            raise LoRAError(
-                f"'{resume_from_checkpoint}' has no {ADAPTER_FILE}; LoRATrainer resumes from the "
-                "checkpoints it wrote itself (checkpoint-<step> folders under output_dir)."
+            full = folder.is_dir() and any(
+                p.name.startswith(FSDP_MODEL_PREFIX) for p in folder.iterdir()
             )
-        target = model if model is not None else self.model
-        load_lora(unwrap_model(target), path, freeze=False)
+            what = " (it holds transformers.Trainer's whole-model FSDP checkpoint)" if full else ""
+            raise LoRAError(
+                f"'{resume_from_checkpoint}' has no {ADAPTER_FILE}{what}"
+                "; LoRATrainer resumes from the checkpoints it wrote itself (checkpoint-<step> "
+                "folders under output_dir)."
+            )
+        target = unwrap_model(model if model is not None else self.model)
+        with gathered_adapters(target, modifier_rank=0):
+            load_lora(target, path, freeze=False)
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the best checkpoint's adapters."""
         best = self.state.best_model_checkpoint
         _log.info("loading the best adapters from %s (score %s)", best, self.state.best_metric)
         self._load_from_checkpoint(best)
+
+
+if TYPE_CHECKING:  # what type checkers and the API reference see; built on first use at run time
+    from transformers import Trainer
+
+    class LoRATrainer(LoRATrainerMixin, Trainer):
+        """A ``transformers.Trainer`` whose checkpoints hold the adapters, not the base.
+
+        Use it exactly as ``Trainer``; the model must already have adapters (``add_lora``). Each
+        ``checkpoint-<step>`` folder holds ``lora_adapters.pt`` (and a PEFT adapter folder's files
+        when PEFT can represent the adapter) with the optimizer, scheduler and RNG states;
+        ``train(resume_from_checkpoint=...)`` continues exactly. ``save_model()`` writes the
+        adapters the same way; for a merged model that ``from_pretrained`` loads, call
+        ``model.save_pretrained(folder)`` (it merges on the fly). Under accelerate's FSDP2 and
+        DeepSpeed ZeRO-3 the same holds: every rank takes part in a save, rank 0 writes the
+        adapters alone. Other ``Trainer`` subclasses get the same behaviour from
+        :class:`LoRATrainerMixin`.
+
+        Args:
+            *args: As ``transformers.Trainer``.
+            save_peft: Also write PEFT's ``adapter_config.json`` / ``adapter_model.safetensors``.
+            **kwargs: As ``transformers.Trainer``.
+
+        Raises:
+            LoRAError: The model has no adapters.
+            ImportError: transformers is not installed (``pip install "lora_param[hf]"``).
+        """
+
+        def __init__(self, *args: Any, save_peft: bool = True, **kwargs: Any) -> None: ...
+
+
+def _frozen_not_missing(module: nn.Module, incompatible: Any) -> None:
+    """``load_state_dict`` post-hook: frozen tensors are not "missing".
+
+    DeepSpeed checkpoints written by :class:`LoRATrainerMixin` leave out what does not train
+    (the base, disabled adapters): the model built again for resuming already holds it.
+    """
+    if not incompatible.missing_keys:
+        return
+    frozen = {n for n, t in module.named_parameters(remove_duplicate=False) if not t.requires_grad}
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
 
 
 def __getattr__(name: str) -> Any:
@@ -136,33 +341,32 @@ def __getattr__(name: str) -> Any:
 def _build_trainer() -> type:
     trainer: Any = _trainer_class()
 
-    class LoRATrainer(_LoRATrainerMixin, trainer):
+    class LoRATrainer(LoRATrainerMixin, trainer):
         __doc__ = _LORA_TRAINER_DOC
 
-        def __init__(self, *args: Any, save_peft: bool = True, **kwargs: Any) -> None:
-            self.save_peft = save_peft
-            super().__init__(*args, **kwargs)
-            if not list_adapters(unwrap_model(self.model)):
-                raise LoRAError(
-                    "LoRATrainer trains adapters, and this model has none: call add_lora (or "
-                    "load_lora) on it first, or use transformers.Trainer."
-                )
-
     LoRATrainer.__module__ = __name__
+    LoRATrainer.__qualname__ = "LoRATrainer"  # as if defined at module level (docs, pickling)
     return LoRATrainer
 
 
 _LORA_TRAINER_DOC = """A ``transformers.Trainer`` whose checkpoints hold the adapters, not the base.
 
 Use it exactly as ``Trainer``; the model must already have adapters (``add_lora``). Each
-``checkpoint-<step>`` folder holds ``lora_adapters.pt`` (and a PEFT adapter folder's files when
-PEFT can represent the adapter) with the optimizer, scheduler and RNG states;
-``train(resume_from_checkpoint=...)`` continues exactly. ``save_model()`` writes the adapters
-the same way; for a merged model that ``from_pretrained`` loads, call
-``model.save_pretrained(folder)`` (it merges on the fly).
+``checkpoint-<step>`` folder holds ``lora_adapters.pt`` (and a PEFT adapter folder's files
+when PEFT can represent the adapter) with the optimizer, scheduler and RNG states;
+``train(resume_from_checkpoint=...)`` continues exactly. ``save_model()`` writes the
+adapters the same way; for a merged model that ``from_pretrained`` loads, call
+``model.save_pretrained(folder)`` (it merges on the fly). Under accelerate's FSDP2 and
+DeepSpeed ZeRO-3 the same holds: every rank takes part in a save, rank 0 writes the
+adapters alone. Other ``Trainer`` subclasses get the same behaviour from
+:class:`LoRATrainerMixin`.
 
 Args:
     *args: As ``transformers.Trainer``.
     save_peft: Also write PEFT's ``adapter_config.json`` / ``adapter_model.safetensors``.
     **kwargs: As ``transformers.Trainer``.
+
+Raises:
+    LoRAError: The model has no adapters.
+    ImportError: transformers is not installed (``pip install "lora_param[hf]"``).
 """

@@ -110,8 +110,8 @@ def _finetune_once(
     counts = parameter_counts(model)
     result: dict[str, Any] = {"rank": rank, "alpha": config.alpha}
     if config.load_adapter:
-        ranks = sorted({p.rank for *_, p in iter_lora(model)})
-        alphas = sorted({p.alpha for *_, p in iter_lora(model)})
+        ranks = sorted({int(p.fields()["rank"]) for *_, p in iter_lora(model)})
+        alphas = sorted({float(p.fields()["alpha"]) for *_, p in iter_lora(model)})
         result["rank"] = ranks[0] if len(ranks) == 1 else ranks
         result["alpha"] = alphas[0] if len(alphas) == 1 else alphas
         result["finetune"] = None

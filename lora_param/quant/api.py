@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.config import QuantizationConfig, quantization_config
+from ..core.entries import register_entry
 from ..core.errors import LoRAError
-from ..core.layers import AdaptTarget
 from ..core.matching import Targets
-from ..core.parametrization import LoRAParametrization
-from .bnb import adopt_bnb_layers, bnb_kind, release_bnb_layers
+from ..core.targets import AdaptTarget
+from ..core.variant import AdapterVariant
+from .bnb import bnb_kind
 from .kernels import Kernel, check_kernel
-from .registry import (
+from .packed import (
     iter_quantized,
     packed_head,
     parametrization_list,
@@ -26,8 +30,9 @@ from .weight import Method, QuantizedWeight, check_method
 
 __all__ = [
     "QUANTIZABLE_KINDS",
+    "Int8Config",
+    "NF4Config",
     "dequantize_base",
-    "prepare_bnb_layers",
     "quantize_base",
     "quantize_targets",
 ]
@@ -35,6 +40,63 @@ __all__ = [
 #: Layer kinds whose weight can be packed (Linear and subclasses, Conv1d/2d/3d, Embedding,
 #: Hugging Face Conv1D).
 QUANTIZABLE_KINDS = ("linear", "conv", "embedding", "conv1d_hf")
+
+
+@dataclass(frozen=True)
+class NF4Config(QuantizationConfig):
+    """QLoRA's NormalFloat-4: 4-bit codes in absmax blocks (``quantize="nf4"``).
+
+    Attributes:
+        block_size: Values per absmax block (32 ... 4096, a power of two; 64 as QLoRA).
+        double_quant: Quantize the absmax values again (8-bit, blocks of 256): 0.127 instead of
+            0.5 bits per weight of overhead.
+        compute_dtype: Dtype the weights are dequantized to; None keeps each weight's dtype.
+        kernel: ``"auto"``, ``"torch"`` or ``"bitsandbytes"`` (see
+            :mod:`lora_param.quant.kernels`); the values are the same whichever runs.
+    """
+
+    name: ClassVar[str] = "nf4"
+    block_size: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype | None = None
+    kernel: Kernel = "auto"
+
+
+@dataclass(frozen=True)
+class Int8Config(QuantizationConfig):
+    """8-bit codes with one absmax per row (``quantize="int8"``).
+
+    Attributes:
+        compute_dtype: Dtype the weights are dequantized to; None keeps each weight's dtype.
+    """
+
+    name: ClassVar[str] = "int8"
+    compute_dtype: torch.dtype | None = None
+
+
+def _options(config: QuantizationConfig) -> dict[str, Any]:
+    """``quantize_targets`` keywords for a method's options."""
+    if isinstance(config, NF4Config):
+        return {
+            "method": "nf4",
+            "block_size": config.block_size,
+            "double_quant": config.double_quant,
+            "compute_dtype": config.compute_dtype,
+            "kernel": config.kernel,
+        }
+    assert isinstance(config, Int8Config)
+    return {"method": "int8", "compute_dtype": config.compute_dtype}
+
+
+def pack_with(
+    found: Sequence[AdaptTarget],
+    config: QuantizationConfig,
+    *,
+    root: nn.Module | None = None,
+    explicit: bool = False,
+) -> Callable[[], None]:
+    """The handler registered for :class:`NF4Config` and :class:`Int8Config`."""
+    return quantize_targets(found, explicit=explicit, root=root, **_options(config))
 
 
 def _check_compute_dtype(compute_dtype: object) -> None:
@@ -59,7 +121,7 @@ def _check_target(target: AdaptTarget) -> None:
         entries = [type(p).__name__ for p in plist]
         hint = (
             "quantize the base before add_lora (or use add_lora(..., quantize=...))"
-            if any(isinstance(p, LoRAParametrization) for p in plist)
+            if any(isinstance(p, AdapterVariant) for p in plist)
             else "remove them first"
         )
         raise LoRAError(
@@ -89,12 +151,11 @@ def _register(target: AdaptTarget, quant: QuantizedWeight) -> Callable[[], None]
     original = module._parameters["weight"]
     assert original is not None
     requires_grad = original.requires_grad
-    module.__dict__.setdefault("_lora_param_order", list(module._parameters))
     # parametrize gives each stored tensor the original's requires_grad: packed integers
     # cannot require grad, and the base is frozen anyway.
     original.requires_grad_(False)
     try:
-        parametrize.register_parametrization(module, "weight", quant, unsafe=True)
+        register_entry(module, "weight", quant)
     except BaseException:
         original.requires_grad_(requires_grad)
         raise
@@ -174,17 +235,11 @@ def quantize_targets(
     return undo_all
 
 
-def prepare_bnb_layers(found: Sequence[AdaptTarget]) -> Callable[[], None]:
-    """Ready bitsandbytes-quantized layers among ``found`` for LoRA; return the undo."""
-    adopted = adopt_bnb_layers(list(found))
-    return lambda: release_bnb_layers(adopted)
-
-
 def quantize_base(
     model: nn.Module,
     targets: Targets = None,
     *,
-    method: Method = "nf4",
+    method: Method | QuantizationConfig = "nf4",
     block_size: int = 64,
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
@@ -202,7 +257,9 @@ def quantize_base(
         model: Any ``nn.Module``; changed in place and returned.
         targets: Which layers, in the forms :func:`lora_param.add_lora` accepts; None packs
             every Linear, Conv1d/2d/3d, Embedding and Hugging Face Conv1D weight.
-        method: ``"nf4"`` (QLoRA's NormalFloat-4, absmax blocks) or ``"int8"`` (per-row absmax).
+        method: ``"nf4"`` (QLoRA's NormalFloat-4, absmax blocks), ``"int8"`` (per-row
+            absmax), or an options object (:class:`lora_param.NF4Config`,
+            :class:`lora_param.Int8Config`; the keywords below are then ignored).
         block_size: Values per NF4 absmax block (32 ... 4096, a power of two; 64 as QLoRA).
         double_quant: Quantize NF4's absmax values again (8-bit, blocks of 256), 0.127
             instead of 0.5 bits per weight of overhead.
@@ -211,9 +268,9 @@ def quantize_base(
             bitsandbytes' compiled kernel where it is installed and checked to give the same
             values, outside ``torch.compile``), ``"torch"`` (pure PyTorch, CPU and CUDA,
             traceable by ``torch.compile``) or ``"bitsandbytes"`` (required: needs ``pip
-            install 'lora_param[quant]'``; refused where its kernel would give other values,
-            as bitsandbytes 0.50's CPU kernel does for rows that are not a multiple of the
-            block size). The values are bit for bit the same whichever runs.
+            install 'lora_param[quant]'``; refused where its kernel would give other
+            values, as bitsandbytes 0.50's CPU kernel does for rows that are not a multiple of
+            the block size). The values are bit for bit the same whichever runs.
 
     Returns:
         The model.
@@ -222,24 +279,27 @@ def quantize_base(
         LoRAError: Unknown method, bad block size, a weight that is already packed or
             already has LoRA, a non-floating or 1-D tensor, a pattern that matches nothing.
     """
-    from ..core.inject import find_targets  # core.inject imports this package lazily too
+    from ..core.inject import find_targets
 
     if not isinstance(model, nn.Module):
         raise LoRAError(f"quantize_base needs an nn.Module, got {type(model).__name__}.")
-    check_method(method, block_size)
-    _check_compute_dtype(compute_dtype)
-    check_kernel(kernel)
+    if isinstance(method, QuantizationConfig):
+        options = _options(quantization_config(method))
+    else:
+        options = {
+            "method": method,
+            "block_size": block_size,
+            "double_quant": double_quant,
+            "compute_dtype": compute_dtype,
+            "kernel": kernel,
+        }
+        if method == "int8":
+            options = {"method": "int8", "compute_dtype": compute_dtype}
+    check_method(options["method"], options.get("block_size", 64))
+    _check_compute_dtype(options["compute_dtype"])
+    check_kernel(options.get("kernel", "auto"))
     found = find_targets(model, targets)
-    quantize_targets(
-        found,
-        method=method,
-        block_size=block_size,
-        double_quant=double_quant,
-        compute_dtype=compute_dtype,
-        kernel=kernel,
-        explicit=targets is not None,
-        root=model,
-    )
+    quantize_targets(found, explicit=targets is not None, root=model, **options)
     return model
 
 

@@ -102,13 +102,14 @@ def quantize_nf4(
 
     Returns:
         ``(codes, absmax)`` or, with ``double_quant``, ``(codes, absmax_codes, nested_absmax,
-        offset)``; codes are ``(ceil(n / 2), 1)`` uint8, scales float32, offset 0-d.
+        offset)``; codes are ``(ceil(n / 2), 1)`` uint8, scales float32, offset ``(1,)`` (a
+        1-D tensor, so that FSDP2 can shard it; 0.2 stored it 0-d).
     """
     codes, absmax = _quantize(weight.reshape(-1), block_size, nf4_code(weight.device), pack=True)
     codes = codes.unsqueeze(1)
     if not double_quant:
         return codes, absmax
-    offset = absmax.mean()
+    offset = absmax.mean().reshape(1)
     absmax_codes, nested = quantize_blockwise_8bit(absmax - offset)
     return codes, absmax_codes, nested, offset
 
@@ -154,4 +155,4 @@ def nf4_storage_sizes(numel: int, block_size: int, double_quant: bool) -> list[t
     blocks = math.ceil(numel / block_size)
     if not double_quant:
         return [((numel + 1) // 2, 1), (blocks,)]
-    return [((numel + 1) // 2, 1), (blocks,), (math.ceil(blocks / NESTED_BLOCK),), ()]
+    return [((numel + 1) // 2, 1), (blocks,), (math.ceil(blocks / NESTED_BLOCK),), (1,)]

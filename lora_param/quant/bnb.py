@@ -11,21 +11,26 @@ bitsandbytes parameter back as the layer's weight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..core.entries import drop_entries, register_entry
 from ..core.errors import LoRAError
-from ..core.factored import install_factored_forward
-from ..core.layers import AdaptTarget, join
+from ..core.forward import install_forward
+from ..core.store import BaseStore, MergeStep
+from ..core.targets import AdaptTarget, join
 
 __all__ = [
     "BnbWeight",
     "adopt_bnb_layers",
     "bnb_kind",
     "bnb_target",
+    "bnb_targets",
+    "prepare_bnb_targets",
     "release_bnb_layers",
     "requantized",
     "set_bnb_weight",
@@ -70,8 +75,11 @@ def _bitsandbytes() -> Any:
     return bitsandbytes
 
 
-class BnbWeight(nn.Module):
+class BnbWeight(BaseStore):
     """First entry on a bitsandbytes layer's weight: dequantizes it; runs its quantized matmul.
+
+    A base store (:class:`lora_param.core.store.BaseStore`) that exists for the adapters' sake:
+    removing the last adapter gives the layer its bitsandbytes parameter back.
 
     Args:
         layer_kind: ``"4bit"`` or ``"8bit"``.
@@ -81,7 +89,7 @@ class BnbWeight(nn.Module):
             first forward).
     """
 
-    removed_with_lora = True  # core.merge.drop_adapters restores the bitsandbytes weight
+    removed_with_adapters = True
 
     def __init__(self, layer_kind: str, compute_dtype: torch.dtype, state: Any = None) -> None:
         super().__init__()
@@ -109,37 +117,43 @@ class BnbWeight(nn.Module):
         rows = original.data.float() * self._scales(original).float().view(-1, 1)
         return (rows * _INV_127).to(self.compute_dtype)
 
-    def dequantize_fp32(self, original: Tensor) -> Tensor:
-        """The weight as the model sees it, widened to float32."""
-        return self.forward(original).float()
-
-    def base_forward(self, layer: Any, x: Tensor) -> Tensor:
-        """The layer's own bitsandbytes forward (LoRA branches are added by the caller)."""
+    def base_output(self, layer: Any, x: Tensor, stored: tuple[Any, ...], bias: bool) -> Tensor:
+        """The layer's own bitsandbytes matmul (without its bias when ``bias`` is False)."""
         bnb = _bitsandbytes()
-        original = layer.parametrizations["weight"].original
-        bias = layer.bias
+        original = stored[0]
+        b = layer.bias if bias else None
         if self.layer_kind == "4bit":
             if not layer.compute_type_is_set:
                 layer.set_compute_type(x)
                 layer.compute_type_is_set = True
             dtype = layer.compute_dtype or x.dtype
-            if bias is not None:
-                bias = bias.to(dtype)
-            out = bnb.matmul_4bit(
-                x.to(dtype), original, bias=bias, quant_state=original.quant_state
-            )
+            if b is not None:
+                b = b.to(dtype)
+            out = bnb.matmul_4bit(x.to(dtype), original, bias=b, quant_state=original.quant_state)
             return out.to(x.dtype)
         state = layer.state
         state.is_training = layer.training
         if original.CB is not None:  # Linear8bitLt.init_8bit_state, on the stored parameter
             state.CB, state.SCB = original.CB, original.SCB
             original.CB = original.SCB = None
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        out = bnb.matmul(x, original, bias=bias, state=state)
+        if b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        out = bnb.matmul(x, original, bias=b, state=state)
         if not state.has_fp16_weights and state.CB is not None:
             original.data = state.CB
         return out
+
+    def merge_step(
+        self, layer: nn.Module, stored: tuple[Any, ...], merged: Tensor, requantize: bool
+    ) -> MergeStep:
+        """An ``nn.Linear`` with the plain merged weight, or the layer requantized."""
+        if requantize:
+            fresh = requantized(self, stored[0], merged)
+            rounded = self.weight_fp32(fresh)
+            error = float((rounded - merged).norm() / merged.norm().clamp(min=1e-30))
+            return lambda: set_bnb_weight(layer, fresh), error
+        value = merged.to(self.compute_dtype)
+        return lambda: to_plain_linear(layer, value), None
 
     def extra_repr(self) -> str:
         return f"bitsandbytes {self.layer_kind}, compute_dtype={self.compute_dtype}"
@@ -165,10 +179,10 @@ def _adopt(module: Any) -> None:
                 "the model to its device (.to(device)) before add_lora."
             )
     head.shape = (module.out_features, module.in_features)
-    parametrize.register_parametrization(module, "weight", head, unsafe=True)
-    # The layer's own forward needs its bitsandbytes parameter as `weight`: the factored
-    # forward calls bitsandbytes through the head instead, in either add_lora mode.
-    install_factored_forward(module, "linear")
+    register_entry(module, "weight", head)
+    # The layer's own forward needs its bitsandbytes parameter as `weight`: the adapted
+    # forward calls bitsandbytes through the store instead, in either add_lora mode.
+    install_forward(module, "linear")
 
 
 def adopt_bnb_layers(targets: list[AdaptTarget]) -> list[nn.Module]:
@@ -199,10 +213,20 @@ def adopt_bnb_layers(targets: list[AdaptTarget]) -> list[nn.Module]:
 
 
 def release_bnb_layers(layers: list[nn.Module]) -> None:
-    """Give each layer its bitsandbytes weight back (no LoRA left on it)."""
+    """Give each layer its bitsandbytes weight back (no adapter left on it)."""
     for module in layers:
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        drop_entries(module, "weight", lambda p: isinstance(p, BnbWeight))
+
+
+def prepare_bnb_targets(targets: list[AdaptTarget]) -> Callable[[], None]:
+    """Ready bitsandbytes layers among ``targets`` for adapters; return the undo."""
+    adopted = adopt_bnb_layers(targets)
+    return lambda: release_bnb_layers(adopted)
+
+
+def bnb_targets(module_name: str, module: nn.Module) -> list[AdaptTarget] | None:
+    """The adapt target of a bitsandbytes layer (a target provider), or None for others."""
+    return [bnb_target(module_name, module)] if bnb_kind(module) is not None else None
 
 
 def requantized(head: BnbWeight, original: Any, merged: Tensor) -> Tensor:

@@ -9,11 +9,11 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrize import ParametrizationList
 
 from ..core.errors import LoRAError
-from ..core.layers import join
-from .registry import iter_quantized, packed_head, parametrization_list
+from ..core.targets import join
+from .packed import packed_head, parametrization_list
 from .weight import QuantizedWeight
 
-__all__ = ["check_packed_state", "install_load_checks", "pack_plain_weights"]
+__all__ = ["check_packed_state", "install_load_checks"]
 
 _HOOKED = "_lora_param_packed_load_check"
 
@@ -46,6 +46,9 @@ def check_packed_state(root: nn.Module, state_dict: Mapping[str, Any], prefix: s
             value = state_dict.get(key)
             if value is None:
                 continue
+            if isinstance(value, Tensor) and value.dim() == 0 and shape == (1,):
+                # 0.2 stored NF4's double-quantization offset 0-d: read it as (1,).
+                value = state_dict[key] = value.reshape(1)  # type: ignore[index]
             if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
                 got = (
                     f"{value.dtype} {tuple(value.shape)}"
@@ -103,27 +106,3 @@ def install_load_checks(module: nn.Module) -> None:
         return
     module.register_load_state_dict_pre_hook(_pre_hook)
     module.__dict__[_HOOKED] = True
-
-
-def pack_plain_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Replace plain weights of packed layers in a checkpoint by their packed tensors.
-
-    ``{"fc.weight": W}`` becomes ``{"fc.parametrizations.weight.original0": codes, ...}``
-    when ``fc.weight`` is stored packed in ``model``; other entries pass through.
-    """
-    out = dict(state_dict)
-    for path, _, head in iter_quantized(model):
-        if path not in out:
-            continue
-        value = out.pop(path)
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            raise LoRAError(f"checkpoint tensor {path!r} must be a floating tensor to quantize.")
-        if tuple(value.shape) != head.shape:
-            raise LoRAError(
-                f"checkpoint tensor {path!r} has shape {tuple(value.shape)}, the model's has "
-                f"{head.shape}."
-            )
-        prefix = path[: -len("weight")] + "parametrizations.weight."
-        for i, packed in enumerate(head.right_inverse(value)):
-            out[f"{prefix}original{i}"] = packed
-    return out

@@ -10,13 +10,13 @@ the compute dtype follows such casts through a tiny non-persistent buffer.
 from __future__ import annotations
 
 import math
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrize import ParametrizationList
 
 from ..core.errors import LoRAError
+from ..core.store import BaseStore, MergeStep
 from .blockwise import (
     dequantize_blockwise_8bit,
     dequantize_nf4,
@@ -55,8 +55,11 @@ def _as_int(scale: Tensor) -> Tensor:
     return scale.contiguous().view(torch.int32)
 
 
-class QuantizedWeight(nn.Module):
+class QuantizedWeight(BaseStore):
     """Packed storage of a frozen weight: NF4 blocks (optionally double-quantized) or int8 rows.
+
+    A base store (:class:`lora_param.core.store.BaseStore`): the first entry of the weight's
+    parametrization list, adapters go on top.
 
     Args:
         shape: Shape of the weight.
@@ -146,13 +149,37 @@ class QuantizedWeight(nn.Module):
 
     def dequantize_fp32(self, *stored: Tensor) -> Tensor:
         """The weight as the model sees it (compute dtype), widened to float32."""
-        return self.forward(*stored).float()
+        return self.weight_fp32(*stored)
 
-    def base_forward(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def base_output(self, layer: Any, x: Tensor, stored: tuple[Any, ...], bias: bool) -> Tensor:
         """The layer's output without adapters, dequantizing again in backward (no saved W)."""
-        plist = cast(ParametrizationList, cast(nn.ModuleDict, layer.parametrizations)["weight"])
-        stored = tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
-        return base_output(self, layer, x, stored)
+        return base_output(self, layer, x, stored, bias)
+
+    def pack(self, value: Tensor) -> tuple[Tensor, ...]:
+        """The packed tensors of a plain weight (``load_base_state_dict``)."""
+        if not value.is_floating_point():
+            raise LoRAError(f"a packed weight takes a floating tensor, got {value.dtype}.")
+        return self.right_inverse(value)
+
+    def merge_step(
+        self, layer: nn.Module, stored: tuple[Any, ...], merged: Tensor, requantize: bool
+    ) -> MergeStep:
+        """A plain weight in the compute dtype, or ``merged`` requantized in place."""
+        from .packed import replace_packed  # packed imports this module
+
+        if requantize:
+            packed = self.right_inverse(merged)
+            rounded = self.weight_fp32(*packed)
+            error = float((rounded - merged).norm() / merged.norm().clamp(min=1e-30))
+
+            def write() -> None:
+                with torch.no_grad():
+                    for old, new in zip(stored, packed, strict=True):
+                        old.copy_(new)
+
+            return write, error
+        value = nn.Parameter(merged.to(self.compute_dtype), requires_grad=False)
+        return lambda: replace_packed(layer, value), None
 
     def stored_bytes(self, *stored: Tensor) -> int:
         """Bytes of the packed tensors."""

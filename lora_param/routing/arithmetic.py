@@ -22,12 +22,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..core.copies import CopyPlan, TrainableCopy, iter_copies, register_copies
+from ..core.entries import entry_list
 from ..core.errors import LoRAError
-from ..core.inject import _ADAPTER_NAME, Mode, inject
-from ..core.layers import parameter_target
+from ..core.forward import is_installed
+from ..core.inject import Mode, check_adapter_name, inject
+from ..core.lookup import check_adapters_exist, iter_lora, list_adapters
 from ..core.merge import remove_lora
-from ..core.parametrization import LoRAParametrization
-from ..core.registry import check_adapters_exist, iter_lora, list_adapters
+from ..core.targets import parameter_target
+from ..core.variant import AdapterVariant, require
 
 __all__ = ["CombineMethod", "CombineReport", "combine_adapters"]
 
@@ -85,10 +88,7 @@ def _check_args(
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w:
             raise LoRAError(f"the weight of adapter {adapter!r} must be a number, got {w!r}.")
     check_adapters_exist(model, list(weights))
-    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
-        raise LoRAError(
-            f"adapter name {name!r} is invalid: use letters, digits, '_' or '-' (no dots)."
-        )
+    check_adapter_name(name)
     if name in list_adapters(model):
         raise LoRAError(f"adapter {name!r} already exists; pass another name=.")
     if method not in _METHODS:
@@ -106,34 +106,62 @@ def _check_args(
         raise LoRAError(f"density= applies to {list(_PRUNING)} only, not to {method!r}.")
 
 
+Source = tuple[float, AdapterVariant, "Tensor | None"]
+
+
 def _sources(
-    model: nn.Module, weights: Mapping[str, float]
-) -> dict[str, tuple[nn.Module, str, list[tuple[float, LoRAParametrization]]]]:
-    """Per tensor path of the union of targets: the module, the tensor, ``(weight, entry)``s."""
-    layers: dict[str, tuple[nn.Module, str, list[tuple[float, LoRAParametrization]]]] = {}
+    model: nn.Module, weights: Mapping[str, float], method: str
+) -> dict[str, tuple[nn.Module, str, list[Source]]]:
+    """Per tensor path of the union of targets: the module, the tensor, ``(weight, entry,
+    base weight)`` (the base only for updates that depend on it)."""
+    layers: dict[str, tuple[nn.Module, str, list[Source]]] = {}
     for path, module, tensor, p in iter_lora(model):
         if p.adapter not in weights:
             continue
-        if type(p) is not LoRAParametrization:
+        require(p, "combine", "combine_adapters", path)
+        if method == "cat" and not p.lowrank_exact:
             raise LoRAError(
-                f"combine_adapters combines plain LoRA adapters only; {p.adapter!r} on "
-                f"'{path}' is a {type(p).__name__}."
+                f"combine_adapters(method='cat') concatenates exact low-rank factors, which a "
+                f"{p.variant} adapter does not have ({p.adapter!r} on '{path}'); use "
+                "method='svd' (its update, weighted and summed, truncated to a rank)."
             )
-        layers.setdefault(path, (module, tensor, []))[2].append((float(weights[p.adapter]), p))
+        base = None
+        if not p.additive:
+            plist = entry_list(module, tensor)
+            assert plist is not None
+            base = plist.base_value().detach()
+        layers.setdefault(path, (module, tensor, []))[2].append(
+            (float(weights[p.adapter]), p, base)
+        )
     return layers
 
 
-def _compute_dtype(entries: list[tuple[float, LoRAParametrization]]) -> torch.dtype:
-    return torch.float64 if entries[0][1].lora_A.dtype == torch.float64 else torch.float32
+def _compute_dtype(entries: list[Source]) -> torch.dtype:
+    return torch.float64 if entries[0][1].anchor().dtype == torch.float64 else torch.float32
 
 
-def _stacked(
-    entries: list[tuple[float, LoRAParametrization]], dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def _stacked(entries: list[Source], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(Σr x fan_in, fan_out x Σr)`` factors whose product is exactly ``Σ wᵢ ΔWᵢ``."""
-    a = torch.cat([p.lora_A.detach().to(dtype) for _, p in entries])
-    b = torch.cat([p.lora_B.detach().to(dtype) * (w * float(p.scale)) for w, p in entries], 1)
+    factors = [(w, p.lowrank()) for w, p, _ in entries]
+    a = torch.cat([f[0].detach().to(dtype) for _, f in factors if f is not None])
+    b = torch.cat([f[1].detach().to(dtype) * w for w, f in factors if f is not None], 1)
     return a, b
+
+
+def _matrix(p: AdapterVariant, delta: Tensor) -> Tensor:
+    """An update in the entry's matrix view ``(fan_out, fan_in)``."""
+    if p.fan_in_fan_out:
+        return delta.reshape(p.fan_in, p.fan_out).t()
+    return delta.reshape(p.fan_out, p.fan_in)
+
+
+def _deltas(entries: list[Source], dtype: torch.dtype) -> list[Tensor]:
+    """Each source's weighted update ``wᵢ ΔWᵢ`` in the matrix view."""
+    out = []
+    for w, p, base in entries:
+        delta = p.delta(None if base is None else base.to(dtype)).to(dtype)
+        out.append(_matrix(p, delta) * w)
+    return out
 
 
 def _split(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor, int, float]:
@@ -217,33 +245,53 @@ def combine_adapters(
             density. Nothing is changed then.
     """
     _check_args(model, weights, name, method, rank, density)
-    layers = _sources(model, weights)
+    layers = _sources(model, weights, method)
+    copies = _copies(model, weights)
     generator = torch.Generator().manual_seed(seed)
     report = CombineReport(name, method)
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     with torch.no_grad():
         for path, (_, _, entries) in layers.items():
             dtype = _compute_dtype(entries)
-            a, b = _stacked(entries, dtype)
             err = 0.0
-            if method != "cat":
-                target_rank = rank or max(p.lora_A.shape[0] for _, p in entries)
-                if method == "svd":
-                    u, s, vh = _svd_of_product(b, a)
+            if method == "cat":
+                a, b = _stacked(entries, dtype)
+            else:
+                target_rank = rank or max(int(getattr(p, "rank", 1)) for _, p, _ in entries)
+                if method == "svd" and all(p.lowrank_exact for _, p, _ in entries):
+                    u, s, vh = _svd_of_product(*reversed(_stacked(entries, dtype)))
+                elif method == "svd":
+                    u, s, vh = torch.linalg.svd(sum(_deltas(entries, dtype)), full_matrices=False)
                 else:
-                    deltas = [
-                        (p.lora_B.detach().to(dtype) @ p.lora_A.detach().to(dtype))
-                        * (w * float(p.scale))
-                        for w, p in entries
-                    ]
+                    deltas = _deltas(entries, dtype)
                     merged = _task_merge(deltas, method, float(density or 1.0), generator)
                     u, s, vh = torch.linalg.svd(merged, full_matrices=False)
                 a, b, _, err = _split(u, s, vh, target_rank)
             factors[path] = (a, b)
             report.ranks[path] = a.shape[0]
             report.relative_error[path] = err
-    _register(model, name, layers, factors)
+    _register(model, name, layers, factors, copies)
     return report
+
+
+def _copies(model: nn.Module, weights: Mapping[str, float]) -> dict[str, TrainableCopy]:
+    """The sources' trained copies of heads and biases, carried over to the new adapter.
+
+    Raises:
+        LoRAError: Two sources train the same tensor (which value would the new adapter hold?).
+    """
+    found: dict[str, TrainableCopy] = {}
+    for path, _, _, c in iter_copies(model):
+        if c.adapter not in weights:
+            continue
+        if path in found:
+            raise LoRAError(
+                f"adapters {found[path].adapter!r} and {c.adapter!r} both train '{path}' in "
+                "full (trainable= / bias=); combine_adapters cannot pick one of their values. "
+                "Combine adapters that train different heads, or remove one copy first."
+            )
+        found[path] = c
+    return found
 
 
 def _register(
@@ -251,23 +299,32 @@ def _register(
     name: str,
     layers: Mapping[str, tuple[nn.Module, str, list]],
     factors: Mapping[str, tuple[Tensor, Tensor]],
+    copies: Mapping[str, TrainableCopy],
 ) -> None:
-    """Inject the new adapter (factored where the layer is) and fill in its factors."""
+    """Inject the new adapter (factored where the layer is), fill in its factors, and give it
+    the sources' trained copies."""
     names = {id(m): n for n, m in model.named_modules()}
     plans: dict[Mode, list] = {"factored": [], "materialized": []}
     for path, (module, tensor, _) in layers.items():
         target = parameter_target(names[id(module)], module, tensor)
         k = factors[path][0].shape[0]
-        options = {
+        fields = {
+            "variant": "lora",
             "rank": k,
             "alpha": float(k),
             "dropout": 0.0,
             "init": "kaiming",
             "use_rslora": False,
         }
-        mode: Mode = "factored" if "_lora_kind" in type(module).__dict__ else "materialized"
-        plans[mode].append((target, options))
+        mode: Mode = "factored" if is_installed(module) else "materialized"
+        plans[mode].append((target, fields))
+    copy_plans = []
+    for path, c in copies.items():
+        module_name, _, tensor = path.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        copy_plans.append(CopyPlan(path, module, tensor, c.role, c.owner))
     try:
+        register_copies(copy_plans, name, {path: c.value.detach() for path, c in copies.items()})
         for mode, plan in plans.items():
             if plan:
                 inject(model, plan, adapter=name, mode=mode)
@@ -279,5 +336,5 @@ def _register(
         for path, _, _, p in iter_lora(model):
             if p.adapter == name:
                 a, b = factors[path]
-                p.lora_A.copy_(a)
-                p.lora_B.copy_(b)
+                p.tensors()["lora_A"].copy_(a)
+                p.tensors()["lora_B"].copy_(b)

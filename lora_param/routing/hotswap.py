@@ -10,57 +10,35 @@ the update stays exactly ``scale * B @ A`` of the adapter loaded.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..core.adapter_file import read_lora_file
+from ..core.copies import TrainableCopy, iter_copies
 from ..core.errors import LoRAError
-from ..core.layers import base_tensor, join, tensor_names
-from ..core.parametrization import LoRAParametrization
-from ..core.registry import check_adapters_exist, iter_lora, list_adapters
+from ..core.lookup import check_adapters_exist, iter_lora, list_adapters
+from ..core.targets import base_tensor
+from ..core.variant import AdapterVariant, require
 
 __all__ = ["hotswap_lora", "prepare_hotswap"]
 
 
-def _plain_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """Parameters by their names without parametrize (``fc.weight``, not ``...original``)."""
-    out: dict[str, Tensor] = {}
-    for module_name, module in model.named_modules():
-        if ".parametrizations" in f".{module_name}":
-            continue
-        for name in tensor_names(module):
-            tensor = base_tensor(module, name)
-            if isinstance(tensor, nn.Parameter):
-                out.setdefault(join(module_name, name), tensor)
-    return out
-
-
-def _entries(model: nn.Module, adapter: str | None) -> dict[str, LoRAParametrization]:
-    """``{tensor path: parametrization}`` of one adapter (or of all, keyed ``adapter/path``)."""
+def _entries(model: nn.Module, adapter: str | None) -> dict[str, AdapterVariant]:
+    """``{tensor path: entry}`` of one adapter (or of all, keyed ``adapter/path``)."""
     if adapter is not None:
         check_adapters_exist(model, [adapter])
     elif not list_adapters(model):
         raise LoRAError("this model has no adapters; call add_lora first.")
-    out: dict[str, LoRAParametrization] = {}
+    out: dict[str, AdapterVariant] = {}
     for path, _, _, p in iter_lora(model):
         if adapter is None or p.adapter == adapter:
-            if type(p) is not LoRAParametrization:
-                raise LoRAError(
-                    f"hot-swapping supports plain LoRA only; adapter {p.adapter!r} on "
-                    f"'{path}' is a {type(p).__name__}."
-                )
+            require(p, "hotswap", "hot-swapping", path)
             out[path if adapter is not None else f"{p.adapter}/{path}"] = p
     return out
-
-
-def _alpha_for(scale: float, rank: int, use_rslora: bool) -> float:
-    """The alpha that gives ``scale`` at ``rank`` (so saved files keep the update)."""
-    return scale * (math.sqrt(rank) if use_rslora else rank)
 
 
 def prepare_hotswap(model: nn.Module, max_rank: int, adapter: str | None = None) -> None:
@@ -79,15 +57,14 @@ def prepare_hotswap(model: nn.Module, max_rank: int, adapter: str | None = None)
 
     Raises:
         LoRAError: ``max_rank`` is not a positive integer or is smaller than an adapter's
-            rank, an adapter is missing or is not plain LoRA. Nothing is changed then.
+            rank, an adapter is missing or its variant cannot be swapped. Nothing is changed
+            then.
     """
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
         raise LoRAError(f"max_rank must be a positive integer, got {max_rank!r}.")
     entries = _entries(model, adapter)
     too_big = [
-        f"{k} (rank {p.lora_A.shape[0]})"
-        for k, p in entries.items()
-        if p.lora_A.shape[0] > max_rank
+        f"{k} (rank {p.swap_room()})" for k, p in entries.items() if p.swap_room() > max_rank
     ]
     if too_big:
         raise LoRAError(
@@ -96,28 +73,7 @@ def prepare_hotswap(model: nn.Module, max_rank: int, adapter: str | None = None)
         )
     with torch.no_grad():
         for p in entries.values():
-            _pad(p, max_rank)
-
-
-def _pad(p: LoRAParametrization, max_rank: int) -> None:
-    rank = p.lora_A.shape[0]
-    scale = p.scale
-    if rank < max_rank:
-        a, b = p.lora_A, p.lora_B
-        new_a = a.new_zeros(max_rank, a.shape[1])
-        new_b = b.new_zeros(b.shape[0], max_rank)
-        new_a[:rank] = a
-        new_b[:, :rank] = b
-        p.lora_A = nn.Parameter(new_a, requires_grad=a.requires_grad)
-        p.lora_B = nn.Parameter(new_b, requires_grad=b.requires_grad)
-    if not isinstance(scale, Tensor):
-        del p.__dict__["scale"]
-        p.register_buffer(
-            "scale", torch.tensor(float(scale), device=p.lora_A.device), persistent=False
-        )
-    p.rank = max_rank
-    p.alpha = _alpha_for(float(p.scale), max_rank, p.use_rslora)
-    p.clear_cache()
+            p.prepare_swap(max_rank)
 
 
 def _pick_file_adapter(
@@ -140,15 +96,15 @@ def _pick_file_adapter(
 
 
 def _plan_swap(
-    entries: Mapping[str, LoRAParametrization],
+    entries: Mapping[str, AdapterVariant],
     layers: Mapping[str, Any],
     tensors: Mapping[str, Tensor],
     name: str,
     adapter: str,
     path: str,
-) -> list[tuple[LoRAParametrization, Tensor | None, Tensor | None, float]]:
-    """Check the whole file against the prepared adapter; return what to copy where."""
-    unprepared = [k for k, p in entries.items() if not isinstance(p.scale, Tensor)]
+) -> list[Callable[[], None]]:
+    """Check the whole file against the prepared adapter; return the in-place copies to run."""
+    unprepared = [k for k, p in entries.items() if not p.swap_prepared()]
     if unprepared:
         raise LoRAError(
             f"adapter {adapter!r} is not prepared for hot-swapping ({unprepared[0]!r} ...); "
@@ -161,41 +117,25 @@ def _plan_swap(
             f"target in this model (it targets {sorted(entries)[:5]}...); a swap cannot add "
             "layers: add the adapter on every layer any swapped adapter uses, then prepare."
         )
-    plan: list[tuple[LoRAParametrization, Tensor | None, Tensor | None, float]] = []
+    steps = []
     for tpath, p in entries.items():
         layer = layers.get(tpath)
-        if layer is None:
-            plan.append((p, None, None, 1.0))  # zero factors: no update
-            continue
-        rank, room = layer["rank"], p.lora_A.shape[0]
-        if (layer["fan_in"], layer["fan_out"]) != (p.fan_in, p.fan_out):
+        if layer is not None and layer["variant"] != p.variant:
             raise LoRAError(
-                f"'{tpath}' is {p.fan_out}x{p.fan_in} in the model but "
-                f"{layer['fan_out']}x{layer['fan_in']} in {path!r}."
+                f"adapter file {path!r} holds a {layer['variant']} adapter on '{tpath}', where "
+                f"adapter {adapter!r} is {p.variant}; a swap keeps the variant."
             )
-        if rank > room:
-            raise LoRAError(
-                f"adapter file {path!r} has rank {rank} on '{tpath}', more than the "
-                f"{room} prepare_hotswap made room for; prepare with a larger max_rank."
-            )
-        lora_a, lora_b = (
-            tensors.get(f"{name}.{tpath}.lora_A"),
-            tensors.get(f"{name}.{tpath}.lora_B"),
+        found = (
+            {}
+            if layer is None
+            else {
+                k[len(f"{name}.{tpath}.") :]: v
+                for k, v in tensors.items()
+                if k.startswith(f"{name}.{tpath}.")
+            }
         )
-        if (
-            lora_a is None
-            or lora_b is None
-            or lora_a.shape != (rank, p.fan_in)
-            or lora_b.shape
-            != (
-                p.fan_out,
-                rank,
-            )
-        ):
-            raise LoRAError(f"adapter file {path!r} lacks well-shaped factors for '{tpath}'.")
-        denom = math.sqrt(rank) if layer["use_rslora"] else rank
-        plan.append((p, lora_a, lora_b, layer["alpha"] / denom))
-    return plan
+        steps.append(p.plan_swap(layer, found, f"'{tpath}' of {path!r}"))
+    return steps
 
 
 def hotswap_lora(
@@ -230,25 +170,49 @@ def hotswap_lora(
     adapters, tensors, extras = read_lora_file(path)
     entries = _entries(model, adapter)
     name = _pick_file_adapter(adapters, adapter, file_adapter, str(path))
-    plan = _plan_swap(entries, adapters[name]["layers"], tensors, name, adapter, str(path))
-    params = _plain_parameters(model)
-    for key, value in extras.items():
-        if key not in params or params[key].shape != value.shape:
-            raise LoRAError(
-                f"adapter file {str(path)!r} holds trainable tensor {key!r} of shape "
-                f"{tuple(value.shape)}, which does not fit this model."
-            )
+    steps = _plan_swap(entries, adapters[name]["layers"], tensors, name, adapter, str(path))
+    copies = _plan_copies(model, adapter, name, adapters[name].get("copies", {}), extras, str(path))
     with torch.no_grad():
-        for p, lora_a, lora_b, scale in plan:
-            rank = 0 if lora_a is None else lora_a.shape[0]
-            p.lora_A[rank:].zero_()
-            p.lora_B[:, rank:].zero_()
-            if lora_a is not None and lora_b is not None:
-                p.lora_A[:rank].copy_(lora_a)
-                p.lora_B[:, :rank].copy_(lora_b)
-            p.scale.fill_(scale)  # type: ignore[attr-defined]  # a tensor once prepared
-            p.alpha = _alpha_for(scale, p.lora_A.shape[0], p.use_rslora)
-            p.clear_cache()
-        for key, value in extras.items():
-            params[key].copy_(value)
+        for step in steps:
+            step()
+        for c, value in copies:
+            c.value.copy_(value)
     return model
+
+
+def _plan_copies(
+    model: nn.Module,
+    adapter: str,
+    name: str,
+    described: Mapping[str, Any],
+    extras: Mapping[str, Tensor],
+    path: str,
+) -> list[tuple[TrainableCopy, Tensor]]:
+    """The file adapter's trained heads and biases, to copy into the model adapter's own.
+
+    A copy the model adapter holds but the file lacks goes back to the pretrained value (the
+    swapped-in adapter does not train it); a copy the file has but the model adapter lacks
+    cannot be added by a swap.
+    """
+    held = {tpath: c for tpath, _, _, c in iter_copies(model) if c.adapter == adapter}
+    missing = sorted(set(described) - set(held))
+    if missing:
+        raise LoRAError(
+            f"adapter file {path!r} trains {missing[:5]}, of which adapter {adapter!r} holds no "
+            "copy in this model; a swap cannot add trained tensors: add the adapter with the "
+            "same trainable=/bias= (or load_lora the file instead)."
+        )
+    plan = []
+    for tpath, c in held.items():
+        value = extras.get(f"{name}.{tpath}")
+        if value is None:
+            module_name, _, tensor = tpath.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            value = base_tensor(module, tensor)  # the pretrained value under the copy
+        if tuple(value.shape) != tuple(c.value.shape):
+            raise LoRAError(
+                f"adapter file {path!r} holds trainable tensor {tpath!r} of shape "
+                f"{tuple(value.shape)}, which does not fit this model ({tuple(c.value.shape)})."
+            )
+        plan.append((c, value))
+    return plan

@@ -1,32 +1,40 @@
 """Per-example adapters in one batch: ``with mixed_adapters(model, names): out = model(x)``.
 
-Example ``i`` of the batch uses adapter ``names[i]`` (``"__base__"``: no adapter). Every
-factored layer (Linear, Conv, Embedding, HF Conv1D) runs its base weight once for the whole
-batch and adds a low-rank update gathered per example from stacked factors, as multi-LoRA
-serving systems do:
+Example ``i`` of the batch uses adapter ``names[i]`` alone (``"__base__"``: no adapter). Inside
+the block every adapted tensor that no route below covers reads its base value, and each layer
+holding entries of the adapters in the mix is routed in one of two ways:
 
-- each layer stacks the factors of every plain LoRA adapter of the model into one tensor per
-  factor, ``(slots, rank, fan_in)`` and ``(slots, fan_out, rank)``, slot 0 being zeros (no
-  adapter, or an adapter that does not target the layer), ranks zero-padded to the largest
-  one on that layer and each adapter's scale folded into its ``B``;
-- an index tensor gives each example its slot, so the shapes never depend on the mix: under
-  ``torch.compile`` changing the mix (same batch size) does not recompile;
-- under ``torch.no_grad()`` (outside compilation) the stacks are cached and rebuilt only when an
-  adapter's tensors change (version counters); with gradients they are built in the forward,
-  so a mixed batch also trains every adapter in it.
+* **stacked** (factored Linear, Conv, Embedding and HF Conv1D layers whose entries in the mix
+  have exact low-rank factors: LoRA, rsLoRA): the base runs once for the whole batch and each
+  example adds a low-rank update gathered from stacked factors, as multi-LoRA serving systems
+  do. Every such adapter of the model has a slot: factors ``(slots, rank, fan_in)`` and
+  ``(slots, fan_out, rank)``, slot 0 zeros (no adapter, or one that does not target the
+  layer), ranks zero-padded to the largest on that layer, scales folded into ``B``. An index
+  tensor gives each example its slot, so the shapes never depend on the mix: under
+  ``torch.compile`` changing the mix (same batch size) does not recompile. Under
+  ``torch.no_grad()`` (outside compilation) the stacks are cached (:class:`VersionedCache`)
+  and rebuilt only when an adapter's tensors change;
+* **grouped** (everything else on a layer that treats rows independently: DoRA and other
+  variants, trained copies of heads and biases, ``mode="materialized"`` layers, LayerNorms
+  whose bias an adapter trains): the layer runs once per adapter present in the batch, on that
+  adapter's rows, with exactly that adapter's entries applied (PEFT's way for
+  ``modules_to_save``).
 
-Batches are batch-first. A layer that sees ``k * len(names)`` rows (``generate()`` with
-``num_beams=k``, which repeat-interleaves the batch; tokens flattened into rows) routes row
-``j`` to example ``j // k``.
+Both train: gradients reach each adapter from its own rows. Batches are batch-first. A layer
+that sees ``k * len(names)`` rows (``generate()`` with ``num_beams=k``, which
+repeat-interleaves the batch; tokens flattened into rows) routes row ``j`` to example
+``j // k``. Tensors read directly by another module (``nn.MultiheadAttention``'s weights) and
+modules that do not treat rows independently cannot be routed: an adapter in the mix on them
+is refused by name.
 """
 
 from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +42,30 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from ..core.entries import BASE, AdapterList, adapter_lists, selecting
 from ..core.errors import LoRAError
-from ..core.factored import base_forward
-from ..core.layers import join
-from ..core.parametrization import LoRAParametrization
-from ..core.registry import iter_lora, list_adapters
+from ..core.eval_cache import VersionedCache
+from ..core.forward import base_output, is_installed, layer_output
+from ..core.layer_ops import OPS
+from ..core.lookup import list_adapters
+from ..core.targets import is_hf_conv1d
+from ..core.variant import AdapterVariant
 
 __all__ = ["BASE", "mixed_adapters"]
 
-BASE = "__base__"
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: Modules that treat the rows of a batch independently (the grouped route runs them on a
+#: subset of rows); BatchNorm only in eval mode.
+_ROW_WISE: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.modules.batchnorm._BatchNorm,
+)
 
 
 class MixState:
@@ -51,12 +73,14 @@ class MixState:
 
     Attributes:
         slots: Adapter name -> slot (1, 2, ...); slot 0 means no adapter.
+        names: Slot -> adapter name (slot 0: ``"__base__"``).
         index: ``(examples,)`` long tensor, the slot of each example (updated in place).
         mixed: Names of the adapters used by the current mix.
     """
 
     def __init__(self, slots: dict[str, int], index: Tensor) -> None:
         self.slots = slots
+        self.names = [BASE, *slots]
         self.index = index
         self.mixed: frozenset[str] = frozenset()
 
@@ -75,50 +99,18 @@ class MixState:
         return index.repeat_interleave(n // m)
 
 
-def _scale_key(scale: float | Tensor) -> Any:
-    return (scale._version, scale.data_ptr()) if isinstance(scale, Tensor) else scale
-
-
-def _base_weight(plist: Any) -> Tensor:
-    """The weight with every non-LoRA parametrization applied and no adapter."""
-    entries = list(plist._modules.values())
-    if plist.is_tensor and all(isinstance(p, LoRAParametrization) for p in entries):
-        return plist._parameters["original"]
-    x: Any = (
-        plist.original
-        if plist.is_tensor
-        else tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
-    )
-    for p in entries:
-        if not isinstance(p, LoRAParametrization):
-            x = p(*x) if isinstance(x, tuple) else p(x)
-    return x
-
-
-class LayerRoute:
-    """The mixed forward of one factored layer (installed on it inside ``mixed_adapters``)."""
+class StackedRoute:
+    """The mixed forward of a factored layer through stacked low-rank factors."""
 
     def __init__(self, state: MixState, name: str) -> None:
         self.state = state
         self.name = name
-        self._cache: tuple[tuple, Tensor, Tensor] | None = None
+        self._stacks = VersionedCache()
 
     def __call__(self, module: nn.Module, x: Tensor) -> Tensor:
-        # Routes sit only on layers whose weight is parametrized, so neither entry is None.
-        plist: Any = module._modules["parametrizations"]._modules["weight"]  # type: ignore[union-attr]
-        head = next(iter(plist._modules.values()))
-        packed = (
-            None if isinstance(head, LoRAParametrization) else getattr(head, "base_forward", None)
-        )
-        if packed is not None:  # a packed frozen base (lora_param.quant) computes its own output
-            y = packed(module, x)
-        else:
-            y = base_forward(module, x, _base_weight(plist))
-        entries = [
-            p
-            for p in plist._modules.values()
-            if type(p) is LoRAParametrization and p.adapter in self.state.slots
-        ]
+        y = base_output(module, x, True, BASE)
+        plist = cast(AdapterList, module._modules["parametrizations"]._modules["weight"])  # type: ignore[union-attr]
+        entries = [p for p in plist.variants() if p.adapter in self.state.slots]
         if not entries:
             return y
         for p in entries:
@@ -128,107 +120,112 @@ class LayerRoute:
                     f"'{self.name}' has dropout={p.dropout_p} in training mode; call "
                     "model.eval() or train these adapters one at a time."
                 )
-        kind = module._lora_kind
-        lora_a, lora_b = self._stacks(entries, kind == "embedding" or kind == "conv")
+        kind = cast(str, cast(Any, type(module))._lora_kind)
+        lora_a, lora_b = self._stacked(entries)
         idx = self.state.rows(x.shape[0], self.name)
-        if kind == "embedding":
-            return y + _embedding_update(x, lora_a, lora_b, idx).view(y.shape)
-        if kind == "conv":
-            return y + _conv_update(module, x, lora_a, lora_b, idx)
-        return _linear_add(y, x, lora_a, lora_b, idx)
+        if len(self.state.names) > len(self.state.slots) + 1:  # grouped-only adapters' rows
+            idx = idx.masked_fill(idx > len(self.state.slots), 0)
+        update = OPS[kind].routed(module, x, lora_a, lora_b, idx, plist_shape(plist))
+        return y + update.view(y.shape)
 
-    def _stacks(self, entries: list[LoRAParametrization], canonical: bool) -> tuple[Tensor, Tensor]:
-        """The stacked factors: canonical, or transposed for ``x @ A^T @ B^T`` (linear kinds)."""
+    def _stacked(self, entries: list[AdapterVariant]) -> tuple[Tensor, Tensor]:
+        """``A`` stacked ``(slots, rank, fan_in)``, scaled ``B`` ``(slots, fan_out, rank)``."""
         if torch.compiler.is_compiling() or torch.is_grad_enabled():
-            self._cache = None
-            return self._build(entries, canonical)
-        versions = [
-            (p, p.lora_A._version, p.lora_A.data_ptr(), p.lora_B._version, p.lora_B.data_ptr())
-            for p in entries
-        ]
-        stamp = (
-            tuple(versions),
-            tuple(_scale_key(p.scale) for p in entries),
-            len(self.state.slots),
-        )
-        cache = self._cache
-        if cache is not None and cache[0] == stamp:
-            return cache[1], cache[2]
-        lora_a, lora_b = self._build(entries, canonical)
-        self._cache = (stamp, lora_a, lora_b)
-        return lora_a, lora_b
+            self._stacks.clear()
+            return self._build(entries)
+        tensors = [t for p in entries for t in p.cache_tensors()]
+        key = (tuple(p.cache_key() for p in entries), len(self.state.slots))
+        cached = self._stacks.get(tensors, key)
+        if cached is not None:
+            return cast(tuple[Tensor, Tensor], cached)
+        stacks = self._build(entries)
+        self._stacks.put(tensors, key, stacks)
+        return stacks
 
-    def _build(self, entries: list[LoRAParametrization], canonical: bool) -> tuple[Tensor, Tensor]:
-        """``A`` stacked ``(slots, rank, fan_in)`` and scaled ``B`` ``(slots, fan_out, rank)``;
-        not ``canonical``: both transposed, contiguous (gathers then feed bmm directly)."""
-        rank = max(p.lora_A.shape[0] for p in entries)
-        first = entries[0]
-        zero_a = first.lora_A.new_zeros(rank, first.lora_A.shape[1])
-        zero_b = first.lora_B.new_zeros(first.lora_B.shape[0], rank)
+    def _build(self, entries: list[AdapterVariant]) -> tuple[Tensor, Tensor]:
+        factors = [(p, cast(tuple[Tensor, Tensor], p.lowrank())) for p in entries]
+        rank = max(a.shape[0] for _, (a, _) in factors)
+        a0, b0 = factors[0][1]
+        zero_a = a0.new_zeros(rank, a0.shape[1])
+        zero_b = b0.new_zeros(b0.shape[0], rank)
         a_slots = [zero_a] * (len(self.state.slots) + 1)
         b_slots = [zero_b] * (len(self.state.slots) + 1)
-        for p in entries:
-            pad = rank - p.lora_A.shape[0]
+        for p, (a, b) in factors:
+            pad = rank - a.shape[0]
             slot = self.state.slots[p.adapter]
-            a_slots[slot] = F.pad(p.lora_A, (0, 0, 0, pad))
-            b_slots[slot] = F.pad(p.lora_B * p.scale, (0, pad))
-        lora_a, lora_b = torch.stack(a_slots), torch.stack(b_slots)
-        if canonical:
-            return lora_a, lora_b
-        return lora_a.transpose(1, 2).contiguous(), lora_b.transpose(1, 2).contiguous()
+            a_slots[slot] = F.pad(a, (0, 0, 0, pad))
+            b_slots[slot] = F.pad(b, (0, pad))
+        return torch.stack(a_slots), torch.stack(b_slots)
+
+    def cache_nbytes(self) -> int:
+        """Bytes of the cached stacks."""
+        return self._stacks.nbytes
 
 
-def _linear_add(y: Tensor, x: Tensor, a_t: Tensor, b_t: Tensor, idx: Tensor) -> Tensor:
-    """``y + x A_i^T B_i^T`` per row, from ``A^T`` ``(slots, fan_in, rank)`` and ``B^T``."""
-    n = x.shape[0]
-    z = torch.bmm(x.reshape(n, -1, x.shape[-1]), a_t[idx])
-    # In place: y is this forward's fresh base output, which the base op's backward does not use.
-    y.view(n, -1, y.shape[-1]).baddbmm_(z, b_t[idx])
-    return y
+def plist_shape(plist: AdapterList) -> tuple[int, ...]:
+    """Shape of the tensor a list computes (its store's, or its original's)."""
+    store = plist.store()
+    return tuple(store.shape) if store is not None else tuple(plist.stored()[0].shape)
 
 
-def _embedding_update(x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor) -> Tensor:
-    slots, vocab, rank = lora_b.shape
-    offset = (idx * vocab).view(-1, *([1] * (x.dim() - 1)))
-    rows = F.embedding(x + offset, lora_b.reshape(slots * vocab, rank))
-    return torch.bmm(rows.reshape(x.shape[0], -1, rank), lora_a[idx])
+_IN_ROUTE: set[int] = set()  # ids of modules a grouped route is running right now
 
 
-def _conv_update(module: Any, x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor) -> Tensor:
-    # Each example gets its own kernels: fold the batch into conv groups.
-    n, groups, rank = x.shape[0], module.groups, lora_a.shape[1]
-    kernel = module._modules["parametrizations"]._modules["weight"].original.shape[1:]
-    conv = _CONV[len(kernel) - 1]
-    a = lora_a[idx].view(n, rank, *kernel)
-    if groups > 1:
-        a = a.repeat(1, groups, *([1] * len(kernel)))
-    x1 = x.reshape(1, n * x.shape[1], *x.shape[2:])
-    padding = module.padding
-    if module.padding_mode != "zeros":
-        x1 = F.pad(x1, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    a = a.reshape(n * groups * rank, *kernel)
-    z = conv(x1, a, None, module.stride, padding, module.dilation, n * groups)
-    fan_out = lora_b.shape[1]
-    b = lora_b[idx].reshape(n * fan_out, rank, *([1] * (len(kernel) - 1)))
-    out = conv(z, b, None, 1, 0, 1, n * groups)
-    return out.view(n, fan_out, *out.shape[2:])
+class GroupedRoute:
+    """The mixed forward of a layer run once per adapter on that adapter's rows."""
+
+    def __init__(self, state: MixState, name: str, forward: Callable[..., Tensor]) -> None:
+        self.state = state
+        self.name = name
+        self.forward = forward
+
+    def __call__(self, module: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        idx = self.state.rows(x.shape[0], self.name)
+        out: Tensor | None = None
+        slots = idx.unique().tolist()
+        _IN_ROUTE.add(id(module))
+        try:
+            parts = []
+            for slot in slots:
+                rows = (idx == slot).nonzero().squeeze(1)
+                with selecting(self.state.names[slot]):
+                    part = self.forward(module, x.index_select(0, rows), *args, **kwargs)
+                parts.append((rows, part))
+        finally:
+            _IN_ROUTE.discard(id(module))
+        for rows, part in parts:
+            if not isinstance(part, Tensor) or part.shape[:1] != rows.shape:
+                raise LoRAError(
+                    f"mixed_adapters: '{self.name}' ({type(module).__name__}) does not return "
+                    "one row per input row, so it cannot run per adapter; leave the adapters on "
+                    "it out of the mix."
+                )
+            if out is None:
+                out = part.new_zeros((x.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, rows, part)
+        assert out is not None
+        return out
+
+
+def _class_forward(module: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """The module's own forward (bypassing a route set on the instance)."""
+    return cast(Tensor, type(module).forward(module, x, *args, **kwargs))
+
+
+def _factored_forward(module: nn.Module, x: Tensor) -> Tensor:
+    return layer_output(module, x)
 
 
 class _Router:
     """Per-model routing objects, kept across ``mixed_adapters`` blocks (stable for compile)."""
 
-    def __init__(self, state: MixState, routes: dict[nn.Module, LayerRoute]) -> None:
+    def __init__(self, state: MixState, stacked: dict[nn.Module, StackedRoute]) -> None:
         self.state = state
-        self.routes = routes
+        self.stacked = stacked
         self.active = False
 
 
 _ROUTERS: weakref.WeakKeyDictionary[nn.Module, _Router] = weakref.WeakKeyDictionary()
-
-
-def _is_routed(module: nn.Module) -> bool:
-    return "_lora_kind" in type(module).__dict__
 
 
 def _read_directly(model: nn.Module) -> set[int]:
@@ -240,8 +237,16 @@ def _read_directly(model: nn.Module) -> set[int]:
     }
 
 
-def _check_mix(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """Validate the names against the model; return the plain LoRA adapters that get slots."""
+def _row_wise(module: nn.Module) -> bool:
+    cls = parametrize.type_before_parametrizations(module)
+    if is_hf_conv1d(module):
+        return True
+    if issubclass(cls, nn.modules.batchnorm._BatchNorm) and module.training:
+        return False
+    return issubclass(cls, _ROW_WISE) and not getattr(module, "transposed", False)
+
+
+def _check_names(model: nn.Module, names: Sequence[str]) -> frozenset[str]:
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise LoRAError(
             f"mixed_adapters needs a list with one adapter name per example, got {names!r}."
@@ -258,65 +263,109 @@ def _check_mix(model: nn.Module, names: Sequence[str]) -> list[str]:
             f"mixed_adapters: no adapter named {', '.join(map(repr, unknown))} in this model; "
             f"it has {present} (and {BASE!r} for the base model)."
         )
-    mixed = set(names) - {BASE}
-    plain: list[str] = []
-    not_plain: dict[str, str] = {}
+    return frozenset(names) - {BASE}
+
+
+def _plan(
+    model: nn.Module, mixed: frozenset[str]
+) -> tuple[list[str], dict[nn.Module, str], dict[str, nn.Module]]:
+    """Slots, the route of every module holding entries of the mix, and module names.
+
+    Returns:
+        The adapters that get a slot (every adapter whose entries are all stackable), the
+        route per module (``"stacked"`` or ``"grouped"``), and each routed module's name.
+
+    Raises:
+        LoRAError: An adapter in the mix sits on a tensor that cannot be routed.
+    """
     direct = _read_directly(model)
-    unroutable: list[str] = []
-    for path, module, tensor, p in iter_lora(model):
-        if type(p) is not LoRAParametrization:
-            not_plain.setdefault(p.adapter, type(p).__name__)
-        elif p.adapter not in plain:
-            plain.append(p.adapter)
-        if p.adapter in mixed and (
-            tensor != "weight" or not _is_routed(module) or id(module) in direct
-        ):
-            unroutable.append(f"{path} ({p.adapter!r})")
-    bad = {a: k for a, k in not_plain.items() if a in mixed}
-    if bad:
-        raise LoRAError(
-            "mixed_adapters routes plain LoRA adapters only; "
-            + ", ".join(f"{a!r} is a {k}" for a, k in bad.items())
-            + ". Leave them out of the mix (merge_lora a copy to serve them)."
+    names = {id(m): n for n, m in model.named_modules()}
+    lists = adapter_lists(model)
+    stackable: dict[str, bool] = {}
+    by_module: dict[nn.Module, list[tuple[str, str, AdapterList]]] = {}
+    for path, plist in lists:
+        for p in plist.owned():
+            ok = isinstance(p, AdapterVariant) and p.lowrank_exact
+            stackable[p.adapter] = stackable.get(p.adapter, True) and ok
+        module_name, _, tensor = path.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        by_module.setdefault(module, []).append((path, tensor, plist))
+    routes: dict[nn.Module, str] = {}
+    modules: dict[str, nn.Module] = {}
+    refused: list[str] = []
+    for module, tensors in by_module.items():
+        owned = [(path, p) for path, _, plist in tensors for p in plist.owned()]
+        mine = [(path, p) for path, p in owned if p.adapter in mixed]
+        # A layer whose every entry stacks is routed whatever the mix (stable under compile).
+        stacked = (
+            is_installed(module)
+            and id(module) not in direct
+            and all(t == "weight" for _, t, _ in tensors)
+            and all(isinstance(p, AdapterVariant) and stackable[p.adapter] for _, p in owned)
         )
-    if unroutable:
+        if stacked:
+            routes[module] = "stacked"
+        elif not mine:
+            continue
+        elif id(module) not in direct and (is_installed(module) or _row_wise(module)):
+            routes[module] = "grouped"
+        else:
+            refused.extend(f"{path} ({p.adapter!r})" for path, p in mine)
+            continue
+        modules[names.get(id(module), "?")] = module
+    for module in [m for m, r in routes.items() if r == "grouped"]:
+        inner = [
+            n
+            for n, sub in module.named_modules()
+            if n and sub in routes and ".parametrizations" not in f".{n}"
+        ]
+        if inner:
+            refused.append(f"{names.get(id(module), '?')} (holds routed layers {inner[:3]})")
+    if refused:
         raise LoRAError(
             "mixed_adapters cannot route these tensors per example (they are read directly "
-            "by their module or adapted with mode='materialized'): "
-            + ", ".join(unroutable[:10])
-            + (" ..." if len(unroutable) > 10 else "")
-            + ". Use adapters on Linear/Conv/Embedding/Conv1D layers added with "
-            "mode='factored', or leave these adapters out of the mix."
+            "by another module, or their module does not treat the rows of a batch "
+            "independently): "
+            + ", ".join(refused[:10])
+            + (" ..." if len(refused) > 10 else "")
+            + ". Leave these adapters out of the mix."
         )
-    return [a for a in present if a in plain]
+    slots = [a for a in list_adapters(model) if stackable.get(a, False)]
+    return slots, routes, modules
 
 
-def _router(model: nn.Module, plain: list[str], device: torch.device) -> _Router:
-    slots = {name: i + 1 for i, name in enumerate(plain)}
+def _router(
+    model: nn.Module, slots: list[str], stacked: list[tuple[str, nn.Module]], device: torch.device
+) -> _Router:
+    slot_of = {name: i + 1 for i, name in enumerate(slots)}
     router = _ROUTERS.get(model)
-    routed = {m for _, m, t, _ in iter_lora(model) if t == "weight" and _is_routed(m)}
+    layers = {m for _, m in stacked}
     if (
         router is None
-        or router.state.slots != slots
-        or set(router.routes) != routed
+        or router.state.slots != slot_of
+        or not layers <= set(router.stacked)
         or router.state.index.device != device
     ):
-        state = MixState(slots, torch.zeros(0, dtype=torch.long, device=device))
-        names = {id(m): n for n, m in model.named_modules()}
-        routes = {m: LayerRoute(state, names.get(id(m), "?")) for m in routed}
+        state = MixState(slot_of, torch.zeros(0, dtype=torch.long, device=device))
+        routes = {m: StackedRoute(state, n) for n, m in stacked}
         router = _Router(state, routes)
         _ROUTERS[model] = router
     return router
 
 
-def _on_direct_read(path: str, state: MixState, plist: nn.Module, args: Any, out: Tensor) -> Any:
-    if any(getattr(p, "adapter", None) in state.mixed for p in plist._modules.values()):
+def _on_direct_read(
+    path: str, owner: nn.Module, state: MixState, plist: nn.Module, args: Any, out: Tensor
+) -> Any:
+    if id(owner) in _IN_ROUTE:
+        return out  # read by its own layer's grouped route
+    entries = cast(AdapterList, plist).owned()
+    if any(p.adapter in state.mixed for p in entries):
         raise LoRAError(
             f"'{path}' was read directly (not through its layer's forward) inside "
             "mixed_adapters, so it cannot be routed per example; leave the adapters on it "
             "out of the mix."
         )
-    return _base_weight(plist)  # no row of this mix uses an adapter on it: the base weight
+    return out
 
 
 @contextmanager
@@ -324,13 +373,14 @@ def mixed_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module
     """Run each example of a batch with its own adapter, in one forward.
 
     Inside the block, example ``i`` uses adapter ``names[i]`` alone (whatever adapters are
-    enabled outside it); ``"__base__"`` means the base model. Adapters of different ranks,
-    alphas and target sets mix: a layer an adapter does not target adds nothing to its rows.
-    Rows of ``"__base__"`` equal the base model's on the same batch bit for bit (their update
-    is exactly zero); other rows equal their adapter alone to float rounding.
+    enabled outside it), with its trained heads and biases; ``"__base__"`` means the base
+    model. Adapters of different variants, ranks, alphas and target sets mix: a layer an
+    adapter does not target adds nothing to its rows. Rows of ``"__base__"`` equal the base
+    model's on the same batch bit for bit (their update is exactly zero); other rows equal
+    their adapter alone to float rounding.
 
     Args:
-        model: A model with adapters added in ``mode="factored"`` (the default).
+        model: A model with adapters.
         names: One adapter name per example (the batch's first dimension). A layer that sees
             ``k`` times as many rows (beam search with ``num_beams=k``, tokens flattened
             into rows) gives rows ``k*i .. k*i+k-1`` to example ``i``.
@@ -340,42 +390,62 @@ def mixed_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module
 
     Raises:
         LoRAError: An unknown name (the message lists the adapters); an adapter in the mix
-            that is not plain LoRA (e.g. DoRA) or that adapts a tensor read directly by its
-            module (``nn.MultiheadAttention``'s ``in_proj_weight`` and ``out_proj``,
-            ``mode="materialized"``); a nested block. Nothing is changed then.
+            on a tensor read directly by another module (``nn.MultiheadAttention``'s
+            ``in_proj_weight`` and ``out_proj``) or held by a module that does not treat rows
+            independently; LoRA dropout in training mode on a stacked layer; a nested block.
+            Nothing is changed then.
     """
-    plain = _check_mix(model, names)
+    mixed = _check_names(model, names)
     router = _ROUTERS.get(model)
     if router is not None and router.active:
         raise LoRAError("mixed_adapters blocks on the same model cannot be nested.")
-    like = next((p.lora_A for *_, p in iter_lora(model)), None)
+    slots, routes, modules = _plan(model, mixed)
+    like = next((t for _, plist in adapter_lists(model) for t in plist.stored()), None)
     device = like.device if like is not None else torch.device("cpu")
-    router = _router(model, plain, device)
+    stacked = [(n, m) for n, m in modules.items() if routes[m] == "stacked"]
+    router = _router(model, slots, stacked, device)
     state = router.state
-    slot_of = {**state.slots, BASE: 0}
+    # An adapter without a slot (not stackable everywhere) is grouped wherever it is mixed.
+    grouped_names = [BASE, *slots] + [a for a in sorted(mixed) if a not in state.slots]
+    state.names = grouped_names
+    slot_of = {name: i for i, name in enumerate(grouped_names)}
     index = torch.tensor([slot_of[n] for n in names], dtype=torch.long)
     if state.index.shape == index.shape:
         state.index.copy_(index)  # in place: a compiled model sees the same input tensor
     else:
         state.index = index.to(device)
-    state.mixed = frozenset(names) - {BASE}
+    state.mixed = mixed
     handles: list[RemovableHandle] = []
-    try:
-        for module_name, module in model.named_modules():
-            if not parametrize.is_parametrized(module):
-                continue
-            for tensor, plist in module.parametrizations.items():
-                if any(isinstance(p, LoRAParametrization) for p in plist):
-                    hook = functools.partial(_on_direct_read, join(module_name, tensor), state)
-                    handles.append(plist.register_forward_hook(hook))
-        for module, route in router.routes.items():
-            module.__dict__["_lora_route"] = route
-        router.active = True
-        yield model
-    finally:
-        router.active = False
-        for module in router.routes:
-            module.__dict__.pop("_lora_route", None)
-        for handle in handles:
-            handle.remove()
-        state.mixed = frozenset()
+    overridden: list[nn.Module] = []
+    with ExitStack() as stack:
+        try:
+            for module_name, module in model.named_modules():
+                if not parametrize.is_parametrized(module):
+                    continue
+                for tensor, plist in cast(nn.ModuleDict, module.parametrizations).items():
+                    if isinstance(plist, AdapterList) and plist.owned():
+                        hook = functools.partial(
+                            _on_direct_read, f"{module_name}.{tensor}".lstrip("."), module, state
+                        )
+                        handles.append(plist.register_forward_hook(hook))
+            for name, module in modules.items():
+                if routes[module] == "stacked":
+                    module.__dict__["_lora_route"] = router.stacked[module]
+                elif is_installed(module):
+                    module.__dict__["_lora_route"] = GroupedRoute(state, name, _factored_forward)
+                else:
+                    route = GroupedRoute(state, name, _class_forward)
+                    module.__dict__["forward"] = functools.partial(route, module)
+                    overridden.append(module)
+            stack.enter_context(selecting(BASE))
+            router.active = True
+            yield model
+        finally:
+            router.active = False
+            for module in modules.values():
+                module.__dict__.pop("_lora_route", None)
+            for module in overridden:
+                module.__dict__.pop("forward", None)
+            for handle in handles:
+                handle.remove()
+            state.mixed = frozenset()

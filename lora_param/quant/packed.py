@@ -9,10 +9,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from ..core.classes import own_class
-from ..core.factored import install_factored_forward
-from ..core.layers import join
-from ..core.parametrization import LoRAParametrization
+from ..core.entries import register_entry, restore_order
+from ..core.forward import install_forward, is_installed
+from ..core.generated_class import own_class
+from ..core.targets import join
 from .weight import QuantizedWeight
 
 __all__ = [
@@ -54,29 +54,29 @@ def iter_quantized(model: nn.Module) -> Iterator[tuple[str, nn.Module, Quantized
 def replace_packed(module: nn.Module, value: nn.Parameter) -> None:
     """Make ``value`` the layer's plain weight in place of the packed one.
 
-    LoRA entries registered above the packed weight stay, now on top of ``value``, with
-    their parameters and their factored forward.
+    Entries registered above the packed weight (adapters) stay, now on top of ``value``, with
+    their parameters and the layer's adapted forward.
     """
-    lora = [p for p in parametrization_list(module) if isinstance(p, LoRAParametrization)]
-    factored = getattr(type(module), "_lora_kind", None)
+    plist = parametrization_list(module)
+    head = cast(QuantizedWeight, plist[0])
+    above = list(plist)[1:]
+    installed = is_installed(module)
+    kind = getattr(type(module), "_lora_kind", head.kind)
     order = module.__dict__.get("_lora_param_order")
     own_class(module)
-    # Evaluating the packed weight once here is the only way parametrize removes a
-    # parametrization stored as several tensors; the result is replaced at once (so any
-    # kernel will do: ours, which never refuses).
-    head = packed_head(module)
-    if head is not None:
-        head.kernel = "torch"
+    # parametrize removes a parametrization stored as several tensors only by evaluating it:
+    # drop the entries above first, so that only the packed weight is dequantized (with our
+    # kernel, which never refuses), and the result is replaced at once.
+    for i in reversed(range(1, len(plist))):
+        del plist[i]
+    head.kernel = "torch"
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     module._buffers.pop("weight", None)
     module._parameters.pop("weight", None)
     module.weight = value
     if order is not None:
-        items = [(k, module._parameters[k]) for k in order if k in module._parameters]
-        items += [(k, v) for k, v in module._parameters.items() if k not in order]
-        module._parameters.clear()
-        module._parameters.update(items)
-    for p in lora:
-        parametrize.register_parametrization(module, "weight", p, unsafe=True)
-    if lora and factored is not None:
-        install_factored_forward(module, factored)
+        restore_order(module, order)
+    for p in above:
+        register_entry(module, "weight", p)
+    if above and installed:
+        install_forward(module, kind)

@@ -21,10 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .classes import own_class
+from .entries import drop_entries, register_entry
+from .entry import AdapterEntry
 from .errors import LoRAError
-from .layers import base_tensor, join, parametrization_list, tensor_names
-from .parametrization import LoRAParametrization
+from .store import BaseStore
+from .targets import base_tensor, join, parametrization_list, tensor_names
 
 __all__ = [
     "CopyPlan",
@@ -40,7 +41,7 @@ __all__ = [
 CopyRole = Literal["module", "bias"]
 
 
-class TrainableCopy(nn.Module):
+class TrainableCopy(AdapterEntry):
     """One adapter's trainable replacement of a tensor (a head's weight, a bias).
 
     Args:
@@ -52,30 +53,18 @@ class TrainableCopy(nn.Module):
     """
 
     def __init__(self, tensor: Tensor, adapter: str, role: CopyRole, owner: str = "") -> None:
-        super().__init__()
-        self.adapter: str = adapter
+        super().__init__(adapter)
         self.role: CopyRole = role
         self.owner: str = owner
         self.value = nn.Parameter(tensor.detach().clone())
-        self._enabled = True
-        self._requires_grad_when_enabled = True
 
-    @property
-    def enabled(self) -> bool:
-        """Whether the copy replaces the tensor; a disabled copy is also frozen, as LoRA is."""
-        return self._enabled
+    def trainable_tensors(self) -> dict[str, nn.Parameter]:
+        """The copy itself."""
+        return {"value": self.value}
 
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        value = bool(value)
-        if value == self._enabled:
-            return
-        if value:
-            self.value.requires_grad_(self._requires_grad_when_enabled)
-        else:
-            self._requires_grad_when_enabled = self.value.requires_grad
-            self.value.requires_grad_(False)
-        self._enabled = value
+    def cache_tensors(self) -> list[Tensor]:
+        """The copy."""
+        return [self.value]
 
     def forward(self, tensor: Tensor) -> Tensor:
         """The adapter's copy when enabled, else the input unchanged."""
@@ -100,7 +89,17 @@ class CopyPlan:
 
 
 def iter_copies(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, TrainableCopy]]:
-    """Yield ``(tensor path, module, tensor name, copy)`` for every trained copy in the model."""
+    """Yield ``(tensor path, module, tensor name, copy)`` for every trained copy in the model.
+
+    A trained copy is an adapter's own replacement of a whole tensor: a head named in
+    ``add_lora(trainable=...)`` or a bias chosen by ``bias=`` (PEFT's ``modules_to_save``).
+
+    Args:
+        model: Any module, with or without adapters.
+
+    Yields:
+        One tuple per copy, in module order then registration order.
+    """
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
@@ -115,7 +114,7 @@ def _user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if ".parametrizations" in f".{name}":
             continue
-        if isinstance(module, (LoRAParametrization, TrainableCopy)):
+        if isinstance(module, AdapterEntry):
             continue
         yield name, module
 
@@ -124,11 +123,7 @@ def check_copyable(path: str, module: nn.Module, tensor_name: str) -> None:
     """Raise unless an adapter can hold its own copy of this tensor."""
     if parametrize.is_parametrized(module, tensor_name):
         plist = parametrization_list(module, tensor_name)
-        foreign = [
-            type(p).__name__
-            for p in plist
-            if not isinstance(p, (LoRAParametrization, TrainableCopy))
-        ]
+        foreign = [type(p).__name__ for p in plist if not isinstance(p, AdapterEntry)]
         if foreign or not plist.is_tensor:
             raise LoRAError(
                 f"'{path}' carries the parametrizations {foreign}; an adapter cannot hold its own "
@@ -209,14 +204,11 @@ def register_copies(
             if values is not None and plan.path in values:
                 with torch.no_grad():
                     copy.value.copy_(values[plan.path])
-            own_class(module)
-            module.__dict__.setdefault("_lora_param_order", list(module._parameters))
+            position = None
             if parametrize.is_parametrized(module, name):
                 plist = parametrization_list(module, name)
-                position = sum(1 for p in plist if isinstance(p, TrainableCopy))
-                plist.insert(position, copy)
-            else:
-                parametrize.register_parametrization(module, name, copy, unsafe=True)
+                position = sum(1 for p in plist if isinstance(p, (TrainableCopy, BaseStore)))
+            register_entry(module, name, copy, position)
             done.append(plan)
             copies.append(copy)
     except BaseException:
@@ -229,27 +221,5 @@ def register_copies(
 def drop_copies(
     module: nn.Module, tensor_name: str, doomed: Callable[[TrainableCopy], bool]
 ) -> None:
-    """Remove the copies ``doomed`` selects from one tensor; the pretrained tensor comes back.
-
-    When no parametrization is left, the tensor's ``original`` becomes the module's parameter
-    again: the very object it was, in its original position.
-    """
-    if not parametrize.is_parametrized(module, tensor_name):
-        return
-    plist = parametrization_list(module, tensor_name)
-    drop = [i for i, p in enumerate(plist) if isinstance(p, TrainableCopy) and doomed(p)]
-    if not drop:
-        return
-    own_class(module)
-    if len(drop) == len(plist):
-        order = module.__dict__.get("_lora_param_order")
-        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
-        if order is not None:
-            params = module._parameters
-            keys = [k for k in order if k in params] + [k for k in params if k not in order]
-            items = [(k, params[k]) for k in keys]
-            params.clear()
-            params.update(items)
-    else:
-        for i in reversed(drop):
-            del plist[i]
+    """Remove the copies ``doomed`` selects from one tensor; the pretrained tensor comes back."""
+    drop_entries(module, tensor_name, lambda p: isinstance(p, TrainableCopy) and doomed(p))

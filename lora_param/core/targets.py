@@ -1,28 +1,42 @@
-"""Which tensors of which layers can carry LoRA, and how they are seen as matrices."""
+"""Which tensors of which layers can carry an adapter, and how they are seen as matrices.
+
+Besides the layers described here (``nn.Linear``, convolutions, embeddings, Hugging Face
+``Conv1D``, ``nn.MultiheadAttention``'s projections, mixture-of-experts blocks and any tensor
+named explicitly), plug-ins describe layers of their own with :func:`register_target_provider`
+(:mod:`lora_param.quant` does so for bitsandbytes' quantized layers).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import LoRAError
-from .experts import ExpertLayout, expert_tensor_names, expert_transposed, is_experts_module
-from .parametrization import LayerKind
+from .layer_ops import LayerKind
 
 __all__ = [
     "SUPPORTED_LAYERS",
     "AdaptTarget",
+    "ExpertLayout",
+    "LayerSpec",
+    "TargetProvider",
     "base_tensor",
+    "expert_tensor_names",
+    "expert_transposed",
+    "is_experts_module",
     "is_hf_conv1d",
+    "join",
     "layer_kind",
     "module_targets",
     "parameter_target",
     "parametrization_list",
+    "register_target_provider",
     "tensor_names",
 ]
 
@@ -31,6 +45,45 @@ SUPPORTED_LAYERS = (
     "nn.MultiheadAttention (its in-projection weights), Hugging Face Conv1D, "
     "mixture-of-experts blocks (their 3-D expert tensors, one LoRA per expert)"
 )
+
+
+ExpertLayout = Literal["out_in", "in_out"]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A tensor seen as a matrix: what an adapter needs to know about the tensor it adapts.
+
+    Attributes:
+        kind: Layer kind (``"linear"``, ``"conv"``, ``"embedding"``, ``"conv1d_hf"``,
+            ``"param"``, ``"experts"``).
+        shape: Shape of the tensor.
+        fan_in: Columns of the matrix view (one expert's, for ``"experts"``).
+        fan_out: Rows of the matrix view (one expert's, for ``"experts"``).
+        fan_in_fan_out: The tensor is stored transposed, ``(fan_in, fan_out)`` (Hugging Face
+            ``Conv1D``; ``(experts, in, out)`` expert tensors).
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    fan_in: int
+    fan_out: int
+    fan_in_fan_out: bool = False
+
+    @property
+    def experts(self) -> int:
+        """Number of experts of a 3-D expert tensor (1 otherwise)."""
+        return int(self.shape[0]) if self.kind == "experts" else 1
+
+    def fields(self) -> dict[str, object]:
+        """The spec as adapter-file fields."""
+        return {
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "fan_in": self.fan_in,
+            "fan_out": self.fan_out,
+            "fan_in_fan_out": self.fan_in_fan_out,
+        }
 
 
 @dataclass(frozen=True)
@@ -58,6 +111,11 @@ class AdaptTarget:
     fan_out: int
     fan_in_fan_out: bool
     shape: tuple[int, ...]
+
+    @property
+    def spec(self) -> LayerSpec:
+        """The tensor seen as a matrix."""
+        return LayerSpec(self.kind, self.shape, self.fan_in, self.fan_out, self.fan_in_fan_out)
 
 
 def join(prefix: str, name: str) -> str:
@@ -110,6 +168,47 @@ def base_tensor(module: nn.Module, name: str) -> Tensor:
     return getattr(module, name)
 
 
+def is_experts_module(module: nn.Module) -> bool:
+    """True for a mixture-of-experts block holding its experts as 3-D parameters.
+
+    transformers' experts classes (``@use_experts_implementation``) carry ``is_transposed``;
+    other classes qualify by a name containing ``Expert``.
+    """
+    cls = parametrize.type_before_parametrizations(module)
+    if not (hasattr(module, "is_transposed") or "Expert" in cls.__name__):
+        return False
+    return bool(expert_tensor_names(module))
+
+
+def expert_tensor_names(module: nn.Module) -> list[str]:
+    """The module's own 3-D floating-point parameters (parametrized ones included)."""
+    names = []
+    for name in tensor_names(module):
+        tensor = base_tensor(module, name)
+        if tensor is not None and tensor.dim() == 3 and tensor.is_floating_point():
+            names.append(name)
+    return names
+
+
+def expert_transposed(module: nn.Module, path: str, layout: ExpertLayout | None) -> bool:
+    """Whether a 3-D expert tensor is stored ``(experts, in, out)``.
+
+    Args:
+        module: The module owning the tensor.
+        path: The tensor's path (for error messages).
+        layout: ``"out_in"``, ``"in_out"``, or None to follow the module's ``is_transposed``
+            flag (absent: ``"out_in"``, as ``F.linear(x, W[e])`` reads it).
+    """
+    if layout is None:
+        return bool(getattr(module, "is_transposed", False))
+    if layout not in ("out_in", "in_out"):
+        raise LoRAError(
+            f"expert_layout for '{path}' must be 'out_in', 'in_out' or None (follow the "
+            f"module's is_transposed flag), got {layout!r}."
+        )
+    return layout == "in_out"
+
+
 def _check_tensor(path: str, tensor: Tensor | None) -> None:
     if tensor is None:
         raise LoRAError(f"'{path}' is None; there is no weight to adapt.")
@@ -152,20 +251,30 @@ def _expert_target(
     return _make(module_name, module, name, "experts", fan_in_fan_out=transposed)
 
 
+#: ``(module name, module) -> targets or None``: describes layers the core does not know.
+TargetProvider = Callable[[str, nn.Module], "list[AdaptTarget] | None"]
+_PROVIDERS: list[TargetProvider] = []
+
+
+def register_target_provider(provider: TargetProvider) -> None:
+    """Let a plug-in describe the adaptable tensors of layers of its own (asked first)."""
+    if provider not in _PROVIDERS:
+        _PROVIDERS.append(provider)
+
+
 def module_targets(
     module_name: str, module: nn.Module, expert_layout: ExpertLayout | None = None
 ) -> list[AdaptTarget] | None:
-    """The tensors LoRA adapts in a layer, or None when the layer type is not supported.
+    """The tensors an adapter goes on in a layer, or None when the layer type is not supported.
 
     A mixture-of-experts block gives its 3-D expert tensors, laid out as ``expert_layout``
     says (None: the block's ``is_transposed`` flag).
     """
+    for provider in _PROVIDERS:
+        provided = provider(module_name, module)
+        if provided is not None:
+            return provided
     kind = layer_kind(module)
-    if kind == "linear":
-        from ..quant.bnb import bnb_kind, bnb_target  # imports no bitsandbytes
-
-        if bnb_kind(module) is not None:  # a packed bitsandbytes weight, adapted as (out, in)
-            return [bnb_target(module_name, module)]
     if kind is not None:
         return [_make(module_name, module, "weight", kind, fan_in_fan_out=kind == "conv1d_hf")]
     if isinstance(module, nn.MultiheadAttention):
@@ -187,9 +296,16 @@ def parameter_target(
 ) -> AdaptTarget:
     """A tensor named explicitly: a supported layer's weight keeps its kind, others are matrices.
 
-    A 3-D floating-point tensor outside a supported layer is a stack of experts: one LoRA per
-    expert along its first dimension (see :mod:`lora_param.core.experts`).
+    A layer a plug-in describes (a bitsandbytes layer) keeps its description. A 3-D
+    floating-point tensor outside a supported layer is a stack of experts: one LoRA per
+    expert along its first dimension (see :mod:`lora_param.variants.experts`).
     """
+    for provider in _PROVIDERS:
+        provided = provider(module_name, module)
+        if provided is not None:
+            for target in provided:
+                if target.param_name == name:
+                    return target
     kind = layer_kind(module) if name == "weight" else None
     if kind is not None:
         return _make(module_name, module, name, kind, fan_in_fan_out=kind == "conv1d_hf")
