@@ -126,6 +126,7 @@ def main() -> int:
             return LoRATrainer
 
         expect_hint(trainer, "hf", "LoRATrainer")
+        expect_hint(lambda: lp.LoRATrainer, "hf", "from lora_param import LoRATrainer")
 
         # plots: the figures are skipped with a message; the MNIST command needs torchvision
         from lora_param.mnist.report import plot_errors

@@ -60,12 +60,15 @@ BUSY_THRESHOLD = 0.10  # a timing round with other processes above this CPU shar
 
 
 _REPEATS: int | None = None  # --repeats
+_MAX_WAIT: float | None = None  # --max-wait
 
 
 def settings(quick: bool, family: str) -> dict:
     st = _settings(quick, family)
     if _REPEATS:
         st["repeats"] = _REPEATS
+    if _MAX_WAIT is not None:
+        st["max_wait_s"] = _MAX_WAIT
     return st
 
 
@@ -495,6 +498,14 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     ap.add_argument("--repeats", type=int, default=None, help="override repeats per variant")
+    ap.add_argument(
+        "--max-wait",
+        type=float,
+        default=None,
+        help="longest wait (s) for a quiet machine before a timing round (default 60; a busy "
+        "shared machine is never quiet: a small value keeps the run short, the summary says "
+        "how busy it was)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
     ap.add_argument(
@@ -523,8 +534,8 @@ def main(argv=None) -> int:
     eval_variants = [v for v in bm.EVAL_VARIANTS if bm.variant_available(v)]
     all_specs = bm.make_specs(args.quick)
     specs = [s for fam in args.models for s in all_specs[fam]]
-    global _REPEATS
-    _REPEATS = args.repeats
+    global _REPEATS, _MAX_WAIT
+    _REPEATS, _MAX_WAIT = args.repeats, args.max_wait
     for s in specs:
         print(f"- {s.key}: {s.desc}, LoRA rank {s.rank}")
     print("variants: " + "; ".join(f"{v} = {bm.VARIANT_HELP[v]}" for v in eval_variants))
