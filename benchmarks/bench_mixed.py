@@ -221,9 +221,10 @@ def memory_worker(name: str, quick: bool) -> None:
     if name == "ours mixed":
         from lora_param.routing.mixed import _ROUTERS
 
-        for route in _ROUTERS[model].routes.values():
-            if route._cache is not None:
-                stack += sum(t.numel() * t.element_size() for t in route._cache[1:])
+        for route in _ROUTERS[model].stacked.values():  # private: the stacked (A, B) per layer
+            stacks = route._stacks.value
+            if stacks is not None:
+                stack += sum(t.numel() * t.element_size() for t in stacks)
     print(json.dumps({"peak_mb": (peak - before) / 2**20, "stack_mb": stack / 2**20}))
 
 

@@ -131,3 +131,16 @@ def test_bench_quantize_quick_times_the_dequantize(tmp_path):
     assert "| nf4 | 4.1" in out and "| int8 | 8.0" in out, out
     assert "| torch | fp32 | 1 |" in out and "| torch | bf16 | 1 |" in out, out
     assert len(_goals(tmp_path)) == 2
+
+
+def test_bench_mixed_memory_worker_measures_the_cached_stacks():
+    """The fresh-process worker of ``ours mixed`` finds the stacked factors it reports."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_mixed.py"), "--memory-worker",
+         "ours mixed", "--quick", "--threads", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["stack_mb"] > 0
