@@ -26,6 +26,7 @@ __all__ = [
     "codec_for_config",
     "codec_for_entry",
     "folder_format",
+    "folder_types",
     "register_peft_codec",
     "register_peft_folder_format",
 ]
@@ -130,6 +131,11 @@ _FOLDERS: dict[str, FolderFormat] = {}
 def register_peft_folder_format(fmt: FolderFormat) -> None:
     """Let ``export_peft`` write, and ``import_peft`` read, folders of ``fmt.peft_type``."""
     _FOLDERS[fmt.peft_type] = fmt
+
+
+def folder_types() -> list[str]:
+    """The ``peft_type`` values of the registered folder formats (besides LORA)."""
+    return [t for t, fmt in _FOLDERS.items() if fmt.variant]
 
 
 def folder_format(

@@ -152,8 +152,11 @@ def check_config(config: dict[str, Any], where: Path) -> None:
     """A LORA adapter that sets no field import_peft cannot honour, and a known ``bias``."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
+        from .peft_codecs import folder_types  # peft_codecs builds on this module's checks
+
         raise LoRAError(
-            f"'{where}' holds a PEFT {peft_type!r} adapter; only LORA adapters can be imported."
+            f"'{where}' holds a PEFT {peft_type!r} adapter; import_peft reads the folder types "
+            f"{['LORA', *folder_types()]}."
         )
     for field, ok in _UNSUPPORTED_FIELDS.items():
         value = config.get(field, ok)
