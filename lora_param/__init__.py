@@ -56,6 +56,10 @@ from .variants import (
     DoRAParametrization,
     ExpertLoRAParametrization,
     LoRAParametrization,
+    PiSSAConfig,
+    PiSSADoRAConfig,
+    PiSSADoRAParametrization,
+    PiSSAParametrization,
     PlainLoRAConfig,
 )
 
@@ -82,6 +86,10 @@ __all__ = [
     "LoRATrainerMixin",
     "NF4Config",
     "ParameterCounts",
+    "PiSSAConfig",
+    "PiSSADoRAConfig",
+    "PiSSADoRAParametrization",
+    "PiSSAParametrization",
     "PlainLoRAConfig",
     "QuantizationConfig",
     "RequantizationWarning",
