@@ -268,20 +268,6 @@ class PiSSAParametrization(_StartKept):
         if base_weight is not None:
             self.start_from(base_weight)
 
-    @classmethod
-    def from_fields(
-        cls,
-        spec: LayerSpec,
-        fields: Mapping[str, Any],
-        *,
-        adapter: str,
-        device: torch.device | None,
-        dtype: torch.dtype | None,
-        base_weight: Tensor | None,
-    ) -> PiSSAParametrization:
-        """Build from LoRA's fields; the start from ``base_weight`` (None: from a file)."""
-        return cls(spec, base_weight=base_weight, **_arguments(fields, adapter, device, dtype))
-
 
 class PiSSADoRAParametrization(DoRAParametrization, _StartKept):
     """DoRA started from the weight: ``m (W + s (B A - B0 A0)) / ||W + s (B A - B0 A0)||``.
@@ -320,35 +306,6 @@ class PiSSADoRAParametrization(DoRAParametrization, _StartKept):
         if self.norm_columns and not self.fan_in_fan_out:
             return lora_a.t(), lora_b.t()
         return lora_b, lora_a
-
-    @classmethod
-    def from_fields(
-        cls,
-        spec: LayerSpec,
-        fields: Mapping[str, Any],
-        *,
-        adapter: str,
-        device: torch.device | None,
-        dtype: torch.dtype | None,
-        base_weight: Tensor | None,
-    ) -> PiSSADoRAParametrization:
-        """Build from LoRA's fields; start and magnitude from ``base_weight`` (None: a file)."""
-        return cls(spec, base_weight=base_weight, **_arguments(fields, adapter, device, dtype))
-
-
-def _arguments(
-    fields: Mapping[str, Any], adapter: str, device: torch.device | None, dtype: torch.dtype | None
-) -> dict[str, Any]:
-    return {
-        "rank": int(fields["rank"]),
-        "alpha": float(fields["alpha"]),
-        "adapter": adapter,
-        "dropout": float(fields.get("dropout", 0.0)),
-        "init": fields["init"],
-        "use_rslora": bool(fields.get("use_rslora", False)),
-        "device": device,
-        "dtype": dtype,
-    }
 
 
 def _register() -> None:
