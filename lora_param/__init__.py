@@ -51,6 +51,7 @@ from .routing import (
     mixed_adapters,
     prepare_hotswap,
 )
+from .training import lora_plus_param_groups
 from .variants import (
     DoRAConfig,
     DoRAParametrization,
@@ -118,6 +119,7 @@ __all__ = [
     "load_base_state_dict",
     "load_lora",
     "lora_disabled",
+    "lora_plus_param_groups",
     "lora_state_dict",
     "merge_lora",
     "merged_state_dict",
