@@ -39,7 +39,13 @@ from .core.strength import adapter_scale, set_adapter_scale
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.targets import LayerSpec
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
-from .core.variant import AdapterVariant, VariantConfig, register_variant, variant_names
+from .core.variant import (
+    AdapterVariant,
+    VariantConfig,
+    register_init,
+    register_variant,
+    variant_names,
+)
 from .interop.kohya import export_kohya, import_kohya
 from .interop.peft import export_peft, import_peft
 from .interop.transformers import LoRATrainerMixin
@@ -127,6 +133,7 @@ __all__ = [
     "parameter_counts",
     "prepare_hotswap",
     "quantize_base",
+    "register_init",
     "register_variant",
     "remove_lora",
     "save_lora",

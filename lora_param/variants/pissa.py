@@ -255,8 +255,8 @@ class PiSSAParametrization(_StartKept):
         spec: The tensor seen as a matrix (see :class:`~lora_param.LayerSpec`).
         base_weight: The weight the start is computed from (the layer's, as it sees it); None
             leaves the start zero, to be filled from a file.
-        init: ``"pissa"``, ``"pissa_niter_<K>"`` or ``"olora"``.
-        **kwargs: As :class:`~lora_param.LoRAParametrization` (rank, alpha, ...).
+        **kwargs: As :class:`~lora_param.LoRAParametrization` (rank, alpha, ...), with
+            ``init`` one of ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"``.
     """
 
     variant: ClassVar[str] = "pissa"
