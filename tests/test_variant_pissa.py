@@ -8,6 +8,7 @@ against ``W + s (B A - B0 A0)`` computed here; exactness against PEFT 0.21's ``p
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -440,6 +441,12 @@ def test_import_of_peft_unconverted_folder(init, dora, tmp_path):
     random_start.save_pretrained(tmp_path / "niter")
     with pytest.raises(LoRAError, match="path_initial_model_for_weight_conversion"):
         lp.import_peft(copy.deepcopy(base), tmp_path / "niter")
+    folder = tmp_path / "corda"  # other inits that rewrite the base: refused, not misread
+    random_start.save_pretrained(folder)
+    edited = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**edited, "init_lora_weights": "corda"}))
+    with pytest.raises(LoRAError, match="init_lora_weights='corda'.*rewrites the base"):
+        lp.import_peft(copy.deepcopy(base), folder)
 
 
 @pytest.mark.parametrize("dora", [False, True])
