@@ -27,6 +27,7 @@ from variant_checks import (
     unet_out,
     walk_adapters,
     walk_operations,
+    walk_packed,
 )
 
 import lora_param as lp
@@ -37,6 +38,11 @@ TARGETS = ["fc", "conv", "conv1"]
 @pytest.mark.parametrize("tucker", [False, True])
 def test_operations(tucker):
     walk_operations(lp.LoHaConfig(use_tucker=tucker), TARGETS, rank=2, alpha=3)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_packed_base_merges(method):
+    walk_packed("loha", method, rank=2)
 
 
 def test_adapters_mix_combine_and_refuse_hotswap():

@@ -27,6 +27,7 @@ from variant_checks import (
     unet_out,
     walk_adapters,
     walk_operations,
+    walk_packed,
 )
 
 import lora_param as lp
@@ -67,6 +68,11 @@ def test_operations(name):
         assert set(got.values()) == {(False, False, False)}
     if name == "both-factored-tucker":
         assert got["conv.weight"] == (False, True, True) and got["fc.weight"] == (True, True, False)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_packed_base_merges(method):
+    walk_packed("lokr", method, rank=2)
 
 
 def test_adapters_mix_combine_and_refuse_hotswap_and_cat():

@@ -131,12 +131,37 @@ def walk_operations(variant, targets, **kw):
         twin = copy.deepcopy(model)
         lp.set_adapter_scale(twin, "default", 0.0)
         close(run(twin), ref)
+        # state_dict round trip into a fresh model with the same adapter
+        twin = lp.add_lora(copy.deepcopy(base), targets, variant=variant, mode=mode, **kw)
+        twin.load_state_dict(model.state_dict())
+        close(run(twin.eval()), on)
         # save / load
         buf = copy.deepcopy(base)
         path = f"{_tmp()}/{variant}.pt"
         lp.save_lora(model, path)
         close(run(lp.load_lora(buf, path, mode=mode)), on)
     return base, model, on
+
+
+def walk_packed(variant, method, **kw):
+    """On an NF4 / int8 base: off is the packed base; merges (plain and requantized) equal on."""
+    base = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    model = randomize(lp.add_lora(copy.deepcopy(base), variant=variant, quantize=method, **kw), 0.1)
+    with torch.no_grad():
+        on = model(x)
+        with lp.lora_disabled(model):
+            off = model(x)
+        assert (on - off).abs().max() > 1e-3
+        assert lp.eval_cache_bytes(model) == 0  # a packed base is never cached
+        merged = lp.merge_lora(copy.deepcopy(model))
+        torch.testing.assert_close(merged(x), on, **F32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lp.RequantizationWarning)
+            requantized = lp.merge_lora(copy.deepcopy(model), requantize=True)
+        err = (requantized(x) - on).abs().max() / on.abs().max()
+        assert err < 0.1  # requantizing the merged weight rounds it to the packed format
+        torch.testing.assert_close(lp.remove_lora(copy.deepcopy(model))(x), off, rtol=0, atol=0)
 
 
 def walk_adapters(variant, targets, **kw):
