@@ -26,6 +26,7 @@ from variant_checks import (
     tiny_unet,
     unet_out,
     walk_adapters,
+    walk_hf_conv1d,
     walk_operations,
     walk_packed,
 )
@@ -73,6 +74,10 @@ def test_operations(name):
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_packed_base_merges(method):
     walk_packed("lokr", method, rank=2)
+
+
+def test_hugging_face_conv1d(tmp_path):
+    walk_hf_conv1d("lokr", tmp_path, rank=2, alpha=3)
 
 
 def test_adapters_mix_combine_and_refuse_hotswap_and_cat():

@@ -164,6 +164,28 @@ def walk_packed(variant, method, **kw):
         torch.testing.assert_close(lp.remove_lora(copy.deepcopy(model))(x), off, rtol=0, atol=0)
 
 
+def walk_hf_conv1d(variant, tmp_path, **kw):
+    """On a Hugging Face ``Conv1D`` (weight stored ``(in, out)``): both modes compute the
+    update transposed into the stored layout, and a kohya file round trip keeps it."""
+    pytest.importorskip("safetensors")
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    base = nn.Sequential(conv1d(12, 8))
+    x = torch.randn(3, 5, 8)
+    outs = []
+    for mode in ("factored", "materialized"):
+        model = randomize(lp.add_lora(copy.deepcopy(base), variant=variant, mode=mode, **kw))
+        p = next(p for *_, p in lp.iter_lora(model))
+        assert p.fan_in_fan_out
+        w = base[0].weight + p.delta().to(base[0].weight.dtype)  # stored (in, out)
+        outs.append(run(model, (x,)))
+        torch.testing.assert_close(outs[-1], x @ w + base[0].bias, **F32)
+    torch.testing.assert_close(outs[0], outs[1], **F32)
+    lp.export_kohya(model, tmp_path / "c.safetensors")
+    back = lp.import_kohya(copy.deepcopy(base), tmp_path / "c.safetensors")
+    torch.testing.assert_close(run(back, (x,)), outs[1], **F32)
+
+
 def walk_adapters(variant, targets, **kw):
     """Two adapters: mixed batches, combine (svd; cat where the factors are exact), hot-swap."""
     base = net()
