@@ -1,0 +1,198 @@
+"""The axes of the cross-product and the cells they span.
+
+A *model cell* is one (variant, store, kind, mode, extra): one tiny model set up with
+``add_lora``; every operation of :data:`OPERATIONS` then runs on it, giving one *cell* per
+operation. The variants come from ``lora_param.variant_names()`` (and the ``init=`` options
+each variant accepts beyond ``"kaiming"``/``"gaussian"``), so a variant registered later is
+in the product without an edit here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import lora_param as lp
+from lora_param.core.variant import variant_class
+
+from .models import KINDS, STORES, applicable
+
+__all__ = [
+    "EXTRAS",
+    "MODES",
+    "OPERATIONS",
+    "SAMPLED",
+    "ModelCell",
+    "all_cells",
+    "covering_cells",
+    "variant_values",
+]
+
+MODES = ["factored", "materialized"]
+
+#: What the model holds besides one adapter on the body:
+#: ``head``: the adapter trains the head (``trainable=["head"]``);
+#: ``bias``: it trains the body's bias (``bias="lora_only"``);
+#: ``bias_all``: it trains every bias (``bias="all"``);
+#: ``second``: a second adapter ``"b"`` (rsLoRA, another rank and alpha) on the same tensor;
+#: ``second_heads``: a second adapter, and both adapters train the head.
+EXTRAS = ["none", "head", "bias", "bias_all", "second", "second_heads"]
+
+#: The operations run on every model cell, in this order (see ``operations.py``).
+OPERATIONS = [
+    "add_lora",
+    "forward",
+    "lora_off",
+    "merge",
+    "merge_requantize",
+    "merge_adapter",
+    "remove",
+    "save_load",
+    "peft_roundtrip",
+    "eval_cache",
+    "mixed_batch",
+    "combine_cat",
+    "combine_svd",
+    "hotswap",
+    "deepcopy",
+    "state_dict",
+    "load_base_state_dict",
+    "parameter_counts",
+    "double",
+    "bfloat16",
+    "compile",
+]
+
+#: Operations too costly to run on every model cell: run on a covering sample (see
+#: :func:`compile_sample`).
+SAMPLED = ("compile",)
+
+_DEFAULT_INITS = ("kaiming", "gaussian")
+
+
+def variant_values() -> list[str]:
+    """Every registered variant, plus ``"<variant>+<init>"`` for its extra ``init=`` options."""
+    values = []
+    for name in lp.variant_names():
+        values.append(name)
+        try:
+            inits = variant_class(name, "linear").inits
+        except lp.LoRAError:
+            continue
+        values += [f"{name}+{i}" for i in inits if i not in _DEFAULT_INITS]
+    return values
+
+
+@dataclass(frozen=True, order=True)
+class ModelCell:
+    """One model of the product: which variant, base store, layer kind, mode and extras."""
+
+    variant: str
+    store: str
+    kind: str
+    mode: str
+    extra: str
+
+    @property
+    def id(self) -> str:
+        """Test id, e.g. ``dora-nf4-linear-factored-head``."""
+        return f"{self.variant}-{self.store}-{self.kind}-{self.mode}-{self.extra}"
+
+    @property
+    def variant_name(self) -> str:
+        """The registered variant (without an ``+init`` option)."""
+        return self.variant.partition("+")[0]
+
+    @property
+    def init(self) -> str:
+        """The ``init=`` option (``"kaiming"`` unless the variant value names one)."""
+        return self.variant.partition("+")[2] or "kaiming"
+
+    @property
+    def second(self) -> bool:
+        """The model has a second adapter ``"b"``."""
+        return self.extra.startswith("second")
+
+    @classmethod
+    def parse(cls, text: str) -> ModelCell:
+        """The cell a test id names."""
+        return cls(*text.split("-"))
+
+
+AXES = ("variant", "store", "kind", "mode", "extra")
+
+
+def _axis_values() -> dict[str, list[str]]:
+    return {
+        "variant": variant_values(),
+        "store": list(STORES),
+        "kind": list(KINDS),
+        "mode": list(MODES),
+        "extra": list(EXTRAS),
+    }
+
+
+def all_cells() -> list[ModelCell]:
+    """The full product (bitsandbytes stores with Linear only), in a fixed order."""
+    values = _axis_values()
+    return [
+        ModelCell(*combo)
+        for combo in itertools.product(*(values[a] for a in AXES))
+        if applicable(combo[1], combo[2])
+    ]
+
+
+#: Model cells always in the covering subset: the weak spots the redesign fixed (issue 18).
+PINNED = [
+    ModelCell("dora", "nf4", "linear", "factored", "none"),
+    ModelCell("dora", "int8", "conv2d", "materialized", "none"),
+    ModelCell("dora", "bnb4", "linear", "factored", "bias"),
+    ModelCell("dora", "bnb8", "linear", "materialized", "second"),
+    ModelCell("lora", "bnb4", "linear", "factored", "bias"),
+    ModelCell("lora", "bnb8", "linear", "factored", "head"),
+    ModelCell("lora", "nf4", "mha_out_proj", "materialized", "none"),
+    ModelCell("lora", "nf4", "conv2d", "factored", "second_heads"),
+    ModelCell("lora", "int8", "hf_conv1d", "factored", "second"),
+    ModelCell("dora", "plain", "embedding", "factored", "second_heads"),
+    ModelCell("lora", "plain", "linear", "factored", "bias_all"),
+]
+
+
+def _pairs(cell: ModelCell) -> set[tuple[str, str, str, str]]:
+    values = [getattr(cell, a) for a in AXES]
+    return {
+        (AXES[i], values[i], AXES[j], values[j])
+        for i, j in itertools.combinations(range(len(AXES)), 2)
+    }
+
+
+def covering_cells(pinned: list[ModelCell] | None = None) -> list[ModelCell]:
+    """A deterministic subset holding every valid pair of axis values (all-pairs).
+
+    Greedy: start from the pinned weak spots, then repeatedly take the first cell (in
+    :func:`all_cells` order) covering the most pairs not covered yet.
+    """
+    candidates = all_cells()
+    valid = set(candidates)
+    chosen = [c for c in (PINNED if pinned is None else pinned) if c in valid]
+    needed: set[tuple[str, str, str, str]] = set().union(*(_pairs(c) for c in candidates))
+    for c in chosen:
+        needed -= _pairs(c)
+    while needed:
+        best = max(candidates, key=lambda c: len(_pairs(c) & needed))
+        chosen.append(best)
+        needed -= _pairs(best)
+    return chosen
+
+
+def compile_sample(cells: list[ModelCell]) -> set[ModelCell]:
+    """The cells whose ``compile`` operation runs: the first cell of each (variant, kind) and
+    of each (store, mode) among ``cells`` (torch.compile is the costly operation)."""
+    seen: set[tuple[str, str]] = set()
+    out: set[ModelCell] = set()
+    for c in cells:
+        keys = {("v" + c.variant, c.kind), ("s" + c.store, c.mode)}
+        if not keys <= seen:
+            out.add(c)
+            seen |= keys
+    return out
