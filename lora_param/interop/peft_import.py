@@ -215,7 +215,8 @@ def import_peft(
             tensor_name = "weight"
             w = base_tensor(module, "weight")
             if isinstance(module, nn.Linear):
-                out_f, in_f = w.shape
+                # Not the weight's shape: a bitsandbytes Linear4bit stores it packed (n/2, 1).
+                out_f, in_f = module.out_features, module.in_features
                 expect_a, expect_b = (rank, in_f), (out_f, rank)
             elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 if module.groups != 1 or any(d != 1 for d in module.dilation):
