@@ -161,7 +161,7 @@ REFUSALS: list[Refusal] = [
         ("combine_cat", "combine_svd"),
         lambda c: not variant_supports(c, "combine"),
         "variants without the 'combine' capability on the layer kind (per-expert LoRA)",
-        r"combine_adapters does not support",
+        r"combine_adapters does not support lora adapters on 'experts' tensors",
         "combine_adapters does not support lora adapters on 'experts' tensors",
         "The combined adapter is one plain LoRA per tensor; a per-expert combination is not "
         "implemented. Merge a copy of the model instead.",
@@ -181,8 +181,8 @@ REFUSALS: list[Refusal] = [
         ("hotswap",),
         lambda c: not variant_supports(c, "hotswap"),
         "variants without the 'hotswap' capability on the layer kind (DoRA; per-expert LoRA)",
-        r"hot-swapping does not support",
-        "hot-swapping does not support dora adapters",
+        r"hot-swapping does not support (dora adapters|lora adapters on 'experts' tensors)",
+        "hot-swapping does not support dora adapters (lora adapters on 'experts' tensors)",
         "Hot-swapping copies a file's factors into zero-padded ones of a fixed rank, which "
         "only plain LoRA's B @ A allows. Load the file with load_lora instead (a recompile "
         "under torch.compile).",
