@@ -45,6 +45,10 @@ REGRESSIONS: list[tuple[str, str]] = [
     # load_base_state_dict into a bitsandbytes layer: "must be a floating tensor to quantize".
     ("lora-bnb4-linear-factored-bias_all", "load_base_state_dict"),
     ("lora-bnb8-linear-materialized-head", "load_base_state_dict"),
+    # An adapted Linear8bitLt hid its row scales from bitsandbytes' state_dict hooks: not saved
+    # before a forward, and a RuntimeError loading them after one.
+    ("lora-bnb8-linear-factored-none", "state_dict"),
+    ("dora-bnb8-linear-materialized-second", "state_dict"),
 ]
 
 

@@ -250,3 +250,25 @@ def test_auto_kernel_falls_back_when_bitsandbytes_fails(monkeypatch):
     with pytest.raises(LoRAError, match="no kernel"):
         lp.quantize_base(required, kernel="bitsandbytes")  # checked before changing the model
     assert type(required[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("ran", [False, True], ids=["fresh", "after_forward"])
+def test_linear8bit_state_dict_carries_its_row_scales(ran):
+    """An adapted Linear8bitLt saves its row scales (SCB) and loads them, before and after its
+    first forward (which moves them into the matmul state), into a model on other weights."""
+    model = _bnb_model("8bit")
+    lp.add_lora(model, rank=2)
+    x = torch.randn(3, 64)
+    if ran:
+        with torch.no_grad():
+            model(x)
+    state = model.state_dict()
+    assert "0.SCB" in state
+    torch.manual_seed(1)
+    other = _bnb_model("8bit")
+    with torch.no_grad():
+        other[0].weight.data.copy_(torch.randint(-127, 127, other[0].weight.shape))
+    lp.add_lora(other, rank=2)
+    other.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))

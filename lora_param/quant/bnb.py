@@ -183,6 +183,52 @@ def _adopt(module: Any) -> None:
     # The layer's own forward needs its bitsandbytes parameter as `weight`: the adapted
     # forward calls bitsandbytes through the store instead, in either add_lora mode.
     install_forward(module, "linear")
+    if kind == "8bit":
+        # So do its state_dict hooks (they read `weight.SCB`): the row scales are saved and
+        # loaded from where the stored parameter or the matmul state keeps them.
+        generated: Any = type(module)  # the module's own class (install_forward made it)
+        generated._save_to_state_dict = _save_8bit
+        generated._load_from_state_dict = _load_8bit
+
+
+def _scales_holder(module: Any) -> Any:
+    """Where the adapted Linear8bitLt keeps its row scales: the stored parameter, or the
+    matmul state once a forward moved them there (as bitsandbytes' init_8bit_state does)."""
+    original = module.parametrizations.weight.original
+    return original if getattr(original, "SCB", None) is not None else module.state
+
+
+def _save_8bit(self: Any, destination: Any, prefix: str, keep_vars: bool) -> None:
+    """Linear8bitLt's state_dict form (``SCB``, ``weight_format``), its weight parametrized."""
+    nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+    scb = _scales_holder(self).SCB
+    if not self.state.has_fp16_weights and scb is not None:
+        destination[prefix + "SCB"] = scb if keep_vars else scb.detach()
+        destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+
+
+def _load_8bit(
+    self: Any,
+    state_dict: Any,
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Loads ``SCB`` into where the scales are kept (see :func:`_save_8bit`)."""
+    nn.Module._load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    )
+    for key in list(unexpected_keys):
+        name = key[len(prefix) :]
+        if name == "SCB":
+            with torch.no_grad():
+                _scales_holder(self).SCB.copy_(state_dict[key])
+            unexpected_keys.remove(key)
+        elif name == "weight_format":
+            unexpected_keys.remove(key)
 
 
 def adopt_bnb_layers(targets: list[AdaptTarget]) -> list[nn.Module]:
