@@ -272,3 +272,26 @@ def test_linear8bit_state_dict_carries_its_row_scales(ran):
     other.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(other(x), model(x))
+
+
+def test_linear4bit_repacked_for_cpu_inference_reads_right():
+    """bitsandbytes' Linear4bit eval forward on an AVX512-BF16 CPU repacks its weight in place
+    (its CPU inference layout); an adapter added afterwards must read the weight right."""
+    modules = pytest.importorskip("bitsandbytes.nn.modules")
+    convert = getattr(modules, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip("this bitsandbytes has no CPU inference layout")
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _bnb_model("4bit")
+    weight = model[0].weight
+    plain = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    weight.data, weight.quant_state = convert(weight.data, weight.quant_state)  # as eval does
+    lp.add_lora(model, ["0"], rank=2, mode="materialized")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        read = model[0].weight
+        # bfloat16 block scales: 2^-8 relative; the layer computes with what it reads.
+        torch.testing.assert_close(read, plain, rtol=0.01, atol=1e-6)
+        with lp.lora_disabled(model):
+            off = model[0](x)
+        torch.testing.assert_close(off, x @ read.t() + model[0].bias, rtol=1e-5, atol=1e-5)

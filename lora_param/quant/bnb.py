@@ -169,6 +169,9 @@ def _adopt(module: Any) -> None:
                 "a bitsandbytes Linear4bit layer is not quantized yet (its weight has no "
                 "quant_state): move the model to its device (.to(device)) before add_lora."
             )
+        if getattr(state, "packing_format_for_cpu", False):
+            _unpack_for_cpu(original)
+            state = original.quant_state
         head = BnbWeight("4bit", state.dtype)
     else:
         head = BnbWeight("8bit", module.bias.dtype if module.bias is not None else torch.float16)
@@ -229,6 +232,24 @@ def _load_8bit(
             unexpected_keys.remove(key)
         elif name == "weight_format":
             unexpected_keys.remove(key)
+
+
+def _unpack_for_cpu(original: Any) -> None:
+    """Give a Linear4bit weight repacked for CPU inference its usual layout back, in place.
+
+    bitsandbytes' Linear4bit.forward in eval mode on a CPU with AVX512-BF16 repacks its weight
+    (another code order, bfloat16 block scales) for a faster kernel; ``dequantize_4bit``
+    misreads that layout (values off by the weight's size). bitsandbytes undoes it the same
+    way before saving the layer (``_save_to_state_dict``) or moving it to a GPU.
+    """
+    inverse = getattr(_bitsandbytes().functional, "_convert_weight_packed_for_cpu_inverse", None)
+    if inverse is None:
+        raise LoRAError(
+            "this Linear4bit layer's weight was repacked by bitsandbytes for CPU inference, and "
+            "this bitsandbytes cannot undo it; save and reload the model (or run it in "
+            "training mode before its first evaluation) before add_lora."
+        )
+    original.data, original.quant_state = inverse(original.data, original.quant_state)
 
 
 def adopt_bnb_layers(targets: list[AdaptTarget]) -> list[nn.Module]:
