@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..core.entries import drop_entries, register_entry
+from ..core.entries import drop_entries, entry_list, register_entry, restore_order
 from ..core.errors import LoRAError
 from ..core.forward import install_forward
 from ..core.store import BaseStore, MergeStep
@@ -317,14 +317,37 @@ def requantized(head: BnbWeight, original: Any, merged: Tensor) -> Tensor:
 
 
 def set_bnb_weight(module: Any, weight: Tensor) -> None:
-    """Install a new bitsandbytes parameter (after the parametrization is gone)."""
-    module.weight = weight
+    """Install a new bitsandbytes parameter (under the adapters that stay, if any)."""
+    plist = entry_list(module, "weight")
+    if plist is not None:
+        plist.original = weight  # a bitsandbytes Parameter
+        plist.clear_cache()
+    else:
+        module.weight = weight
     if bnb_kind(module) == "8bit":
         module.state.CB = module.state.SCB = None
 
 
 def to_plain_linear(module: nn.Module, weight: Tensor) -> None:
-    """Turn a bitsandbytes layer (parametrization gone) into an ``nn.Linear`` with ``weight``."""
+    """Turn a bitsandbytes layer into an ``nn.Linear`` holding ``weight``.
+
+    Adapters still on the layer (one adapter merged of several) stay, now on the plain weight,
+    with their parameters and the adapted forward.
+    """
+    above: list[nn.Module] = []
+    order = module.__dict__.get("_lora_param_order")
+    plist = entry_list(module, "weight")
+    if plist is not None:
+        above = list(plist)[1:]
+        for i in reversed(range(1, len(plist))):
+            del plist[i]
+        drop_entries(module, "weight", lambda p: isinstance(p, BnbWeight))  # the store alone
     del module.weight
     module.__class__ = nn.Linear
     module.weight = nn.Parameter(weight, requires_grad=False)
+    if order is not None:
+        restore_order(module, order)
+    for p in above:
+        register_entry(module, "weight", p)
+    if above:
+        install_forward(module, "linear")

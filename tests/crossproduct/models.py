@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import lora_param as lp
 
@@ -238,18 +239,25 @@ def dequantized(base: Net, kind: str, store: str) -> torch.Tensor:
     """
     owner_path, _, name = KINDS[kind].tensor.rpartition(".")
     owner = base.get_submodule(owner_path)
+    if store in BNB_STORES:
+        return bnb_dequantized(owner, store)
+    with torch.no_grad():
+        return getattr(owner, name).detach().clone()
+
+
+def bnb_dequantized(layer: nn.Module, store: str) -> torch.Tensor:
+    """A bitsandbytes layer's weight (under adapters or not), by bitsandbytes' own functions."""
+    import bitsandbytes as bnb
+
+    if parametrize.is_parametrized(layer, "weight"):
+        w = layer.parametrizations.weight.original
+    else:
+        w = layer.weight
     with torch.no_grad():
         if store == "bnb4":
-            import bitsandbytes as bnb
-
-            w = owner.weight
             return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
-        if store == "bnb8":
-            w = owner.weight
-            scb = w.SCB if getattr(w, "SCB", None) is not None else owner.state.SCB
-            cb = w.CB if getattr(w, "CB", None) is not None else w.data
-            return cb.float() * scb.float().view(-1, 1) / 127.0
-        return getattr(owner, name).detach().clone()
+        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+        return w.data.float() * scb.float().view(-1, 1) / 127.0
 
 
 def fresh_copy(model: nn.Module) -> nn.Module:

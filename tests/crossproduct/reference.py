@@ -61,6 +61,7 @@ def reference_values(
     cell,
     active: Collection[str] | None = None,
     override: Mapping[str, Tensor] | None = None,
+    under: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Every tensor's expected value (float64).
 
@@ -70,8 +71,10 @@ def reference_values(
         cell: The model cell.
         active: Adapters applied (None: the enabled ones, as the model's flags say).
         override: Values replacing the computed ones (by tensor path).
+        under: Values replacing base values, under the adapters (by tensor path).
     """
     values = base_values(base, cell)
+    values.update({k: v.double() for k, v in (under or {}).items()})
     entries = adapted_entries(model)
 
     def is_active(e) -> bool:

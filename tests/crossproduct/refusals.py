@@ -188,17 +188,6 @@ REFUSALS: list[Refusal] = [
         "under torch.compile).",
     ),
     Refusal(
-        ("merge_adapter",),
-        lambda c: c.store in ("bnb4", "bnb8") and c.second,
-        "one adapter of several on a bitsandbytes layer",
-        r"cannot merge adapter 'default' alone",
-        "cannot merge adapter 'default' alone into 'body.weight': its base is a BnbWeight "
-        "that exists only for its adapters, and the others would stay on it",
-        "Merging into a bitsandbytes layer turns it into a plain nn.Linear (or requantizes "
-        "it); the other adapters would have to move onto the new layer. Merge every adapter, "
-        "or remove_lora the others first.",
-    ),
-    Refusal(
         ("load_base_state_dict",),
         lambda c: c.store in ("bnb4", "bnb8"),
         "bitsandbytes layers",
