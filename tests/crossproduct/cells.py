@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass
 
 import lora_param as lp
-from lora_param.core.variant import variant_class
+from lora_param.core.variant import variant_class, variant_config
 
 from .models import KINDS, STORES, applicable
 
@@ -71,9 +71,12 @@ _DEFAULT_INITS = ("kaiming", "gaussian")
 
 
 def variant_values() -> list[str]:
-    """Every registered variant, plus ``"<variant>+<init>"`` for its extra ``init=`` options."""
+    """Every variant lora_param registers, plus ``"<variant>+<init>"`` for its extra ``init=``
+    options. Variants registered from elsewhere (a user's, the docs' example) are left out."""
     values = []
     for name in lp.variant_names():
+        if not type(variant_config(name)).__module__.startswith("lora_param."):
+            continue
         values.append(name)
         try:
             inits = variant_class(name, "linear").inits

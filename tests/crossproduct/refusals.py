@@ -144,6 +144,16 @@ REFUSALS: list[Refusal] = [
         "PEFT's bias= option covers parameters named 'bias'. Save with save_lora.",
     ),
     Refusal(
+        ("peft_roundtrip",),
+        lambda c: c.variant_name == "dora" and c.kind in ("mha_in_proj", "param"),
+        "DoRA on tensors PEFT adapts as parameters (nn.MultiheadAttention's in_proj_weight, a "
+        "parameter named explicitly: PEFT's target_parameters)",
+        r"PEFT has no DoRA for parameters given by name",
+        "'body': PEFT has no DoRA for parameters given by name (target_parameters)",
+        "PEFT's target_parameters wrapper takes no use_dora, so no PEFT folder can hold the "
+        "magnitude. Save with save_lora.",
+    ),
+    Refusal(
         ("combine_cat",),
         lambda c: (
             (cls := _entry_class(c)) is not None

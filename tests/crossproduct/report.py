@@ -90,7 +90,7 @@ def support_matrix_page() -> str:
         "| --- | --- |",
         "| variant | "
         + ", ".join(f"`{v}`" for v in variant_values())
-        + " (every registered variant, `lora_param.variant_names()`) |",
+        + " (every variant lora_param registers: `lora_param.variant_names()`) |",
         "| base store | " + "; ".join(f"`{s}`: {STORE_TEXT[s]}" for s in STORES) + " |",
         "| layer kind | " + "; ".join(f"`{k}`: {KIND_TEXT[k]}" for k in KINDS) + " |",
         "| mode | " + ", ".join(f"`{m}`" for m in MODES) + " |",
