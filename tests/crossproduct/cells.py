@@ -169,18 +169,15 @@ def _pairs(cell: ModelCell) -> set[tuple[str, str, str, str]]:
     }
 
 
-def covering_cells(pinned: list[ModelCell] | None = None) -> list[ModelCell]:
-    """A deterministic subset holding every valid pair of axis values (all-pairs).
+def has_model(cell: ModelCell) -> bool:
+    """``add_lora`` is not declared refused for the cell (its operations exist)."""
+    from .refusals import expected_refusals  # refusals imports this module
 
-    Greedy: start from the pinned weak spots, then repeatedly take the first cell (in
-    :func:`all_cells` order) covering the most pairs not covered yet.
-    """
-    candidates = all_cells()
-    valid = set(candidates)
-    chosen = [c for c in (PINNED if pinned is None else pinned) if c in valid]
-    needed: set[tuple[str, str, str, str]] = set().union(*(_pairs(c) for c in candidates))
-    for c in chosen:
-        needed -= _pairs(c)
+    return not expected_refusals(cell, "add_lora")
+
+
+def _greedy(candidates: list[ModelCell], chosen: list[ModelCell], needed: set) -> list[ModelCell]:
+    needed = needed - set().union(set(), *(_pairs(c) for c in chosen))
     while needed:
         best = max(candidates, key=lambda c: len(_pairs(c) & needed))
         chosen.append(best)
@@ -188,12 +185,33 @@ def covering_cells(pinned: list[ModelCell] | None = None) -> list[ModelCell]:
     return chosen
 
 
+def covering_cells(pinned: list[ModelCell] | None = None) -> list[ModelCell]:
+    """A deterministic subset holding every valid pair of axis values (all-pairs).
+
+    Every pair that a model with operations holds is covered by such a model (a model
+    ``add_lora`` refuses covers only that refusal); the pairs only refused models hold (an
+    NF4 store on an MHA in_proj) by one of those. Greedy: start from the pinned weak spots,
+    then repeatedly take the first cell (in :func:`all_cells` order) covering the most pairs
+    not covered yet.
+    """
+    candidates = all_cells()
+    live = [c for c in candidates if has_model(c)]
+    chosen = [c for c in (PINNED if pinned is None else pinned) if c in set(candidates)]
+    live_pairs: set = set().union(*(_pairs(c) for c in live))
+    chosen = _greedy(live, [c for c in chosen if has_model(c)], live_pairs)
+    all_pairs: set = set().union(*(_pairs(c) for c in candidates))
+    return _greedy(candidates, chosen, all_pairs - live_pairs)
+
+
 def compile_sample(cells: list[ModelCell]) -> set[ModelCell]:
     """The cells whose ``compile`` operation runs: the first cell of each (variant, kind) and
-    of each (store, mode) among ``cells`` (torch.compile is the costly operation)."""
+    of each (store, mode) among ``cells`` that has a model (torch.compile is the costly
+    operation)."""
     seen: set[tuple[str, str]] = set()
     out: set[ModelCell] = set()
     for c in cells:
+        if not has_model(c):
+            continue
         keys = {("v" + c.variant, c.kind), ("s" + c.store, c.mode)}
         if not keys <= seen:
             out.add(c)
