@@ -580,10 +580,17 @@ def op_bfloat16(s: Setup) -> None:
 
 def op_compile(s: Setup) -> None:
     """torch.compile(backend="eager"): training and eval forwards == the formula."""
+    # Every cell's Net.forward is a new compilation: past dynamo's recompile limit it would
+    # silently run uncompiled.
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     model = copy.deepcopy(s.model)
     compiled = torch.compile(model, backend="eager")
     model.train()
     out = compiled(s.x)
+    if not counters["stats"]["unique_graphs"]:
+        raise AssertionError("torch.compile traced no graph")
     s.close(out, s.ref(), "compiled training forward")
     out.square().sum().backward()
     model.eval()
