@@ -133,7 +133,9 @@ def table(results: Iterable[tuple[ModelCell, dict[str, Outcome]]]) -> str:
         for op, outcome in outcomes.items():
             counts[op][outcome.status] += 1
             if outcome.status == "refused":
-                refusals[(op, outcome.message.split(". ")[0][:110])] += 1
+                declared = [r for r in expected_refusals(cell, op) if r.matches(outcome.message)]
+                gist = declared[0].gist if declared else outcome.message
+                refusals[(op, gist[:150])] += 1
             found = problem(cell, op, outcome)
             if found:
                 problems.append(found)
