@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import LoRAError
 from .matching import Targets
-from .variant import VariantConfig, variant_config
+from .variant import VariantConfig, init_variant, variant_config
 
 if TYPE_CHECKING:
     from .targets import AdaptTarget, ExpertLayout
@@ -105,8 +105,8 @@ class LoRAConfig:
         exclude: Patterns removing matches.
         layer_types: Only layers of these classes.
         dropout: Dropout probability on the adapter's input.
-        init: Initialisation of the factors (``"kaiming"``, ``"gaussian"``; variants may add
-            more).
+        init: Initialisation of the factors (``"kaiming"``, ``"gaussian"``; from the weight:
+            ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"``; variants may add more).
         use_rslora: Scale by ``alpha / sqrt(rank)``.
         variant: The adapter variant: a name (``"lora"``, ``"dora"``, ...) or its options
             object (``lora_param.DoRAConfig()``).
@@ -216,7 +216,8 @@ class LoRAConfig:
             if data.get(key)
         ]
         init = data.get("init_lora_weights", True)
-        if init not in (True, "gaussian"):
+        from_weight = isinstance(init, str) and init_variant("lora", init) != "lora"  # PiSSA
+        if init not in (True, "gaussian") and not from_weight:
             unmodelled.append(f"init_lora_weights={init!r}")
         if unmodelled:
             raise LoRAError(
@@ -224,29 +225,26 @@ class LoRAConfig:
                 "uses them with import_peft."
             )
 
-        def suffix_globs(names: Any) -> Any:
+        def suffixes(names: Any) -> Any:
+            """PEFT's name list as one regex: a name, or a name after a dot."""
             if names is None or isinstance(names, str):
                 return names
-            return [g for n in sorted(names) for g in (_escape(n), f"*.{_escape(n)}")]
+            choice = "|".join(re.escape(n) for n in sorted(names))
+            return re.compile(rf"(?:.*\.)?(?:{choice})")
 
         targets = data.get("target_modules")
         return cls(
-            targets=re.compile(targets) if isinstance(targets, str) else suffix_globs(targets),
+            targets=re.compile(targets) if isinstance(targets, str) else suffixes(targets),
             rank=int(data.get("r", 8)),
             alpha=float(data.get("lora_alpha", 8)),
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
-            init="gaussian" if init == "gaussian" else "kaiming",
+            init=init if isinstance(init, str) else "kaiming",
             use_rslora=bool(data.get("use_rslora", False)),
             variant="dora" if data.get("use_dora", False) else "lora",
-            trainable=suffix_globs(data.get("modules_to_save")),
+            trainable=suffixes(data.get("modules_to_save")),
             bias=data.get("bias", "none") or "none",
         )
 
     def keywords(self) -> dict[str, Any]:
         """The fields as ``add_lora`` keywords."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-
-
-def _escape(name: str) -> str:
-    """A glob matching exactly ``name``."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
+        return {f.name: getattr(self, f.name) for f in fields(self)}

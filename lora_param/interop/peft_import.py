@@ -25,7 +25,7 @@ from ..core.errors import LoRAError
 from ..core.inject import Mode, add_lora
 from ..core.lookup import iter_lora, list_adapters
 from ..core.merge import remove_lora
-from ..core.targets import base_tensor, is_hf_conv1d, tensor_names
+from ..core.targets import base_tensor, is_hf_conv1d, module_targets, tensor_names
 from .peft_codecs import codec_for_config, folder_format
 from .peft_format import (
     CONFIG_NAME,
@@ -215,8 +215,10 @@ def import_peft(
             tensor_name = "weight"
             w = base_tensor(module, "weight")
             if isinstance(module, nn.Linear):
-                # Not the weight's shape: a bitsandbytes Linear4bit stores it packed (n/2, 1).
-                out_f, in_f = module.out_features, module.in_features
+                # the layer's own description: a packed (bitsandbytes) weight is (out, in) too
+                linear = module_targets(module_path, module)
+                assert linear is not None
+                out_f, in_f = linear[0].fan_out, linear[0].fan_in
                 expect_a, expect_b = (rank, in_f), (out_f, rank)
             elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 if module.groups != 1 or any(d != 1 for d in module.dilation):
@@ -308,7 +310,7 @@ def import_peft(
         use_rslora=use_rslora,
         freeze=freeze,
         mode=mode,
-        variant=codec.variant,
+        **codec.add_lora_options(config),
     )
     loaded = set()
     factors = {tp: (a, b) for tp, _, a, b, _, _ in plan}
