@@ -125,6 +125,6 @@ def test_load_base_state_dict_names_a_packed_checkpoint_weight():
     state = dict(_model().state_dict())
     state["0.weight"] = state["0.weight"].to(torch.int8)
     snapshot = _snapshot(model)
-    with pytest.raises(LoRAError, match="'0.weight' is torch.int8, not a plain floating-point"):
+    with pytest.raises(LoRAError, match=r"'0\.weight' is torch\.int8, not a plain floating-point"):
         lp.load_base_state_dict(model, state)
     _assert_unchanged(model, snapshot)
