@@ -67,8 +67,9 @@ def _full(config: pytest.Config) -> bool:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "cell" in metafunc.fixturenames:
-        cells = all_cells() if _full(metafunc.config) else covering_cells()
-        sample = compile_sample(cells)
+        full = _full(metafunc.config)
+        cells = all_cells() if full else covering_cells()
+        sample = compile_sample(cells, pairs=full)
         params = [pytest.param((c, c in sample), id=c.id) for c in cells]
         metafunc.parametrize("cell", params)
 

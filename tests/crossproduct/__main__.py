@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = all_cells() if args.full else covering_cells()
         if args.only:
             cells = [c for c in cells if all(s in c.id for s in args.only.split(","))]
-        sample = compile_sample(cells)
+        sample = compile_sample(cells, pairs=args.full)
         start = time.perf_counter()
         results = []
         for cell in cells:

@@ -13,8 +13,9 @@ import itertools
 from dataclasses import dataclass
 
 import lora_param as lp
-from lora_param.core.variant import variant_class, variant_config
+from lora_param.core.variant import init_variant, variant_config
 
+from .formulas import VARIANTS
 from .models import KINDS, STORES, applicable
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "SAMPLED",
     "ModelCell",
     "all_cells",
+    "compile_sample",
     "covering_cells",
+    "has_model",
     "variant_values",
 ]
 
@@ -67,22 +70,21 @@ OPERATIONS = [
 #: :func:`compile_sample`).
 SAMPLED = ("compile",)
 
-_DEFAULT_INITS = ("kaiming", "gaussian")
-
 
 def variant_values() -> list[str]:
-    """Every variant lora_param registers, plus ``"<variant>+<init>"`` for its extra ``init=``
-    options. Variants registered from elsewhere (a user's, the docs' example) are left out."""
+    """Every variant lora_param registers, as users ask for it: its name (``variant=``), or
+    ``"<variant>+<init>"`` for one built by an ``init=`` of another variant (PiSSA:
+    ``"lora+pissa"``; see ``asked_as`` in formulas.py). Variants registered from elsewhere (a
+    user's, the docs' example) are left out."""
     values = []
     for name in lp.variant_names():
         if not type(variant_config(name)).__module__.startswith("lora_param."):
             continue
-        values.append(name)
-        try:
-            inits = variant_class(name, "linear").inits
-        except lp.LoRAError:
-            continue
-        values += [f"{name}+{i}" for i in inits if i not in _DEFAULT_INITS]
+        spec = VARIANTS.get(name)
+        if spec is not None and spec.asked_as:
+            values += [f"{variant}+{init}" for variant, init in spec.asked_as]
+        else:
+            values.append(name)
     return values
 
 
@@ -110,6 +112,11 @@ class ModelCell:
     def init(self) -> str:
         """The ``init=`` option (``"kaiming"`` unless the variant value names one)."""
         return self.variant.partition("+")[2] or "kaiming"
+
+    @property
+    def entry_variant(self) -> str:
+        """The registered variant of the adapter entries ``add_lora`` builds for the cell."""
+        return init_variant(self.variant_name, self.init)
 
     @property
     def second(self) -> bool:
@@ -203,16 +210,20 @@ def covering_cells(pinned: list[ModelCell] | None = None) -> list[ModelCell]:
     return _greedy(candidates, chosen, all_pairs - live_pairs)
 
 
-def compile_sample(cells: list[ModelCell]) -> set[ModelCell]:
-    """The cells whose ``compile`` operation runs: the first cell of each (variant, kind) and
-    of each (store, mode) among ``cells`` that has a model (torch.compile is the costly
-    operation)."""
-    seen: set[tuple[str, str]] = set()
+def compile_sample(cells: list[ModelCell], *, pairs: bool = False) -> set[ModelCell]:
+    """The cells whose ``compile`` operation runs (torch.compile is the costly operation).
+
+    Among the cells that have a model: the first holding each value of each axis, and with
+    ``pairs`` (the full product) the first of each (variant, kind) and (store, mode) pair.
+    """
+    seen: set[tuple[str, ...]] = set()
     out: set[ModelCell] = set()
     for c in cells:
         if not has_model(c):
             continue
-        keys = {("v" + c.variant, c.kind), ("s" + c.store, c.mode)}
+        keys = {(a, getattr(c, a)) for a in AXES}
+        if pairs:
+            keys |= {("vk", c.variant, c.kind), ("sm", c.store, c.mode)}
         if not keys <= seen:
             out.add(c)
             seen |= keys

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 import lora_param as lp
 
 from .cells import ModelCell
-from .formulas import apply_formula
+from .formulas import LORA_FIRST, LORA_SECOND, VARIANTS, apply_formula
 from .models import BNB_STORES, KINDS, _bnb_linear, bnb_dequantized, build_base, build_plain
 from .reference import base_values, reference_model, reference_output, reference_values
 
@@ -99,13 +99,19 @@ class Setup:
             return build_base(self.cell.kind, self.cell.store, seed)
         return copy.deepcopy(self.pristine)
 
-    def add(self, model: nn.Module, *, default_rank: int = 3, only_default: bool = False):
-        """The cell's add_lora calls."""
+    def add(self, model: nn.Module, *, default_rank: int | None = None, only_default: bool = False):
+        """The cell's add_lora calls (the variant's options from formulas.py)."""
         cell, spec = self.cell, KINDS[self.cell.kind]
-        common: dict[str, Any] = {"variant": cell.variant_name, "mode": cell.mode}
+        options = VARIANTS.get(cell.entry_variant)
+        first = dict(LORA_FIRST if options is None else options.first)
+        second = dict(LORA_SECOND if options is None else options.second)
+        common: dict[str, Any] = {"mode": cell.mode}
         if cell.init != "kaiming":
             common["init"] = cell.init
-        first = dict(common, rank=default_rank, alpha=5.0)
+        first = {"variant": cell.variant_name, **common, **first}
+        second = {"variant": cell.variant_name, **common, **second}
+        if default_rank is not None:
+            first["rank"] = default_rank
         if cell.store == "nf4":
             first["quantize"] = "nf4"
         if cell.extra in ("head", "second_heads"):
@@ -116,7 +122,6 @@ class Setup:
             first["bias"] = "all"
         lp.add_lora(model, spec.targets, adapter="default", **first)
         if cell.second and not only_default:
-            second = dict(common, rank=2, alpha=3.0, use_rslora=True)
             if cell.extra == "second_heads":
                 second["trainable"] = ["head"]
             lp.add_lora(model, spec.targets, adapter="b", **second)

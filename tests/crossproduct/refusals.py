@@ -43,7 +43,7 @@ def spec_kind(cell: ModelCell) -> str:
 
 def _entry_class(cell: ModelCell) -> type | None:
     try:
-        return variant_class(cell.variant_name, spec_kind(cell))
+        return variant_class(cell.entry_variant, spec_kind(cell))
     except lp.LoRAError:
         return None
 
@@ -61,7 +61,8 @@ class Refusal:
     Attributes:
         ops: The operations refused.
         when: Which model cells.
-        cells: The cells, in words (for the docs).
+        cells: The cells, in words (for the docs); a callable computes them (from the
+            variant registry).
         match: A regular expression the LoRAError's message matches.
         gist: The message's gist (for the docs).
         why: Why it is refused, and what to do instead.
@@ -69,13 +70,51 @@ class Refusal:
 
     ops: tuple[str, ...]
     when: Callable[[ModelCell], bool]
-    cells: str
+    cells: str | Callable[[], str]
     match: str
     gist: str
     why: str
 
     def matches(self, message: str) -> bool:
         return re.search(self.match, message) is not None
+
+    def cells_text(self) -> str:
+        """The cells, in words."""
+        return self.cells if isinstance(self.cells, str) else self.cells()
+
+
+def _where(label: str, pred: Callable[[ModelCell], bool]) -> Callable[[], str]:
+    """Docs text: the variants (as users ask for them) for which ``pred`` holds, with the
+    layer kinds unless it holds on every kind the variant adapts."""
+
+    def text() -> str:
+        from .cells import variant_values  # cells imports this module's users, not this
+
+        parts = []
+        for value in variant_values():
+            cells = {k: ModelCell(value, "plain", k, "factored", "none") for k in SPEC_KIND}
+            kinds = [k for k, c in cells.items() if pred(c)]
+            adapted = {k for k, c in cells.items() if _entry_class(c) is not None}
+            if kinds and adapted <= set(kinds):  # on every kind it adapts
+                parts.append(f"`{value}`")
+            elif kinds:
+                parts.append(f"`{value}` on {', '.join(kinds)}")
+        return f"{label}: " + ("; ".join(parts) or "none")
+
+    return text
+
+
+def _lacking(capability: str) -> Callable[[], str]:
+    """Docs text: which variants lack ``capability``, and where."""
+    return _where(
+        f"variants without the {capability!r} capability",
+        lambda c: _entry_class(c) is not None and not variant_supports(c, capability),
+    )
+
+
+def _no_lowrank(cell: ModelCell) -> bool:
+    cls = _entry_class(cell)
+    return cls is not None and "combine" in cls.capabilities and not cls.lowrank_exact
 
 
 _UNROUTABLE = ("mha_in_proj", "mha_out_proj", "experts", "param")
@@ -96,11 +135,11 @@ REFUSALS: list[Refusal] = [
     Refusal(
         ("add_lora",),
         lambda c: _entry_class(c) is None,
-        "variants without an entry class for the layer kind (DoRA on 3-D experts tensors)",
+        _where("layer kinds a variant does not adapt", lambda c: _entry_class(c) is None),
         r"variant does not adapt",
         "the dora variant does not adapt 'experts' tensors",
-        "The variant's paper defines no per-expert form (PEFT has none either). Use "
-        "variant='lora' on the experts in a separate add_lora call.",
+        "These variants define no per-expert form (PEFT has none either). Use plain LoRA on "
+        "the experts, in a separate add_lora call.",
     ),
     Refusal(
         ("mixed_batch",),
@@ -119,7 +158,7 @@ REFUSALS: list[Refusal] = [
         ("peft_roundtrip",),
         lambda c: c.kind == "conv2d_grouped",
         "grouped convolutions",
-        r"grouped convolution",
+        r"grouped (or dilated )?convolution",
         "'body.weight' is a grouped convolution (groups=2); PEFT's LoRA for grouped "
         "convolutions has a different structure",
         "PEFT's grouped-conv LoRA factors the weight per group, lora_param's over the whole "
@@ -145,33 +184,48 @@ REFUSALS: list[Refusal] = [
     ),
     Refusal(
         ("peft_roundtrip",),
-        lambda c: c.variant_name == "dora" and c.kind in ("mha_in_proj", "param"),
-        "DoRA on tensors PEFT adapts as parameters (nn.MultiheadAttention's in_proj_weight, a "
-        "parameter named explicitly: PEFT's target_parameters)",
+        lambda c: c.entry_variant in ("dora", "pissa_dora") and c.kind in ("mha_in_proj", "param"),
+        "DoRA (from any start) on tensors PEFT adapts as parameters (nn.MultiheadAttention's "
+        "in_proj_weight, a parameter named explicitly: PEFT's target_parameters)",
         r"PEFT has no DoRA for parameters given by name",
         "'body': PEFT has no DoRA for parameters given by name (target_parameters)",
         "PEFT's target_parameters wrapper takes no use_dora, so no PEFT folder can hold the "
         "magnitude. Save with save_lora.",
     ),
     Refusal(
+        ("peft_roundtrip",),
+        lambda c: c.entry_variant == "oft" and c.kind in ("hf_conv1d", "mha_in_proj", "param"),
+        "OFT on Hugging Face Conv1D, nn.MultiheadAttention's in_proj_weight, named parameters",
+        r"PEFT's OFT adapts only nn\.Linear, nn\.Conv2d and nn\.Embedding",
+        "PEFT's OFT adapts only nn.Linear, nn.Conv2d and nn.Embedding layers",
+        "PEFT 0.21 has no OFT layer for them, so no PEFT folder can hold the rotation. Save "
+        "with save_lora.",
+    ),
+    Refusal(
+        ("peft_roundtrip",),
+        lambda c: c.entry_variant == "oft" and c.kind == "conv2d",
+        "OFT on k×k convolutions (k > 1)",
+        r"PEFT 0\.21's unmerged OFT forward on k×k convolutions",
+        "'body.weight' has kernel (3, 3): PEFT 0.21's unmerged OFT forward on k×k convolutions "
+        "(k > 1) folds overlapping patches back and does not compute its own merged weight",
+        "A PEFT model would load the folder and compute something else than the adapter "
+        "(PEFT's own merged and unmerged outputs differ there). Save with save_lora.",
+    ),
+    Refusal(
         ("combine_cat",),
-        lambda c: (
-            (cls := _entry_class(c)) is not None
-            and "combine" in cls.capabilities
-            and not cls.lowrank_exact
-        ),
-        "variants without exact low-rank factors (DoRA)",
+        _no_lowrank,
+        _where("variants without exact low-rank factors", _no_lowrank),
         r"method='cat'\) concatenates exact low-rank factors",
         "combine_adapters(method='cat') concatenates exact low-rank factors, which a dora "
         "adapter does not have",
-        "A DoRA update depends on the weight, so it has no B @ A to concatenate. "
+        "A DoRA or OFT update depends on the weight, so it has no B @ A to concatenate. "
         "method='svd' combines it (exactly at full rank: the combine_svd cells).",
     ),
     Refusal(
         ("combine_cat", "combine_svd"),
-        lambda c: not variant_supports(c, "combine"),
-        "variants without the 'combine' capability on the layer kind (per-expert LoRA)",
-        r"combine_adapters does not support lora adapters on 'experts' tensors",
+        lambda c: _entry_class(c) is not None and not variant_supports(c, "combine"),
+        _lacking("combine"),
+        r"combine_adapters does not support \w+ adapters",
         "combine_adapters does not support lora adapters on 'experts' tensors",
         "The combined adapter is one plain LoRA per tensor; a per-expert combination is not "
         "implemented. Merge a copy of the model instead.",
@@ -189,13 +243,15 @@ REFUSALS: list[Refusal] = [
     ),
     Refusal(
         ("hotswap",),
-        lambda c: not variant_supports(c, "hotswap"),
-        "variants without the 'hotswap' capability on the layer kind (DoRA; per-expert LoRA)",
-        r"hot-swapping does not support (dora adapters|lora adapters on 'experts' tensors)",
-        "hot-swapping does not support dora adapters (lora adapters on 'experts' tensors)",
-        "Hot-swapping copies a file's factors into zero-padded ones of a fixed rank, which "
-        "only plain LoRA's B @ A allows. Load the file with load_lora instead (a recompile "
-        "under torch.compile).",
+        lambda c: _entry_class(c) is not None and not variant_supports(c, "hotswap"),
+        _lacking("hotswap"),
+        r"hot-swapping does not support \w+ adapters",
+        "hot-swapping does not support dora adapters (oft adapters, lora adapters on 'experts' "
+        "tensors, ...)",
+        "Hot-swapping copies a file's factors into zero-padded ones of a fixed rank and a "
+        "scale buffer, which only plain LoRA's B @ A allows (PiSSA's frozen start, DoRA's "
+        "magnitude and OFT's rotation have no such form). Load the file with load_lora instead "
+        "(a recompile under torch.compile).",
     ),
     Refusal(
         ("load_base_state_dict",),

@@ -114,7 +114,7 @@ def support_matrix_page() -> str:
     for r in REFUSALS:
         ops = ", ".join(f"`{o}`" for o in r.ops)
         lines += [
-            f"### {ops}: {r.cells}",
+            f"### {ops}: {r.cells_text()}",
             "",
             f"- Cells: {covered[id(r)]}.",
             f"- Message: {r.gist}.",
