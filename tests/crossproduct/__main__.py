@@ -12,6 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 from .cells import OPERATIONS, SAMPLED, all_cells, compile_sample, covering_cells
@@ -39,10 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         sample = compile_sample(cells, pairs=args.full)
         start = time.perf_counter()
         results = []
+        skipped = []
         for cell in cells:
             ops = [o for o in OPERATIONS if o not in SAMPLED or cell in sample]
-            results.append((cell, run_cell(cell, ops)))
+            try:
+                results.append((cell, run_cell(cell, ops)))
+            except pytest.skip.Exception as exc:  # an optional dependency is missing
+                skipped.append(f"{cell.id}: {exc}")
         print(table(results))
+        if skipped:
+            print(f"\nSkipped {len(skipped)} models (optional dependencies missing):")
+            print("\n".join(f"  {line}" for line in skipped))
         print(f"\n{len(cells)} models in {time.perf_counter() - start:.0f} s")
     return 0
 
