@@ -185,6 +185,45 @@ def oft(w: Tensor, t: Mapping[str, Tensor], fields: Mapping[str, Any], spec: Any
     return out.t() if spec.fan_in_fan_out else out.reshape(w.shape)
 
 
+def _as_stored(w: Tensor, delta: Tensor, spec: Any) -> Tensor:
+    """An update in the matrix view ``(fan_out, fan_in)`` laid out as the stored ``w``."""
+    return (delta.t() if spec.fan_in_fan_out else delta).reshape(w.shape)
+
+
+def _tucker(t: Tensor, w_a: Tensor, w_b: Tensor) -> Tensor:
+    """FedPara's tucker form: ``einsum("i j ..., j r, i p -> p r ...")``, ``(out, in, *k)``."""
+    return torch.einsum("ij...,jr,ip->pr...", t, w_b, w_a)
+
+
+@formula("loha")
+def loha(w: Tensor, t: Mapping[str, Tensor], fields: Mapping[str, Any], spec: Any) -> Tensor:
+    """LoHa (FedPara, Hyeon-Woo et al. 2022): ``W + s (w1a w1b) ⊙ (w2a w2b)``; each half in
+    the tucker form ``t ×1 w_a ×2 w_b`` on a k×k convolution with ``use_tucker``."""
+    if "hada_t1" in t:
+        h1 = _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]).reshape(spec.fan_out, -1)
+        h2 = _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"]).reshape(spec.fan_out, -1)
+    else:
+        h1 = t["hada_w1_a"] @ t["hada_w1_b"]
+        h2 = t["hada_w2_a"] @ t["hada_w2_b"]
+    return w + _scale(fields) * _as_stored(w, h1 * h2, spec)
+
+
+@formula("lokr")
+def lokr(w: Tensor, t: Mapping[str, Tensor], fields: Mapping[str, Any], spec: Any) -> Tensor:
+    """LoKr (LyCORIS, Yeh et al. 2024): ``W + s kron(w1, w2)``, ``w1`` ``(a, c)`` full or
+    ``w1_a w1_b``, ``w2`` ``(b, d·k)`` full, ``w2_a w2_b`` or the tucker ``t2 ×1 w2_a ×2
+    w2_b``; ``fan_out = a·b``, ``fan_in = c·d·k``."""
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_t2" in t:
+        w2 = torch.einsum("ij...,ip,jr->pr...", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+    elif "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    else:
+        w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+    delta = torch.kron(w1, w2.reshape(w2.shape[0], -1))
+    return w + _scale(fields) * _as_stored(w, delta, spec)
+
+
 def apply_formula(variant: str, weight: Tensor, entry: Any) -> Tensor:
     """``W'`` of ``entry`` (an adapter entry of ``variant``) on ``weight``, in float64.
 

@@ -36,9 +36,10 @@ __all__ = ["OPS", "NotApplicable", "Setup", "check_close", "make_setup"]
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 6e-2}
 #: Stores whose base forward is not ``x @ dequant(W)^T`` in the compute dtype: bitsandbytes'
-#: LLM.int8 matmul rounds each input row to int8 too (steps of absmax/127, ~0.4% of a row's
-#: largest value); measured here up to 2.5e-3 relative error on the outputs.
-STORE_TOL = {"bnb8": 1e-2}
+#: LLM.int8 matmul casts the input to float16 and rounds each row to int8 too (steps of
+#: absmax/127, ~0.4% of a row's largest value); measured up to 1.1e-2 relative error on the
+#: outputs over the full product (OLoRA's large starts, requantized), 2.5e-3 typically.
+STORE_TOL = {"bnb8": 2.5e-2}
 PACKED = ("nf4", "int8", *BNB_STORES)
 
 
