@@ -117,6 +117,9 @@ def _no_lowrank(cell: ModelCell) -> bool:
     return cls is not None and "combine" in cls.capabilities and not cls.lowrank_exact
 
 
+#: Variants PEFT holds in its LyCORIS-family folders (LOHA, LOKR): other layer kinds, other
+#: refusals than its LoRA folders.
+PEFT_LYCORIS = ("loha", "lokr")
 _UNROUTABLE = ("mha_in_proj", "mha_out_proj", "experts", "param")
 
 REFUSALS: list[Refusal] = [
@@ -156,8 +159,8 @@ REFUSALS: list[Refusal] = [
     ),
     Refusal(
         ("peft_roundtrip",),
-        lambda c: c.kind == "conv2d_grouped",
-        "grouped convolutions",
+        lambda c: c.kind == "conv2d_grouped" and c.entry_variant not in PEFT_LYCORIS,
+        "grouped convolutions (but LoHa, LoKr)",
         r"grouped (or dilated )?convolution",
         "'body.weight' is a grouped convolution (groups=2); PEFT's LoRA for grouped "
         "convolutions has a different structure",
@@ -169,7 +172,7 @@ REFUSALS: list[Refusal] = [
         ("peft_roundtrip",),
         lambda c: c.kind == "mha_out_proj",
         "nn.MultiheadAttention's out_proj",
-        r"out_proj of nn\.MultiheadAttention",
+        r"out_proj of (an )?nn\.MultiheadAttention",
         "adapter adapts the out_proj of nn.MultiheadAttention [...] PEFT wraps out_proj's "
         "forward, which MultiheadAttention never calls",
         "A PEFT model would load the file and silently ignore the update. Save with save_lora.",
@@ -210,6 +213,26 @@ REFUSALS: list[Refusal] = [
         "(k > 1) folds overlapping patches back and does not compute its own merged weight",
         "A PEFT model would load the folder and compute something else than the adapter "
         "(PEFT's own merged and unmerged outputs differ there). Save with save_lora.",
+    ),
+    Refusal(
+        ("peft_roundtrip",),
+        lambda c: (
+            c.entry_variant in PEFT_LYCORIS and c.kind in ("hf_conv1d", "mha_in_proj", "param")
+        ),
+        "LoHa, LoKr on Hugging Face Conv1D, nn.MultiheadAttention's in_proj_weight, named "
+        "parameters",
+        r"PEFT's (LOHA|LOKR) adapts the weight of nn\.Linear, nn\.Conv1d and nn\.Conv2d",
+        "PEFT's LOHA adapts the weight of nn.Linear, nn.Conv1d and nn.Conv2d submodules only",
+        "PEFT 0.21's LyCORIS-family layers wrap those modules only. Save with save_lora.",
+    ),
+    Refusal(
+        ("peft_roundtrip",),
+        lambda c: c.entry_variant in PEFT_LYCORIS and c.extra in ("bias", "bias_all"),
+        "LoHa, LoKr adapters that train biases",
+        r"config has no bias option",
+        "adapter 'default' trains biases (bias='lora_only'); PEFT's LOHA config has no bias option",
+        "PEFT's LoHaConfig and LoKrConfig have no bias= field, so a folder cannot say the "
+        "biases are the adapter's. Save with save_lora.",
     ),
     Refusal(
         ("combine_cat",),
