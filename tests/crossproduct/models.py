@@ -7,7 +7,6 @@ independent of the others (mixed batches route rows). Weights come from a fixed 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +25,10 @@ __all__ = [
     "KindSpec",
     "Net",
     "ParamHolder",
+    "applicable",
+    "bnb_dequantized",
     "build_base",
+    "build_plain",
     "dequantized",
     "needs",
 ]
@@ -258,8 +260,3 @@ def bnb_dequantized(layer: nn.Module, store: str) -> torch.Tensor:
             return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
         scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
         return w.data.float() * scb.float().view(-1, 1) / 127.0
-
-
-def fresh_copy(model: nn.Module) -> nn.Module:
-    """A deep copy (parametrized modules copy through deepcopy, not pickle)."""
-    return copy.deepcopy(model)

@@ -44,7 +44,7 @@ def base_values(base: nn.Module, cell) -> dict[str, Tensor]:
     return values
 
 
-def _chain(path: str, value: Tensor, entries: list[nn.Module], active) -> Tensor:
+def _chain(value: Tensor, entries: list[nn.Module], active) -> Tensor:
     for e in entries:
         if not active(e):
             continue
@@ -81,7 +81,7 @@ def reference_values(
         return e.enabled if active is None else e.adapter in active
 
     for path, chain in entries.items():
-        values[path] = _chain(path, values[path], chain, is_active)
+        values[path] = _chain(values[path], chain, is_active)
     values.update({k: v.double() for k, v in (override or {}).items()})
     return values
 
