@@ -20,6 +20,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cross-product",
+        choices=["subset", "full"],
+        default="subset",
+        help="tests/test_cross_product.py: a covering subset (default) or the full product",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same global RNG state."""

@@ -27,6 +27,7 @@ from lora_param import (
     export_peft,
     import_peft,
     iter_lora,
+    list_adapters,
     load_lora,
     merge_lora,
     remove_lora,
@@ -350,3 +351,19 @@ def test_transposed_experts_peft_both_ways(tmp_path):
     with pytest.raises(LoRAError, match="is_transposed"):
         export_peft(flipped, tmp_path / "f")
     assert not (tmp_path / "f").exists()
+
+
+def test_per_expert_refusals_name_the_tensor_kind():
+    """LoRA hot-swaps and combines elsewhere: the refusal says it is the per-expert form."""
+    from lora_param import combine_adapters, prepare_hotswap
+
+    torch.manual_seed(0)
+    model = _Block()
+    add_lora(model, ["experts"], rank=2)
+    for call in (
+        lambda: prepare_hotswap(model, max_rank=4),
+        lambda: combine_adapters(model, {"default": 1.0}, "sum"),
+    ):
+        with pytest.raises(LoRAError, match="lora adapters on 'experts' tensors"):
+            call()
+    assert list_adapters(model) == ["default"]

@@ -250,3 +250,48 @@ def test_auto_kernel_falls_back_when_bitsandbytes_fails(monkeypatch):
     with pytest.raises(LoRAError, match="no kernel"):
         lp.quantize_base(required, kernel="bitsandbytes")  # checked before changing the model
     assert type(required[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("ran", [False, True], ids=["fresh", "after_forward"])
+def test_linear8bit_state_dict_carries_its_row_scales(ran):
+    """An adapted Linear8bitLt saves its row scales (SCB) and loads them, before and after its
+    first forward (which moves them into the matmul state), into a model on other weights."""
+    model = _bnb_model("8bit")
+    lp.add_lora(model, rank=2)
+    x = torch.randn(3, 64)
+    if ran:
+        with torch.no_grad():
+            model(x)
+    state = model.state_dict()
+    assert "0.SCB" in state
+    torch.manual_seed(1)
+    other = _bnb_model("8bit")
+    with torch.no_grad():
+        other[0].weight.data.copy_(torch.randint(-127, 127, other[0].weight.shape))
+    lp.add_lora(other, rank=2)
+    other.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
+
+
+def test_linear4bit_repacked_for_cpu_inference_reads_right():
+    """bitsandbytes' Linear4bit eval forward on an AVX512-BF16 CPU repacks its weight in place
+    (its CPU inference layout); an adapter added afterwards must read the weight right."""
+    modules = pytest.importorskip("bitsandbytes.nn.modules")
+    convert = getattr(modules, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip("this bitsandbytes has no CPU inference layout")
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _bnb_model("4bit")
+    weight = model[0].weight
+    plain = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    weight.data, weight.quant_state = convert(weight.data, weight.quant_state)  # as eval does
+    lp.add_lora(model, ["0"], rank=2, mode="materialized")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        read = model[0].weight
+        # bfloat16 block scales: 2^-8 relative; the layer computes with what it reads.
+        torch.testing.assert_close(read, plain, rtol=0.01, atol=1e-6)
+        with lp.lora_disabled(model):
+            off = model[0](x)
+        torch.testing.assert_close(off, x @ read.t() + model[0].bias, rtol=1e-5, atol=1e-5)

@@ -116,3 +116,15 @@ def test_plain_checkpoint_of_wrong_shape():
     with pytest.raises(LoRAError, match="shape"):
         lp.load_base_state_dict(model, state)
     _assert_unchanged(model, snapshot)
+
+
+def test_load_base_state_dict_names_a_packed_checkpoint_weight():
+    """A packed tensor where the plain checkpoint weight goes: the message says what to pass."""
+    torch.manual_seed(0)
+    model = lp.add_lora(_model(), rank=2, quantize="nf4")
+    state = dict(_model().state_dict())
+    state["0.weight"] = state["0.weight"].to(torch.int8)
+    snapshot = _snapshot(model)
+    with pytest.raises(LoRAError, match=r"'0\.weight' is torch\.int8, not a plain floating-point"):
+        lp.load_base_state_dict(model, state)
+    _assert_unchanged(model, snapshot)

@@ -30,6 +30,7 @@ from .inject import Mode, check_adapter_name, inject
 from .lookup import check_adapters_exist, iter_lora, list_adapters, owned_tensor_ids
 from .merge import remove_lora
 from .paths import check_output_file
+from .store import BaseStore
 from .targets import ExpertLayout, base_tensor, join, parameter_target, tensor_names
 from .variant import variant_class
 
@@ -491,9 +492,19 @@ def _pack_plain_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> d
             if store is None or path not in out:
                 continue
             value = out.pop(path)
-            if not isinstance(value, Tensor) or not value.is_floating_point():
+            if not isinstance(value, Tensor):
                 raise LoRAError(
-                    f"checkpoint tensor {path!r} must be a floating tensor to quantize."
+                    f"checkpoint entry {path!r} is a {type(value).__name__}, not a tensor; the "
+                    "checkpoint is damaged or not a state dict."
+                )
+            if not value.is_floating_point():
+                if type(store).pack is BaseStore.pack:
+                    store.pack(value)  # this store takes no checkpoint weight: its refusal
+                raise LoRAError(
+                    f"checkpoint tensor {path!r} is {value.dtype}, not a plain floating-point "
+                    f"weight; load_base_state_dict stores a plain checkpoint's weights packed "
+                    f"the way this model stores '{path}' ({type(store).__name__}). Pass the "
+                    "checkpoint saved before quantization."
                 )
             if tuple(value.shape) != tuple(store.shape):
                 raise LoRAError(

@@ -225,13 +225,6 @@ def _plan(
         _check_one_adapter_merge(plist, adapter, path)
     store = plist.store()
     if store is not None:
-        if store.removed_with_adapters and any(not doomed(p) for p in owned):
-            raise LoRAError(
-                f"cannot merge adapter {adapter!r} alone into '{path}': its base is a "
-                f"{type(store).__name__} that exists only for its adapters, and the others "
-                "would stay on it. Merge every adapter (merge_lora(model)) or remove_lora the "
-                "others first."
-            )
         with torch.no_grad():
             value = _chain(list(plist)[1:], store.weight_fp32(*plist.stored()), take)
         if safe:

@@ -83,8 +83,9 @@ class BaseStore(nn.Module):
     def pack(self, value: Tensor) -> tuple[Tensor, ...]:
         """The stored tensors for a plain weight ``value`` (``load_base_state_dict``)."""
         raise LoRAError(
-            f"a plain weight cannot be loaded into {type(self).__name__} storage; load the "
-            "checkpoint into the layer before quantizing it."
+            f"load_base_state_dict cannot store a checkpoint weight in {type(self).__name__} "
+            "storage: the library that packs it (bitsandbytes) does so when it loads the "
+            "checkpoint. Load the base checkpoint into the model before add_lora."
         )
 
     def numel(self) -> int:

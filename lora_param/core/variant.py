@@ -438,8 +438,15 @@ def require(entry: AdapterVariant, capability: str, operation: str, path: str = 
     """
     if capability not in entry.capabilities:
         where = f" on '{path}'" if path else ""
+        # A variant may support it on other layer kinds (LoRA does, but not per expert).
+        elsewhere = any(
+            capability in c.capabilities for c in _CLASSES.get(entry.variant, []) if c.kinds
+        )
+        what = f"{entry.variant} adapters"
+        if elsewhere:
+            what += f" on {entry.kind!r} tensors"
         raise LoRAError(
-            f"{operation} does not support {entry.variant} adapters: adapter "
-            f"{entry.adapter!r}{where} is a {entry.variant} adapter. Leave it out of this "
-            "call (or merge_lora a copy of the model to serve it)."
+            f"{operation} does not support {what}: adapter {entry.adapter!r}{where} is a "
+            f"{entry.variant} adapter on a {entry.kind!r} tensor. Leave it out of this call "
+            "(or merge_lora a copy of the model to serve it)."
         )

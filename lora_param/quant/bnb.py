@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..core.entries import drop_entries, register_entry
+from ..core.entries import drop_entries, entry_list, register_entry, restore_order
 from ..core.errors import LoRAError
 from ..core.forward import install_forward
 from ..core.store import BaseStore, MergeStep
@@ -169,6 +169,9 @@ def _adopt(module: Any) -> None:
                 "a bitsandbytes Linear4bit layer is not quantized yet (its weight has no "
                 "quant_state): move the model to its device (.to(device)) before add_lora."
             )
+        if getattr(state, "packing_format_for_cpu", False):
+            _unpack_for_cpu(original)
+            state = original.quant_state
         head = BnbWeight("4bit", state.dtype)
     else:
         head = BnbWeight("8bit", module.bias.dtype if module.bias is not None else torch.float16)
@@ -183,6 +186,70 @@ def _adopt(module: Any) -> None:
     # The layer's own forward needs its bitsandbytes parameter as `weight`: the adapted
     # forward calls bitsandbytes through the store instead, in either add_lora mode.
     install_forward(module, "linear")
+    if kind == "8bit":
+        # So do its state_dict hooks (they read `weight.SCB`): the row scales are saved and
+        # loaded from where the stored parameter or the matmul state keeps them.
+        generated: Any = type(module)  # the module's own class (install_forward made it)
+        generated._save_to_state_dict = _save_8bit
+        generated._load_from_state_dict = _load_8bit
+
+
+def _scales_holder(module: Any) -> Any:
+    """Where the adapted Linear8bitLt keeps its row scales: the stored parameter, or the
+    matmul state once a forward moved them there (as bitsandbytes' init_8bit_state does)."""
+    original = module.parametrizations.weight.original
+    return original if getattr(original, "SCB", None) is not None else module.state
+
+
+def _save_8bit(self: Any, destination: Any, prefix: str, keep_vars: bool) -> None:
+    """Linear8bitLt's state_dict form (``SCB``, ``weight_format``), its weight parametrized."""
+    nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+    scb = _scales_holder(self).SCB
+    if not self.state.has_fp16_weights and scb is not None:
+        destination[prefix + "SCB"] = scb if keep_vars else scb.detach()
+        destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+
+
+def _load_8bit(
+    self: Any,
+    state_dict: Any,
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Loads ``SCB`` into where the scales are kept (see :func:`_save_8bit`)."""
+    nn.Module._load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    )
+    for key in list(unexpected_keys):
+        name = key[len(prefix) :]
+        if name == "SCB":
+            with torch.no_grad():
+                _scales_holder(self).SCB.copy_(state_dict[key])
+            unexpected_keys.remove(key)
+        elif name == "weight_format":
+            unexpected_keys.remove(key)
+
+
+def _unpack_for_cpu(original: Any) -> None:
+    """Give a Linear4bit weight repacked for CPU inference its usual layout back, in place.
+
+    bitsandbytes' Linear4bit.forward in eval mode on a CPU with AVX512-BF16 repacks its weight
+    (another code order, bfloat16 block scales) for a faster kernel; ``dequantize_4bit``
+    misreads that layout (values off by the weight's size). bitsandbytes undoes it the same
+    way before saving the layer (``_save_to_state_dict``) or moving it to a GPU.
+    """
+    inverse = getattr(_bitsandbytes().functional, "_convert_weight_packed_for_cpu_inverse", None)
+    if inverse is None:
+        raise LoRAError(
+            "this Linear4bit layer's weight was repacked by bitsandbytes for CPU inference, and "
+            "this bitsandbytes cannot undo it; save and reload the model (or run it in "
+            "training mode before its first evaluation) before add_lora."
+        )
+    original.data, original.quant_state = inverse(original.data, original.quant_state)
 
 
 def adopt_bnb_layers(targets: list[AdaptTarget]) -> list[nn.Module]:
@@ -250,14 +317,37 @@ def requantized(head: BnbWeight, original: Any, merged: Tensor) -> Tensor:
 
 
 def set_bnb_weight(module: Any, weight: Tensor) -> None:
-    """Install a new bitsandbytes parameter (after the parametrization is gone)."""
-    module.weight = weight
+    """Install a new bitsandbytes parameter (under the adapters that stay, if any)."""
+    plist = entry_list(module, "weight")
+    if plist is not None:
+        plist.original = weight  # a bitsandbytes Parameter
+        plist.clear_cache()
+    else:
+        module.weight = weight
     if bnb_kind(module) == "8bit":
         module.state.CB = module.state.SCB = None
 
 
 def to_plain_linear(module: nn.Module, weight: Tensor) -> None:
-    """Turn a bitsandbytes layer (parametrization gone) into an ``nn.Linear`` with ``weight``."""
+    """Turn a bitsandbytes layer into an ``nn.Linear`` holding ``weight``.
+
+    Adapters still on the layer (one adapter merged of several) stay, now on the plain weight,
+    with their parameters and the adapted forward.
+    """
+    above: list[nn.Module] = []
+    order = module.__dict__.get("_lora_param_order")
+    plist = entry_list(module, "weight")
+    if plist is not None:
+        above = list(plist)[1:]
+        for i in reversed(range(1, len(plist))):
+            del plist[i]
+        drop_entries(module, "weight", lambda p: isinstance(p, BnbWeight))  # the store alone
     del module.weight
     module.__class__ = nn.Linear
     module.weight = nn.Parameter(weight, requires_grad=False)
+    if order is not None:
+        restore_order(module, order)
+    for p in above:
+        register_entry(module, "weight", p)
+    if above:
+        install_forward(module, "linear")

@@ -18,7 +18,8 @@ holding entries of the adapters in the mix is routed in one of two ways:
   variants, trained copies of heads and biases, ``mode="materialized"`` layers, LayerNorms
   whose bias an adapter trains): the layer runs once per adapter present in the batch, on that
   adapter's rows, with exactly that adapter's entries applied (PEFT's way for
-  ``modules_to_save``).
+  ``modules_to_save``); the base runs on the whole batch, so that its rows are the base
+  model's bit for bit whatever the batch size does to a kernel's rounding.
 
 Both train: gradients reach each adapter from its own rows. Batches are batch-first. A layer
 that sees ``k * len(names)`` rows (``generate()`` with ``num_beams=k``, which
@@ -188,8 +189,16 @@ class GroupedRoute:
             parts = []
             for slot in slots:
                 rows = (idx == slot).nonzero().squeeze(1)
-                with selecting(self.state.names[slot]):
-                    part = self.forward(module, x.index_select(0, rows), *args, **kwargs)
+                name = self.state.names[slot]
+                with selecting(name):
+                    if name == BASE and len(slots) > 1:
+                        # The base on the whole batch, then its rows: a kernel's rounding can
+                        # depend on the batch size, and base rows must equal the base model's.
+                        part = self.forward(module, x, *args, **kwargs)
+                        if isinstance(part, Tensor) and part.shape[:1] == x.shape[:1]:
+                            part = part.index_select(0, rows)
+                    else:
+                        part = self.forward(module, x.index_select(0, rows), *args, **kwargs)
                 parts.append((rows, part))
         finally:
             _IN_ROUTE.discard(id(module))
