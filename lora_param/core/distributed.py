@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -31,14 +31,31 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECK_IN_TIMEOUT",
+    "IMPORT_BEFORE_SHARDING",
+    "ORDER",
     "check_in",
     "copy_into",
     "full_tensor",
     "gather_full",
+    "holds_shards",
     "is_sharded",
     "refuse_sharded",
     "write_once",
 ]
+
+#: The order that works with FSDP2, for messages: FSDP2 shards the parameters it finds and
+#: cannot follow later changes to them.
+ORDER = (
+    "quantize the base first (quantize_base, or add_lora(..., quantize=...)), then add_lora, "
+    "then fully_shard each block and the root."
+)
+
+#: What to do instead of importing adapters into a sharded model, for messages.
+IMPORT_BEFORE_SHARDING = (
+    "Import the adapter before fully_shard, on every rank; to load new values into adapters "
+    "the sharded model already has, use load_lora with a save_lora file (each rank keeps its "
+    "own shard)."
+)
 
 #: How long a sharded save or export waits for every rank to reach it before it says that it
 #: was called on some ranks only.
@@ -53,6 +70,20 @@ def is_sharded(tensor: Any) -> TypeIs[DTensor]:
     """
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)
+
+
+def holds_shards(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` is sharded: the tensor itself, or what parametrize stores for it.
+
+    A packed weight is stored as several tensors (``original0``, ...); reading the weight
+    itself would dequantize shards.
+    """
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, name):
+        plist = cast(torch.nn.ModuleDict, module.parametrizations)[name]
+        return any(is_sharded(t) for t in plist.parameters(recurse=False))
+    return is_sharded(getattr(module, name, None))
 
 
 def _require_process_group(what: str) -> None:
@@ -161,7 +192,12 @@ def copy_into(param: Tensor, value: Tensor) -> None:
     param.to_local().copy_(local.to_local())
 
 
-def refuse_sharded(model: torch.nn.Module, what: str, fix: str) -> None:
+def refuse_sharded(
+    model: torch.nn.Module,
+    what: str,
+    fix: str,
+    problem: str = "cannot change a sharded (FSDP2) model in place",
+) -> None:
     """Raise if the model's parameters are sharded: ``what`` cannot work on FSDP2 shards.
 
     Adding, merging or removing adapters replaces or moves parameters that FSDP2 manages (it
@@ -171,10 +207,10 @@ def refuse_sharded(model: torch.nn.Module, what: str, fix: str) -> None:
         model: The model about to change.
         what: The call, for the message.
         fix: What to do instead, for the message.
+        problem: What ``what`` cannot do, for the message.
     """
     sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
     if sharded:
         raise LoRAError(
-            f"{what} cannot change a sharded (FSDP2) model in place (e.g. {sharded[0]!r}): "
-            f"FSDP2 manages its parameters. {fix}"
+            f"{what} {problem} (e.g. {sharded[0]!r}): FSDP2 manages its parameters. {fix}"
         )

@@ -28,6 +28,12 @@ _UNSHARDED_COPY = (
     "Call save_lora on every rank, then on one rank load_lora the file into an unsharded copy "
     "of the base model and change that copy."
 )
+_SAVE_MERGED = (
+    "For a merged checkpoint call save_merged(model, folder) on every rank (rank 0 writes the "
+    "merged weights, gathered one layer at a time). To change the model itself, call "
+    "save_lora on every rank, then on one rank load_lora the file into an unsharded copy of "
+    "the base model and merge that copy."
+)
 
 
 class RequantizationWarning(UserWarning):
@@ -294,7 +300,7 @@ def merge_lora(
             cannot be merged alone exactly (another adapter holds its own copy of that tensor,
             or comes before it with an update that does not commute with it).
     """
-    refuse_sharded(model, "merge_lora", _UNSHARDED_COPY)
+    refuse_sharded(model, "merge_lora", _SAVE_MERGED)
     if adapter is not None:
         check_adapters_exist(model, [adapter])
     plans = [

@@ -35,11 +35,20 @@ import torch
 from torch import Tensor, nn
 
 from ..core.atomic import atomic_write
+from ..core.distributed import (
+    IMPORT_BEFORE_SHARDING,
+    check_in,
+    full_tensor,
+    is_sharded,
+    refuse_sharded,
+    write_once,
+)
 from ..core.entry import AdapterEntry
 from ..core.errors import LoRAError
 from ..core.freeze import freeze_base
 from ..core.inject import Mode, inject
 from ..core.lookup import iter_lora, list_adapters
+from ..core.paths import check_output_file
 from ..core.targets import AdaptTarget, layer_kind, module_targets
 from .kohya_codecs import codec_for_parts, codec_for_variant, known_families
 
@@ -281,10 +290,12 @@ def import_kohya(
 
     Raises:
         LoRAError: A damaged file, unknown or unsupported keys (when strict), a shape that
-            does not fit, an adapter name already in use.
+            does not fit, an adapter name already in use, a sharded (FSDP2) model (import
+            before ``fully_shard``).
     """
     if not isinstance(model, nn.Module):
         raise LoRAError(f"import_kohya needs an nn.Module, got {type(model).__name__}.")
+    refuse_sharded(model, "import_kohya", IMPORT_BEFORE_SHARDING)
     if prefix not in KOHYA_PREFIXES:
         raise LoRAError(f"prefix must be one of {list(KOHYA_PREFIXES)}, got {prefix!r}.")
     if adapter in list_adapters(model):
@@ -385,6 +396,9 @@ def export_kohya(
         prefix: Key prefix for this model part (``"lora_unet"``, ``"lora_te"``, ...).
         adapter: The adapter to write; may be None when the model has exactly one.
 
+    On a sharded (FSDP2) model this is a collective: call it on every rank; the adapter is
+    gathered and rank 0 alone writes the file.
+
     Returns:
         The path written.
     """
@@ -399,12 +413,14 @@ def export_kohya(
         adapter = names[0]
     elif adapter not in names:
         raise LoRAError(f"no adapter named {adapter!r} in this model; it has {names}.")
-    out: dict[str, Tensor] = {}
-    for tpath, module, tensor_name, p in iter_lora(model):
-        if p.adapter != adapter:
-            continue
-        codec = codec_for_variant(p, tpath)
-        module_path = tpath.rpartition(".")[0]
+    entries = [
+        (tpath, module, tensor_name, p)
+        for tpath, module, tensor_name, p in iter_lora(model)
+        if p.adapter == adapter
+    ]
+    stems = {}
+    for tpath, module, tensor_name, p in entries:
+        codec_for_variant(p, tpath)
         if tensor_name != "weight" or p.kind not in ("linear", "conv", "conv1d_hf"):
             raise LoRAError(
                 f"'{tpath}' ({p.kind}) cannot be written as a kohya entry: kohya files adapt "
@@ -412,10 +428,23 @@ def export_kohya(
             )
         if p.kind == "conv" and cast(Any, module).groups != 1:
             raise LoRAError(f"'{tpath}' is a grouped convolution; kohya files do not describe it.")
-        stem = _export_name(model, module_path, prefix)
-        for suffix, tensor in codec.write(p).items():
-            out[f"{stem}.{suffix}"] = tensor.detach().contiguous().cpu()
+        stems[tpath] = _export_name(model, tpath.rpartition(".")[0], prefix)
     st = _safetensors_torch()
+    sharded = any(is_sharded(p.anchor()) for *_, p in entries)
+    if sharded:
+        check_in("export_kohya")
+    else:
+        check_output_file(path, "kohya file")
+    out: dict[str, Tensor] = {}
+    for tpath, _, _, p in entries:
+        # Codecs hand back whole tensors (all-gathered when sharded: every rank takes part).
+        for suffix, tensor in codec_for_variant(p, tpath).write(p).items():
+            out[f"{stems[tpath]}.{suffix}"] = full_tensor(tensor)
     metadata = {"ss_network_module": "networks.lora", "lora_param_adapter": adapter}
-    data = st.save(out, metadata=metadata)
-    return atomic_write(path, lambda f: f.write(data))
+
+    def write() -> None:
+        check_output_file(path, "kohya file")
+        data = st.save(out, metadata=metadata)
+        atomic_write(path, lambda f: f.write(data))
+
+    return write_once(path, write, collective=sharded)

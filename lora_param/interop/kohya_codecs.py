@@ -9,7 +9,9 @@ knows the suffixes of one family and turns an entry into an adapter entry's fiel
 * DoRA (LyCORIS ``weight_decompose``): LoRA's keys and ``dora_scale``, the magnitude
   ``(out, 1, ...)``.
 
-:func:`register_kohya_codec` adds a family (LyCORIS LoHa, LoKr, OFT, ...).
+:func:`register_kohya_codec` adds a family (LyCORIS LoHa, LoKr, OFT, ...). On a sharded (FSDP2)
+model :meth:`KohyaCodec.write` runs on every rank and returns whole tensors: read the entry's
+tensors through :func:`lora_param.core.distributed.full_tensor` (a collective per sharded tensor).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
+from ..core.distributed import full_tensor
 from ..core.errors import LoRAError
 from ..core.targets import AdaptTarget
 from ..core.variant import AdapterVariant
@@ -89,11 +92,11 @@ class KohyaCodec:
         return fields, {"lora_A": lora_a, "lora_B": lora_b}
 
     def write(self, p: AdapterVariant) -> dict[str, Tensor]:
-        """The entry for an adapter entry, by suffix."""
+        """The entry for an adapter entry, by suffix (whole tensors: shards are all-gathered)."""
         tensors = p.tensors()
         fields = p.fields()
         rank, alpha = int(fields["rank"]), float(fields["alpha"])
-        a, b = tensors["lora_A"].detach(), tensors["lora_B"].detach()
+        a, b = full_tensor(tensors["lora_A"]), full_tensor(tensors["lora_B"])
         shape = tuple(p.weight_shape)
         if p.kind == "conv":
             a = a.reshape(rank, *shape[1:])
@@ -126,7 +129,7 @@ class KohyaDoRACodec(KohyaCodec):
         return fields, {**tensors, "lora_magnitude": d.reshape(-1)}
 
     def write(self, p: AdapterVariant) -> dict[str, Tensor]:
-        m = p.tensors()["lora_magnitude"].detach()
+        m = full_tensor(p.tensors()["lora_magnitude"])
         ones = [1] * (len(p.weight_shape) - 1)
         return {**super().write(p), "dora_scale": m.reshape(-1, *ones)}
 

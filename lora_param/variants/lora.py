@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from ..core.distributed import copy_into
 from ..core.errors import LoRAError
 from ..core.layer_ops import LayerKind, LayerOps
 from ..core.targets import LayerSpec
@@ -275,11 +276,13 @@ class LoRAParametrization(AdapterVariant):
 
         def copy_in() -> None:
             rank = 0 if lora_a is None else lora_a.shape[0]
-            self.lora_A[rank:].zero_()
-            self.lora_B[:, rank:].zero_()
+            padded_a = torch.zeros(self.lora_A.shape, dtype=self.lora_A.dtype)
+            padded_b = torch.zeros(self.lora_B.shape, dtype=self.lora_B.dtype)
             if lora_a is not None and lora_b is not None:
-                self.lora_A[:rank].copy_(lora_a)
-                self.lora_B[:, :rank].copy_(lora_b)
+                padded_a[:rank] = lora_a
+                padded_b[:, :rank] = lora_b
+            copy_into(self.lora_A, padded_a)  # this rank's shard of a sharded (FSDP2) factor
+            copy_into(self.lora_B, padded_b)
             self.scale.fill_(scale)  # type: ignore[union-attr]  # a tensor once prepared
             self.alpha = self._alpha_for(scale, self.swap_room())
             self.clear_cache()
