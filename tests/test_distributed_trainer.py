@@ -210,3 +210,25 @@ def test_zero3_checkpoint_loads_into_partitioned_model(zero3):
     assert tensors["zero3_loaded_step2"].keys() == step2.keys()
     for key, value in step2.items():
         torch.testing.assert_close(tensors["zero3_loaded_step2"][key], value, msg=key)
+
+
+def test_save_merged_of_a_sharded_llama_loads_with_from_pretrained(fsdp2):
+    """save_merged on every rank of a Llama sharded with fully_shard: save_pretrained's layout
+    (tied lm_head written once), and from_pretrained gives the LoRA-on outputs."""
+    pytest.importorskip("safetensors")
+    import transformers
+
+    out, record, _ = fsdp2
+    assert record["merged"] == ["config.json", "generation_config.json", "model.safetensors"]
+    merged = transformers.LlamaForCausalLM.from_pretrained(out / "merged").eval()
+    ids = torch.randint(0, trainer_worker.VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = trainer_worker.trained_model().eval()(ids).logits
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(want, trainer_worker.make_base().eval()(ids).logits)
+
+
+def test_save_pretrained_on_a_sharded_model_points_to_save_merged(fsdp2):
+    _, record, _ = fsdp2
+    assert "save_merged(model, folder) on every rank" in record["save_pretrained_sharded"]
+    assert record["pretrained_written"] is False

@@ -4,7 +4,7 @@ Started by ``torchrun --standalone --nproc-per-node 2 trainer_worker.py <engine>
 
 * ``fsdp2``: accelerate's FSDP2 plugin, with ``SHARDED_STATE_DICT`` and ``FULL_STATE_DICT``;
   a gathered state dict handed to ``_save``; TRL's ``SFTTrainer`` with ``LoRATrainerMixin``;
-  the set-ups LoRATrainer refuses.
+  the set-ups LoRATrainer refuses; ``save_merged`` of a Llama sharded with ``fully_shard``.
 * ``zero3``: DeepSpeed ZeRO-3 with every parameter partitioned (no persistence threshold).
 
 Each run trains 4 steps with a checkpoint at step 2; a fresh model (other initial adapters)
@@ -220,6 +220,7 @@ def fsdp2_phases(out: Path, record: dict, tensors: dict) -> None:
     if importlib.util.find_spec("trl") is not None:
         trl_phase(out, record, tensors)
     refusals(out, record)
+    merged_export(out, record)
 
 
 def tiny_tokenizer():
@@ -301,6 +302,39 @@ def refusals(out: Path, record: dict) -> None:
     except LoRAError as exc:
         messages["sharded_without_fsdp"] = str(exc)
     record["refusals"] = messages
+
+
+def trained_model(seed: int = 1):
+    """make_model with nonzero updates (B starts at zero), the same on every call."""
+    model = make_model(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    return model
+
+
+def merged_export(out: Path, record: dict) -> None:
+    """save_merged of a Llama sharded by hand (fully_shard): save_pretrained's layout."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lora_param import save_merged
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = trained_model()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    save_merged(model, out / "merged")  # every rank; rank 0 writes
+    try:  # transformers' own save would gather parametrize keys: refused, saying what to use
+        model.save_pretrained(str(out / "pretrained"))
+    except LoRAError as exc:
+        record["save_pretrained_sharded"] = str(exc)
+    dist.barrier()
+    record["merged"] = listing(out / "merged")
+    record["pretrained_written"] = (out / "pretrained").exists()
 
 
 def zero3_phases(out: Path, record: dict, tensors: dict) -> None:

@@ -3,7 +3,9 @@
 Under FSDP2 every parameter outside a forward pass is a ``DTensor`` holding one shard per rank.
 Writing a file needs the full tensors, so :func:`gather_full` all-gathers them on every rank
 (a collective) and :func:`write_once` lets rank 0 alone write, atomically, and tells every rank
-whether it worked. :func:`copy_into` loads a full tensor into a sharded parameter by keeping
+whether it worked. For big tensors :func:`gather_to_rank0` gathers into rank 0 alone, one
+buffer, no copies; :func:`gathered_parameters` lets rank 0 compute with modules whose
+parameters are sharded. :func:`copy_into` loads a full tensor into a sharded parameter by keeping
 this rank's slice only (no communication: every rank reads the file itself).
 
 A collective made by one rank only (``if rank == 0: save_lora(...)``) would wait forever for
@@ -13,9 +15,10 @@ raises :class:`LoRAError` saying so. Models that are not sharded never communica
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -37,6 +40,8 @@ __all__ = [
     "copy_into",
     "full_tensor",
     "gather_full",
+    "gather_to_rank0",
+    "gathered_parameters",
     "holds_shards",
     "is_sharded",
     "refuse_sharded",
@@ -134,6 +139,75 @@ def full_tensor(tensor: Tensor) -> Tensor:
     """A full, detached CPU copy of ``tensor``; all-gathered first if it is sharded."""
     full = tensor.full_tensor() if is_sharded(tensor) else tensor
     return full.detach().to("cpu").contiguous().clone()
+
+
+def gather_to_rank0(tensor: Tensor) -> Tensor | None:
+    """The whole tensor on rank 0 (None on the other ranks); a plain tensor as it is, anywhere.
+
+    A collective for a sharded tensor: every rank calls it, in the same order. FSDP2's layout
+    (one mesh dimension, ``Shard(0)``) is received straight into its rows of one buffer on
+    rank 0, shard by shard (a gather would stage the whole tensor once more); the other ranks
+    send their shard and allocate nothing. Other layouts are all-gathered.
+    """
+    if not is_sharded(tensor):
+        return tensor.detach()
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    mesh = tensor.device_mesh
+    group = mesh.get_group() if mesh.ndim == 1 else None
+    if (
+        group is None
+        or tensor.dim() == 0
+        or tuple(tensor.placements) != (Shard(0),)
+        or dist.get_global_rank(group, 0) != 0
+    ):
+        full = tensor.full_tensor().detach()
+        return full if _rank() == 0 else None
+    world = dist.get_world_size(group)
+    rows = tensor.shape[0]
+    chunk = -(-rows // world)  # torch.chunk's rows per rank; the last ranks may hold fewer
+    spans = [(r * chunk, min(rows, (r + 1) * chunk)) for r in range(world)]
+    local = tensor.to_local().detach()
+    me = dist.get_rank(group)
+    if me != 0:
+        start, stop = spans[me]
+        if stop > start:
+            dist.send(local.contiguous(), dst=0, group=group)  # dst: rank 0 of the world
+        return None
+    out = local.new_empty((rows, *local.shape[1:]))
+    start, stop = spans[0]
+    out[start:stop].copy_(local)
+    for r in range(1, world):
+        start, stop = spans[r]
+        if stop > start:
+            dist.recv(out[start:stop], src=dist.get_global_rank(group, r), group=group)
+    return out
+
+
+@contextlib.contextmanager
+def gathered_parameters(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Inside the block, rank 0 sees the modules' sharded parameters whole (a collective).
+
+    Every rank gathers every sharded parameter of ``modules`` (in the same order); on rank 0
+    each is replaced by a plain frozen copy for the block and put back after it, as FSDP2
+    itself does around a forward. The model must not run a forward inside the block.
+    """
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        for module in modules:
+            for sub in module.modules():
+                for name, param in list(sub._parameters.items()):
+                    if param is None or not is_sharded(param):
+                        continue
+                    full = gather_to_rank0(param)
+                    if full is not None:
+                        swapped.append((sub, name, param))
+                        sub._parameters[name] = torch.nn.Parameter(full, requires_grad=False)
+        yield
+    finally:
+        for sub, name, param in reversed(swapped):
+            sub._parameters[name] = param
 
 
 def _rank() -> int:

@@ -185,6 +185,25 @@ class LoRAParametrization(AdapterVariant):
         matrix = weight.reshape(self.fan_out, self.fan_in)
         return torch.addmm(matrix, lora_b, lora_a, alpha=scale).view(weight.shape)
 
+    def merged_inplace(self, weight: Tensor) -> Tensor:
+        """``weight += scale * B @ A`` in place (float32 or wider; no second weight-sized tensor).
+
+        A subclass with its own :meth:`adapt` gets :meth:`merged` unless it overrides this too.
+        """
+        if type(self).adapt is not LoRAParametrization.adapt or not weight.is_contiguous():
+            return self.merged(weight)
+        return self._add_update_(weight)
+
+    def _add_update_(self, weight: Tensor) -> Tensor:
+        """``weight + scale * B @ A`` written into ``weight`` (contiguous, the update's dtype)."""
+        with torch.no_grad():
+            lora_a, lora_b, scale = self._factors(weight.dtype, dropout=False)
+            if self.fan_in_fan_out:
+                weight.addmm_(lora_a.t(), lora_b.t(), alpha=scale)
+            else:
+                weight.view(self.fan_out, self.fan_in).addmm_(lora_b, lora_a, alpha=scale)
+        return weight
+
     def add_branch(self, ops: LayerOps, layer: Any, x: Tensor, y: Tensor) -> Tensor:
         """``y + scale * B(A(dropout(x)))`` in the layer's geometry."""
         x_in = x if self.kind == "embedding" else self.dropout(x)
