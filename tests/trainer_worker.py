@@ -1,6 +1,8 @@
 """Worker for tests/test_distributed_trainer.py: LoRATrainer under accelerate on 2 CPU processes.
 
-Started by ``torchrun --standalone --nproc-per-node 2 trainer_worker.py <engine> <out>``:
+Started by ``torchrun --standalone --nproc-per-node 2 trainer_worker.py <engine> <out>``, where
+``<engine>`` is ``fsdp2``, ``zero3`` or ``all`` (both, one after the other, in the same
+processes: the imports are paid once; ``zero3`` only where DeepSpeed is installed):
 
 * ``fsdp2``: accelerate's FSDP2 plugin, with ``SHARDED_STATE_DICT`` and ``FULL_STATE_DICT``;
   a gathered state dict handed to ``_save``; TRL's ``SFTTrainer`` with ``LoRATrainerMixin``;
@@ -9,8 +11,8 @@ Started by ``torchrun --standalone --nproc-per-node 2 trainer_worker.py <engine>
 
 Each run trains 4 steps with a checkpoint at step 2; a fresh model (other initial adapters)
 then resumes from that checkpoint. Rank 0 records losses, file listings and refusals in
-``out/<engine>.json`` and the full adapter tensors each trained model ended with, which the
-test compares with what was written. Any exception goes to ``out/error<rank>.txt``.
+``out/<engine>/<engine>.json`` and the full adapter tensors each trained model ended with,
+which the test compares with what was written. Any exception goes to ``out/error<rank>.txt``.
 
 accelerate's launcher refuses FSDP on the CPU, and DeepSpeed on the CPU sees one process: this
 harness sets accelerate's state up itself (:func:`fsdp2_on_cpu`, :func:`zero3_on_cpu`). The
@@ -378,14 +380,20 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    record: dict = {}
-    tensors: dict = {}
+    engines = ["fsdp2", "zero3"] if engine == "all" else [engine]
+    if "zero3" in engines and importlib.util.find_spec("deepspeed") is None:
+        engines.remove("zero3")
     try:
-        (fsdp2_phases if engine == "fsdp2" else zero3_phases)(out, record, tensors)
-        dist.barrier()
-        if rank == 0:
-            torch.save(tensors, out / f"{engine}_tensors.pt")
-            (out / f"{engine}.json").write_text(json.dumps(record))
+        for name in engines:  # one process for both: the imports are paid once
+            folder = out / name
+            folder.mkdir(exist_ok=True)
+            record: dict = {}
+            tensors: dict = {}
+            (fsdp2_phases if name == "fsdp2" else zero3_phases)(folder, record, tensors)
+            dist.barrier()
+            if rank == 0:
+                torch.save(tensors, folder / f"{name}_tensors.pt")
+                (folder / f"{name}.json").write_text(json.dumps(record))
     except BaseException:
         (out / f"error{rank}.txt").write_text(traceback.format_exc())
         raise
