@@ -48,7 +48,6 @@ RENAMED: dict[tuple[str, str], tuple[str, str]] = {
         "lora_param.core.forward",
         "release_forward",
     ),
-    ("lora_param.core.dora", "is_dora"): ("lora_param.variants.dora", "is_dora"),
     ("lora_param.quant.merge", "RequantizationWarning"): (
         "lora_param.core.merge",
         "RequantizationWarning",

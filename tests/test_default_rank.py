@@ -42,7 +42,9 @@ def test_default_targets_lower_the_rank_of_small_layers_with_one_warning():
         assert p.scale == 1.0  # alpha=None means alpha = the rank each layer got
 
 
-@pytest.mark.parametrize("targets", ["*", ["0", "[13]"], lambda name, module: name != "0"], ids=str)
+@pytest.mark.parametrize(
+    "targets", ["*", ["0", "[13]"], lambda name, module: name != "0"], ids=["glob", "list", "callable"]
+)
 def test_patterns_lower_the_rank_too(targets):
     model = _small_net()
     with pytest.warns(UserWarning, match="3.weight"):

@@ -224,29 +224,26 @@ class LoRAConfig:
                 "uses them with import_peft."
             )
 
-        def suffix_globs(names: Any) -> Any:
+        def suffixes(names: Any) -> Any:
+            """PEFT's name list as one regex: a name, or a name after a dot."""
             if names is None or isinstance(names, str):
                 return names
-            return [g for n in sorted(names) for g in (_escape(n), f"*.{_escape(n)}")]
+            choice = "|".join(re.escape(n) for n in sorted(names))
+            return re.compile(rf"(?:.*\.)?(?:{choice})")
 
         targets = data.get("target_modules")
         return cls(
-            targets=re.compile(targets) if isinstance(targets, str) else suffix_globs(targets),
+            targets=re.compile(targets) if isinstance(targets, str) else suffixes(targets),
             rank=int(data.get("r", 8)),
             alpha=float(data.get("lora_alpha", 8)),
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
             init="gaussian" if init == "gaussian" else "kaiming",
             use_rslora=bool(data.get("use_rslora", False)),
             variant="dora" if data.get("use_dora", False) else "lora",
-            trainable=suffix_globs(data.get("modules_to_save")),
+            trainable=suffixes(data.get("modules_to_save")),
             bias=data.get("bias", "none") or "none",
         )
 
     def keywords(self) -> dict[str, Any]:
         """The fields as ``add_lora`` keywords."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-
-
-def _escape(name: str) -> str:
-    """A glob matching exactly ``name``."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,6 +1,6 @@
 """The adapted layer forward: the base once, then each adapter in factored form where it has one.
 
-With ``mode="factored"`` (and always on a packed base), ``add_lora`` sets the forward below on
+With ``mode="factored"`` (and always on bitsandbytes layers), ``add_lora`` sets the forward below on
 the layer's (private, generated) class, for Linear, Conv, Embedding and Hugging Face Conv1D
 layers. The weight stays parametrized, so code that reads ``layer.weight`` directly
 (``nn.MultiheadAttention``'s ``out_proj``, fused transformer fast paths) still sees ``W'``.
@@ -19,6 +19,7 @@ Per call, with the entries that apply (enabled ones, or one adapter's inside a m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -39,8 +40,10 @@ __all__ = [
     "install_forward",
     "is_installed",
     "iter_installed",
+    "layer_kind_of",
     "layer_output",
     "release_forward",
+    "set_route",
 ]
 
 FACTORED_KINDS = frozenset(OPS)
@@ -140,8 +143,28 @@ def layer_output(layer: Any, x: Tensor) -> Tensor:
     return ops.base(layer, x, cast(Tensor, plist()), _bias(layer))
 
 
+_ROUTE = "_lora_route"
+
+
+def set_route(layer: nn.Module, route: Callable[[Any, Tensor], Tensor] | None) -> None:
+    """Make an adapted layer compute through ``route(layer, x)`` instead (None: stop).
+
+    The seam for per-example routing (:mod:`lora_param.routing.mixed`): the route replaces
+    :func:`layer_output` on this one instance while it is set.
+    """
+    if route is None:
+        layer.__dict__.pop(_ROUTE, None)
+    else:
+        layer.__dict__[_ROUTE] = route
+
+
+def layer_kind_of(layer: nn.Module) -> str:
+    """The kind an adapted layer computes as (see :func:`install_forward`)."""
+    return cast(str, cast(Any, type(layer))._lora_kind)
+
+
 def _adapted_forward(self: Any, x: Tensor) -> Tensor:
-    route = self.__dict__.get("_lora_route")
+    route = self.__dict__.get(_ROUTE)
     if route is not None:  # per-example adapters: lora_param.routing.mixed
         return route(self, x)
     return layer_output(self, x)

@@ -456,7 +456,7 @@ def add_lora(
     if config is not None:
         if not isinstance(config, LoRAConfig):
             raise LoRAError(f"config must be a lora_param.LoRAConfig, got {type(config).__name__}.")
-        given = [k for k, v in keywords.items() if v is not _CONFIG_KEYWORDS[k]] + (
+        given = [k for k, v in keywords.items() if _given(v, _CONFIG_KEYWORDS[k])] + (
             ["use_dora"] if use_dora else []
         )
         if given:
@@ -471,6 +471,16 @@ def add_lora(
             keywords["variant"] = "dora"
         config = LoRAConfig(**keywords)
     return _add(model, config, adapter)
+
+
+def _given(value: Any, default: Any) -> bool:
+    """Whether a keyword differs from its default (numbers and lists by value)."""
+    if value is default:
+        return False
+    try:
+        return bool(value != default)
+    except Exception:  # objects whose comparison raises: count them as given
+        return True
 
 
 def _check_config(config: LoRAConfig) -> None:

@@ -26,7 +26,7 @@ from ..core.errors import LoRAError
 from ..core.inject import Mode, add_lora
 from ..core.lookup import iter_lora, list_adapters
 from ..core.merge import remove_lora
-from ..core.targets import base_tensor, is_hf_conv1d, tensor_names
+from ..core.targets import base_tensor, is_hf_conv1d, module_targets, tensor_names
 from .peft_codecs import codec_for_config, folder_format
 from .peft_format import (
     CONFIG_NAME,
@@ -218,7 +218,10 @@ def import_peft(
             tensor_name = "weight"
             w = base_tensor(module, "weight")
             if isinstance(module, nn.Linear):
-                out_f, in_f = w.shape
+                # the layer's own description: a packed (bitsandbytes) weight is (out, in) too
+                linear = module_targets(module_path, module)
+                assert linear is not None
+                out_f, in_f = linear[0].fan_out, linear[0].fan_in
                 expect_a, expect_b = (rank, in_f), (out_f, rank)
             elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 if module.groups != 1 or any(d != 1 for d in module.dilation):

@@ -297,7 +297,10 @@ if TYPE_CHECKING:  # what type checkers and the API reference see; built on firs
         when PEFT can represent the adapter) with the optimizer, scheduler and RNG states;
         ``train(resume_from_checkpoint=...)`` continues exactly. ``save_model()`` writes the
         adapters the same way; for a merged model that ``from_pretrained`` loads, call
-        ``model.save_pretrained(folder)`` (it merges on the fly).
+        ``model.save_pretrained(folder)`` (it merges on the fly). Under accelerate's FSDP2 and
+        DeepSpeed ZeRO-3 the same holds: every rank takes part in a save, rank 0 writes the
+        adapters alone. Other ``Trainer`` subclasses get the same behaviour from
+        :class:`LoRATrainerMixin`.
 
         Args:
             *args: As ``transformers.Trainer``.
@@ -348,13 +351,14 @@ def _build_trainer() -> type:
 _LORA_TRAINER_DOC = """A ``transformers.Trainer`` whose checkpoints hold the adapters, not the base.
 
 Use it exactly as ``Trainer``; the model must already have adapters (``add_lora``). Each
-``checkpoint-<step>`` folder holds ``lora_adapters.pt`` (and a PEFT adapter folder's files when
-PEFT can represent the adapter) with the optimizer, scheduler and RNG states;
-``train(resume_from_checkpoint=...)`` continues exactly. ``save_model()`` writes the adapters
-the same way; for a merged model that ``from_pretrained`` loads, call
-``model.save_pretrained(folder)`` (it merges on the fly). Under accelerate's FSDP2 and DeepSpeed
-ZeRO-3 the same holds: every rank takes part in a save, rank 0 writes the adapters alone. Other
-``Trainer`` subclasses get the same behaviour from :class:`LoRATrainerMixin`.
+``checkpoint-<step>`` folder holds ``lora_adapters.pt`` (and a PEFT adapter folder's files
+when PEFT can represent the adapter) with the optimizer, scheduler and RNG states;
+``train(resume_from_checkpoint=...)`` continues exactly. ``save_model()`` writes the
+adapters the same way; for a merged model that ``from_pretrained`` loads, call
+``model.save_pretrained(folder)`` (it merges on the fly). Under accelerate's FSDP2 and
+DeepSpeed ZeRO-3 the same holds: every rank takes part in a save, rank 0 writes the
+adapters alone. Other ``Trainer`` subclasses get the same behaviour from
+:class:`LoRATrainerMixin`.
 
 Args:
     *args: As ``transformers.Trainer``.

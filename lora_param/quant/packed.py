@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
 from ..core.entries import register_entry, restore_order
-from ..core.forward import install_forward, is_installed
+from ..core.forward import install_forward, is_installed, layer_kind_of
 from ..core.generated_class import own_class
 from ..core.targets import join
 from .weight import QuantizedWeight
@@ -61,7 +61,7 @@ def replace_packed(module: nn.Module, value: nn.Parameter) -> None:
     head = cast(QuantizedWeight, plist[0])
     above = list(plist)[1:]
     installed = is_installed(module)
-    kind = getattr(type(module), "_lora_kind", head.kind)
+    kind = layer_kind_of(module) if installed else head.kind
     order = module.__dict__.get("_lora_param_order")
     own_class(module)
     # parametrize removes a parametrization stored as several tensors only by evaluating it:

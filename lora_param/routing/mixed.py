@@ -46,7 +46,7 @@ from ..core.distributed import is_sharded
 from ..core.entries import BASE, AdapterList, adapter_lists, selecting
 from ..core.errors import LoRAError
 from ..core.eval_cache import VersionedCache
-from ..core.forward import base_output, is_installed, layer_output
+from ..core.forward import base_output, is_installed, layer_kind_of, layer_output, set_route
 from ..core.generated_class import class_before_parametrizations
 from ..core.layer_ops import OPS
 from ..core.lookup import list_adapters
@@ -126,7 +126,7 @@ class StackedRoute:
                     f"'{self.name}' has dropout={p.dropout_p} in training mode; call "
                     "model.eval() or train these adapters one at a time."
                 )
-        kind = cast(str, cast(Any, type(module))._lora_kind)
+        kind = layer_kind_of(module)
         lora_a, lora_b = self._stacked(entries)
         idx = self.state.rows(x.shape[0], self.name)
         if len(self.state.names) > len(self.state.slots) + 1:  # grouped-only adapters' rows
@@ -439,9 +439,9 @@ def mixed_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module
                         handles.append(plist.register_forward_hook(hook))
             for name, module in modules.items():
                 if routes[module] == "stacked":
-                    module.__dict__["_lora_route"] = router.stacked[module]
+                    set_route(module, router.stacked[module])
                 elif is_installed(module):
-                    module.__dict__["_lora_route"] = GroupedRoute(state, name, _factored_forward)
+                    set_route(module, GroupedRoute(state, name, _factored_forward))
                 else:
                     route = GroupedRoute(state, name, _class_forward)
                     module.__dict__["forward"] = functools.partial(route, module)
@@ -452,7 +452,7 @@ def mixed_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module
         finally:
             router.active = False
             for module in modules.values():
-                module.__dict__.pop("_lora_route", None)
+                set_route(module, None)
             for module in overridden:
                 module.__dict__.pop("forward", None)
             for handle in handles:

@@ -244,33 +244,6 @@ class DoRAParametrization(LoRAParametrization):
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"
 
-    @classmethod
-    def from_fields(
-        cls,
-        spec: LayerSpec,
-        fields: Mapping[str, Any],
-        *,
-        adapter: str,
-        device: torch.device | None,
-        dtype: torch.dtype | None,
-        base_weight: Tensor | None,
-    ) -> DoRAParametrization:
-        """Build from LoRA's fields; the magnitude starts at the base weight's norms."""
-        if base_weight is None:
-            raise ValueError("a DoRA adapter needs the base weight to start from")
-        return cls(
-            spec,
-            base_weight=base_weight,
-            rank=int(fields["rank"]),
-            alpha=float(fields["alpha"]),
-            adapter=adapter,
-            dropout=float(fields.get("dropout", 0.0)),
-            init=fields.get("init", "kaiming"),
-            use_rslora=bool(fields.get("use_rslora", False)),
-            device=device,
-            dtype=dtype,
-        )
-
     def delta_for(self, weight: Tensor) -> Tensor:
         """The change DoRA makes to ``weight``, ``DoRA(weight) - weight`` (see :meth:`delta`)."""
         return self.delta(weight)

@@ -328,7 +328,13 @@ class LoRAParametrization(AdapterVariant):
         dtype: torch.dtype | None,
         base_weight: Tensor | None,
     ) -> LoRAParametrization:
-        """Build from rank, alpha, use_rslora, init and dropout fields."""
+        """Build from rank, alpha, use_rslora, init and dropout fields (and the base weight,
+        for subclasses that need it: :attr:`needs_weight`)."""
+        extra: dict[str, Any] = {}
+        if cls.needs_weight:
+            if base_weight is None:
+                raise ValueError(f"a {cls.variant} adapter needs the base weight to start from")
+            extra["base_weight"] = base_weight
         return cls(
             spec,
             rank=int(fields["rank"]),
@@ -339,6 +345,7 @@ class LoRAParametrization(AdapterVariant):
             use_rslora=bool(fields.get("use_rslora", False)),
             device=device,
             dtype=dtype,
+            **extra,
         )
 
     def cache_tensors(self) -> list[Tensor]:
