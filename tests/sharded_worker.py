@@ -378,6 +378,19 @@ def entry_points_phase(rank: int, out: Path) -> dict:
         load_lora(fresh, out / "ep_b.pt")
         rec["load_after_eval_max_diff"] = float((model(x) - fresh(x)).abs().max())
 
+    # the root alone sharded, after a no_grad forward: FSDP2 keeps its parameters gathered
+    # (plain tensors) until the next backward; they are still FSDP2's to replace
+    from torch.distributed.fsdp import fully_shard
+
+    root_only = make_two()
+    fully_shard(root_only, mesh=mesh)
+    with torch.no_grad():
+        root_only(x)
+    rec["gathered_plain"] = type(root_only[0].parametrizations.weight.original).__name__
+    rec["gathered_add_lora"] = _refusal(lambda: add_lora(root_only, ["0"], adapter="more"))
+    rec["gathered_merge_lora"] = _refusal(lambda: merge_lora(root_only))
+    rec["gathered_adapters"] = list_adapters(root_only)
+
     # DoRA: the magnitude is gathered by every writer
     dora = make_plain()
     torch.manual_seed(9)

@@ -377,6 +377,11 @@ def test_fsdp2_entry_points_refuse_with_the_fix_and_change_nothing(dist_run):
             assert fix in r[call], (call, r[call])
         assert r["unchanged_after_refusals"]
         assert r["packed_adapters"] == ["default"]
+        # gathered (plain tensors) after a forward, and still refused
+        assert r["gathered_plain"] == "Parameter"
+        assert "add_lora cannot adapt sharded (FSDP2) weights" in r["gathered_add_lora"]
+        assert "save_merged(model, folder)" in r["gathered_merge_lora"]
+        assert r["gathered_adapters"] == ["default", "b"]
 
 
 def test_fsdp2_hotswap_mixed_batches_and_reload_are_exact(dist_run):

@@ -242,3 +242,10 @@ def test_save_pretrained_on_a_sharded_model_points_to_save_merged(fsdp2):
     _, record, _ = fsdp2
     assert "save_merged(model, folder) on every rank" in record["save_pretrained_sharded"]
     assert record["pretrained_written"] is False
+
+
+def test_save_merged_under_zero3_is_refused_with_the_fix(zero3):
+    _, record, _ = zero3
+    assert "DeepSpeed ZeRO-3 partitions" in record["save_merged_refused"]
+    assert "load_lora" in record["save_merged_refused"]
+    assert record["merged_written"] is False

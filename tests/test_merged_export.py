@@ -125,6 +125,14 @@ def test_save_merged_into_a_file_writes_nothing(tmp_path):
     assert target.read_text() == "x"
 
 
+def test_save_merged_refuses_deepspeed_partitions(tmp_path):
+    model = SETUPS["lora"](_base())
+    model[0].bias.ds_numel = 999  # what ZeRO-3 leaves outside a forward: an empty stand-in
+    with pytest.raises(LoRAError, match="ZeRO-3 partitions.*'0.bias'"):
+        lp.save_merged(model, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_save_merged_failing_midway_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     model = _trained(SETUPS["lora"](_base()))
     lp.save_merged(model, tmp_path)

@@ -373,6 +373,13 @@ def zero3_phases(out: Path, record: dict, tensors: dict) -> None:
     trainer._load_from_checkpoint(str(out / "zero3" / "run" / "checkpoint-2"))
     tensors["zero3_loaded_step2"] = full_adapters(trainer.model)
     record["step2_file"] = str(out / "zero3" / "run" / "checkpoint-2" / ADAPTER_FILE)
+    from lora_param import save_merged
+
+    try:  # the partitions are empty tensors here: refused, not written as such
+        save_merged(trainer.model, out / "merged")
+    except LoRAError as exc:
+        record["save_merged_refused"] = str(exc)
+    record["merged_written"] = (out / "merged").exists()
 
 
 def main() -> None:

@@ -38,11 +38,13 @@ __all__ = [
     "ORDER",
     "check_in",
     "copy_into",
+    "fsdp_modules",
     "full_tensor",
     "gather_full",
     "gather_to_rank0",
     "gathered_parameters",
     "holds_shards",
+    "is_partitioned",
     "is_sharded",
     "refuse_sharded",
     "write_once",
@@ -75,6 +77,26 @@ def is_sharded(tensor: Any) -> TypeIs[DTensor]:
     """
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)
+
+
+def fsdp_modules(model: torch.nn.Module) -> set[int]:
+    """Ids of the modules whose parameters FSDP2 manages: all under a ``fully_shard``-ed module.
+
+    Their parameters are DTensors except between a forward and its backward, and after a
+    forward of a module that keeps them gathered (FSDP2's default for the root): then they
+    are plain tensors FSDP2 will replace again, and must not be changed either.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    wrapper = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
+    if wrapper is None:
+        return set()
+    return {id(sub) for m in model.modules() if isinstance(m, wrapper) for sub in m.modules()}
+
+
+def is_partitioned(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DeepSpeed ZeRO-3 parameter whose data is not on this rank now."""
+    numel = getattr(tensor, "ds_numel", None)
+    return numel is not None and tensor.numel() != numel
 
 
 def holds_shards(module: torch.nn.Module, name: str) -> bool:
@@ -284,6 +306,9 @@ def refuse_sharded(
         problem: What ``what`` cannot do, for the message.
     """
     sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
+    managed = fsdp_modules(model)
+    if managed and not sharded:  # gathered for now (after a forward): still FSDP2's
+        sharded = [n for n, _ in model.named_parameters()][:1] or ["(no parameter)"]
     if sharded:
         raise LoRAError(
             f"{what} {problem} (e.g. {sharded[0]!r}): FSDP2 manages its parameters. {fix}"

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .config import Bias, LoRAConfig, Mode, QuantizationConfig, pack_targets, quantization_config
 from .copies import drop_copies, plan_copies, register_copies
-from .distributed import ORDER, holds_shards
+from .distributed import ORDER, fsdp_modules
 from .entries import drop_entries, register_entry
 from .entry import AdapterEntry
 from .errors import LoRAError
@@ -563,8 +563,9 @@ def _add(model: nn.Module, config: LoRAConfig, adapter: str) -> nn.Module:
     plan, lowered = _plan_layers(found, config)
     keep = trainable_modules(model, config.trainable)
     copies = plan_copies(model, keep, config.bias, [t.module for t in found])
-    sharded = [t.path for t, _ in plan if holds_shards(t.module, t.param_name)]
-    sharded += [c.path for c in copies if holds_shards(c.module, c.tensor_name)]
+    managed = fsdp_modules(model)
+    sharded = [t.path for t, _ in plan if id(t.module) in managed]
+    sharded += [c.path for c in copies if id(c.module) in managed]
     if sharded:
         raise LoRAError(
             f"add_lora cannot adapt sharded (FSDP2) weights {sharded[:5]}: FSDP2 manages them. "

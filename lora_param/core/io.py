@@ -26,8 +26,8 @@ from .distributed import (
     ORDER,
     check_in,
     copy_into,
+    fsdp_modules,
     gather_full,
-    holds_shards,
     is_sharded,
     write_once,
 )
@@ -314,15 +314,9 @@ def load_lora(
         for tpath, layer in spec["layers"].items():
             if present:
                 _check_existing(existing[(name, tpath)], layer, name, tpath, str(path))
-    sharded = [
-        t.path for plan in plans.values() for t, _ in plan if holds_shards(t.module, t.param_name)
-    ]
-    sharded += [
-        c.path
-        for plan in copy_plans.values()
-        for c in plan
-        if holds_shards(c.module, c.tensor_name)
-    ]
+    managed = fsdp_modules(model)
+    sharded = [t.path for plan in plans.values() for t, _ in plan if id(t.module) in managed]
+    sharded += [c.path for plan in copy_plans.values() for c in plan if id(c.module) in managed]
     if sharded:
         raise LoRAError(
             f"load_lora would add adapters to sharded (FSDP2) layers {sharded[:5]}; add them "
@@ -363,7 +357,7 @@ def load_lora(
                 copy_into(c.value, copies[f"{name}.{tpath}"])
                 c.enabled = True
                 c.value.requires_grad_(trainable)
-    if any(is_sharded(t) for p in loaded.values() for t in p.tensors().values()):
+    if managed:
         # FSDP2 all-gathers into the same tensors without bumping their version counters: a
         # value kept by an evaluation cache would not see the new shards.
         for _, plist in adapter_lists(model):

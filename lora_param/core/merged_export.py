@@ -31,7 +31,14 @@ from torch.nn.utils.parametrize import ParametrizationList
 
 from .atomic import atomic_write, open_beside, sync_close
 from .copies import TrainableCopy
-from .distributed import check_in, gather_to_rank0, gathered_parameters, is_sharded
+from .distributed import (
+    check_in,
+    fsdp_modules,
+    gather_to_rank0,
+    gathered_parameters,
+    is_partitioned,
+    is_sharded,
+)
 from .entries import AdapterList
 from .entry import AdapterEntry
 from .errors import LoRAError
@@ -293,15 +300,24 @@ def save_merged(
 
     Raises:
         LoRAError: No such adapter, a folder that cannot be written, a bad ``max_shard_size``,
-            a tensor safetensors cannot store; rank 0's failure is raised on every rank, and
-            no file is left half written.
+            a tensor safetensors cannot store, DeepSpeed ZeRO-3 partitions (save the adapters
+            and merge in one process); rank 0's failure is raised on every rank, and no file is
+            left half written.
     """
     if adapter is not None:
         check_adapters_exist(model, [adapter])
     limit = _size_bytes(max_shard_size)
     folder = Path(save_directory)
+    partitioned = [n for n, p in model.named_parameters() if is_partitioned(p)]
+    if partitioned:
+        raise LoRAError(
+            f"save_merged cannot read DeepSpeed ZeRO-3 partitions (e.g. {partitioned[0]!r}: "
+            "an empty tensor on this rank). Save the adapters (trainer.save_model(), or "
+            "save_lora inside deepspeed.zero.GatheredParameters), then in one process load_lora "
+            "them into the base model and call save_merged there."
+        )
     items = _plan(model)
-    sharded = any(is_sharded(p) for p in model.parameters())
+    sharded = bool(fsdp_modules(model)) or any(is_sharded(p) for p in model.parameters())
     if sharded:
         check_in("save_merged")
     rank0 = not sharded or _rank() == 0

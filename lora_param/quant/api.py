@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.config import QuantizationConfig, quantization_config
-from ..core.distributed import ORDER, holds_shards
+from ..core.distributed import ORDER, fsdp_modules, holds_shards
 from ..core.entries import register_entry
 from ..core.errors import LoRAError
 from ..core.matching import Targets
@@ -200,7 +200,10 @@ def quantize_targets(
             "no layer to quantize: quantize_base packs the weight of Linear, Conv1d/2d/3d, "
             "Embedding and Hugging Face Conv1D layers."
         )
-    sharded = [t.path for t in chosen if holds_shards(t.module, t.param_name)]
+    managed = fsdp_modules(root) if root is not None else set()
+    sharded = [
+        t.path for t in chosen if id(t.module) in managed or holds_shards(t.module, t.param_name)
+    ]
     if sharded:
         raise LoRAError(
             f"cannot quantize sharded (FSDP2) weights {sharded[:5]}: FSDP2 manages them and "
@@ -328,7 +331,8 @@ def dequantize_base(model: nn.Module) -> nn.Module:
             or write a merged checkpoint with :func:`lora_param.save_merged`.
     """
     found = list(iter_quantized(model))
-    sharded = [path for path, module, _ in found if holds_shards(module, "weight")]
+    managed = fsdp_modules(model)
+    sharded = [path for path, module, _ in found if id(module) in managed]
     if sharded:
         raise LoRAError(
             f"dequantize_base cannot unpack sharded (FSDP2) weights {sharded[:5]}: the plain "

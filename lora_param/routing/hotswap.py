@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..core.adapter_file import read_lora_file
 from ..core.copies import TrainableCopy, iter_copies
-from ..core.distributed import copy_into, is_sharded, refuse_sharded
+from ..core.distributed import copy_into, fsdp_modules, refuse_sharded
 from ..core.errors import LoRAError
 from ..core.lookup import check_adapters_exist, clear_lora_cache, iter_lora, list_adapters
 from ..core.targets import base_tensor
@@ -65,9 +65,8 @@ def prepare_hotswap(model: nn.Module, max_rank: int, adapter: str | None = None)
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
         raise LoRAError(f"max_rank must be a positive integer, got {max_rank!r}.")
     entries = _entries(model, adapter)
-    if any(
-        is_sharded(p.anchor()) and (p.swap_room() < max_rank or not p.swap_prepared())
-        for p in entries.values()
+    if fsdp_modules(model) and any(
+        p.swap_room() < max_rank or not p.swap_prepared() for p in entries.values()
     ):
         refuse_sharded(
             model,
@@ -190,7 +189,7 @@ def hotswap_lora(
             step()
         for c, value in copies:
             copy_into(c.value, value)
-    if any(is_sharded(p.anchor()) for p in entries.values()):
+    if fsdp_modules(model):
         clear_lora_cache(model)  # FSDP2 gathers into the same tensors, versions unchanged
     return model
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from ..core.distributed import is_sharded
+from ..core.distributed import fsdp_modules
 from ..core.entries import BASE, AdapterList, adapter_lists, selecting
 from ..core.errors import LoRAError
 from ..core.eval_cache import VersionedCache
@@ -421,9 +421,7 @@ def mixed_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module
     else:
         state.index = index.to(device)
     state.mixed = mixed
-    state.cache_stacks = not any(
-        is_sharded(p.anchor()) for _, plist in adapter_lists(model) for p in plist.variants()
-    )
+    state.cache_stacks = not fsdp_modules(model)
     handles: list[RemovableHandle] = []
     overridden: list[nn.Module] = []
     with ExitStack() as stack:
