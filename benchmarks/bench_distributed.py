@@ -4,6 +4,7 @@
     python benchmarks/bench_distributed.py            # 8-layer Llama, hidden 768 (~100 M params)
     python benchmarks/bench_distributed.py --quick    # smoke run (tiny Llama, 2 steps)
     python benchmarks/bench_distributed.py --markdown # also print the markdown table (docs)
+    python benchmarks/bench_distributed.py --nf4-only # only the rows with an NF4 (QLoRA) base
 
 Each setup runs in fresh processes: ``one process`` (``python`` on this script) and ``FSDP2``
 (``torchrun --standalone --nproc-per-node 2``: ``fully_shard`` on every decoder layer, then on
@@ -108,6 +109,7 @@ def worker(size: str, steps: int, out: Path, quantize: str | None = None) -> Non
     )
     torch.manual_seed(0)
     model = llama(config)
+    total_params = sum(p.numel() for p in model.parameters())  # before any packing
     if quantize is not None:
         quantize_base(model, PACKED, method=quantize)
     add_lora(model, TARGETS, rank=RANK)
@@ -141,7 +143,7 @@ def worker(size: str, steps: int, out: Path, quantize: str | None = None) -> Non
     record = {
         "rank": rank,
         "params_bytes": held,
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": total_params,
         "imports_kb": imports,
         "after_setup_kb": after_setup,
         "peak_kb": peak,
@@ -206,6 +208,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny Llama, 2 steps")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--nf4-only", action="store_true", help="only the NF4-base rows (mmap >= 1 MiB)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -227,6 +232,7 @@ def main() -> None:
         for threshold, allocator in ((None, "glibc default"), (MMAP_THRESHOLD, "mmap >= 1 MiB"))
         for setup, label, ranks in runs
     ]
+    plan = [] if args.nf4_only else plan
     plan += [
         (MMAP_THRESHOLD, "mmap >= 1 MiB", setup, f"{label}, NF4 base", ranks, "nf4")
         for setup, label, ranks in runs
@@ -245,8 +251,7 @@ def main() -> None:
                 "step": max(r["step_s"] for r in records),
             }
         )
-        if quantize is None:
-            total = records[0]["total_params"]
+        total = records[0]["total_params"]
     header = (
         f"Llama, hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']}: "
         f"{total / 1e6:.1f} M params float32; LoRA rank {RANK} on q/k/v/o; batch {BATCH} x "
