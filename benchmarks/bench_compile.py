@@ -4,6 +4,7 @@
     python benchmarks/bench_compile.py                      # batch 10 and 256, factored mode
     python benchmarks/bench_compile.py --modes factored materialized --repeats 15
     python benchmarks/bench_compile.py --markdown           # also print a markdown table
+    python benchmarks/bench_compile.py --quick              # smoke run (batch 10, 2 short blocks)
 
 Model: the tutorial's MLP 784-1000-2000-10 with LoRA rank 1 on its three Linear layers
 (``add_lora(model, rank=1)``), base frozen. Training step = forward + cross-entropy + backward +
@@ -32,8 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_param import adapter_parameters, add_lora  # noqa: E402
+from _results import Column, Results, add_results_argument
+
+from lora_param import adapter_parameters, add_lora
 
 
 def mnist_mlp() -> nn.Module:
@@ -128,9 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
     )
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: batch 10, 2 blocks of 2 steps"
+    )
+    add_results_argument(parser)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.repeats, args.steps, args.warmup = [10], 2, 2, 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    record = Results("bench_compile", __doc__, args, argv=argv)
 
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
@@ -147,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"(compile {row['compile_s']:.1f} s, |loss eager - compiled| at step 1: {row['first_loss_diff']:.1e})",
                 flush=True,
             )
+    record.table(
+        "compile",
+        [Column("mode"), Column("batch"), Column("eager", "ms/step", ".3f"),
+         Column("compiled", "ms/step", ".3f"), Column("eager / compiled", "x"),
+         Column("compile", "s", ".1f"), Column("|loss eager - compiled| at step 1", fmt=".1e")],
+        [[r["mode"], r["batch"], r["eager_ms"], r["compiled_ms"], r["speedup"], r["compile_s"],
+          r["first_loss_diff"]] for r in rows],
+        title=f"Training step, median of {args.repeats} blocks of {args.steps} steps",
+    )  # fmt: skip
+    record.write(args.results_dir)
     if args.markdown:
         print()
         print("| mode | batch | eager ms/step | compiled ms/step | speed-up |")

@@ -29,10 +29,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 if str(HERE.parent) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.insert(1, str(HERE.parent))
 
 import torch  # noqa: E402
+from _results import Column, Goal, Results, add_results_argument  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lora_param as lp  # noqa: E402
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    add_results_argument(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:
@@ -210,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         kinds = [k for k in VARIANTS if not k.startswith("peft")]
     repeats = args.repeats or (2 if args.quick else 7)
+    record = Results("bench_dora", __doc__, args, argv=argv, threads=args.threads,
+                     packages=("peft",))  # fmt: skip
     header = ["model", "variant", "train ms", "vs our LoRA", "eval ms", "train Δ MB"]
-    rows, goals = [], []
+    rows, raw, goals = [], [], []
     for name in args.models:
         print(f"timing {name} ...", file=sys.stderr, flush=True)
         res = timings(name, kinds, args.quick, args.rank, repeats)
@@ -233,20 +239,47 @@ def main(argv: list[str] | None = None) -> int:
                     f"{mem[k]:.1f}" if k in mem else "-",
                 ]
             )
+            raw.append(
+                [name, k, res["train"][k] * 1e3, res["train"][k] / lora_t, res["eval"][k] * 1e3,
+                 mem.get(k)]
+            )  # fmt: skip
         ratio = res["train"]["dora"] / lora_t
-        goals.append((ratio <= 1.3, f"{name}: DoRA step {ratio:.2f}x our LoRA (goal <= 1.3x)"))
+        goals.append(
+            Goal(
+                ratio <= 1.3,
+                f"{name}: DoRA step {ratio:.2f}x our LoRA (goal <= 1.3x)",
+                f"{name}: DoRA training step vs our LoRA step",
+                ratio,
+                1.3,
+                "x",
+            )
+        )
         if mem:
             budget = 1.1 * mem["lora"] + res["weight_mb"]
             goals.append(
-                (
+                Goal(
                     mem["dora"] <= budget,
                     f"{name}: DoRA train Δ {mem['dora']:.1f} MB vs 1.1 x LoRA's "
                     f"{mem['lora']:.1f} + one weight {res['weight_mb']:.1f} = {budget:.1f} MB",
+                    f"{name}: DoRA train Δ vs 1.1 × LoRA's + one weight",
+                    mem["dora"],
+                    budget,
+                    "MB",
                 )
             )
         if "peft-dora" in res["train"]:
             vs = res["train"]["peft-dora"] / res["train"]["dora"]
-            goals.append((vs > 1, f"{name}: PEFT's DoRA step is {vs:.2f}x ours (goal > 1)"))
+            goals.append(
+                Goal(
+                    vs > 1,
+                    f"{name}: PEFT's DoRA step is {vs:.2f}x ours (goal > 1)",
+                    f"{name}: PEFT's DoRA training step vs ours",
+                    vs,
+                    1.0,
+                    "x",
+                    ">",
+                )
+            )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
@@ -256,8 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print()
-    for ok, text in goals:
+    for ok, text, *_ in goals:
         print(("met   " if ok else "MISSED"), text)
+    record.table(
+        "dora",
+        [Column("model"), Column("variant"), Column("train", "ms"), Column("vs our LoRA", "x"),
+         Column("eval", "ms"), Column("train Δ", "MB", ".1f")],
+        raw,
+        title=f"Training step and evaluation, rank {args.rank}",
+    )  # fmt: skip
+    record.add_goals(goals)
+    record.write(args.results_dir)
     return 0
 
 

@@ -14,7 +14,9 @@ Variants (all adapters rank 16 on the seven projections q/k/v/o/gate/up/down):
   ``Linear4bit`` layers, where bitsandbytes runs);
 - generation with LoRA on (batch 1, 32-token prompt, 32 new tokens, greedy, under no_grad):
   ``merged`` (plain weights), ``lora`` (ours, default eval-cache policy), ``lora-nf4``,
-  ``peft``.
+  ``peft``, and ``lora-cache-always`` (ours with ``set_eval_cache(model, "always")``: a
+  ``W + s·B·A`` copy of every projection kept while generating, what the default ``"auto"``
+  policy avoids on this model; its peak minus ``lora``'s is what that copy costs).
 
 NF4 dequantization runs with the default ``kernel="auto"`` (bitsandbytes' compiled kernel
 where it is installed); the ``*-nf4-torch`` rows force the pure-PyTorch kernel (what a user
@@ -62,6 +64,7 @@ if str(HERE.parent) not in sys.path:  # run from a checkout without installing
 import _bench_models as bm  # noqa: E402
 import _cpu_bf16  # noqa: E402
 import torch  # noqa: E402
+from _results import Column, Goal, Results, add_results_argument  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lora_param as lp  # noqa: E402
@@ -81,7 +84,7 @@ TRAIN_VARIANTS = (
     "peft",
     "peft-bnb-nf4",
 )
-GEN_VARIANTS = ("merged", "lora", "lora-nf4", "lora-nf4-torch", "peft")
+GEN_VARIANTS = ("merged", "lora", "lora-cache-always", "lora-nf4", "lora-nf4-torch", "peft")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 #: Llama shapes. "542m": hidden 2048, 8 layers, full multi-head attention (32 KV heads),
@@ -182,6 +185,10 @@ def build_variant(cfg_name: str, dtype: torch.dtype, variant: str) -> nn.Module:
         return model
     if variant == "lora":
         return lp.add_lora(model, targets, rank=RANK)
+    if variant == "lora-cache-always":
+        model = lp.add_lora(model, targets, rank=RANK)
+        lp.set_eval_cache(model, "always")
+        return model
     if variant in ("qlora-nf4", "lora-nf4", "qlora-int8"):
         method = "int8" if variant.endswith("int8") else "nf4"
         return lp.add_lora(model, targets, rank=RANK, quantize=method)
@@ -405,28 +412,56 @@ def _goal(ok: bool | None, text: str) -> str:
     return f"{'n/a ' if ok is None else 'PASS' if ok else 'FAIL'} {text}"
 
 
-def report(dtype_name: str, mem: dict, times: dict, args: argparse.Namespace) -> list[str]:
-    lines = [f"\n## {args.config} Llama, {dtype_name}"]
-    rows = [("phase", "variant", "time s", "vs ref", "resident MB", "peak MB", "stored MB")]
-    refs = {"train": "lora", "train-gc": "lora", "generate": "peft"}
+REFS = {"train": "lora", "train-gc": "lora", "generate": "peft"}
+RESULT_COLUMNS = [
+    Column("phase"),
+    Column("variant"),
+    Column("time", "s", ".3f"),
+    Column("vs ref", "x"),
+    Column("resident", "MB", ",.0f"),
+    Column("peak", "MB", ",.0f"),
+    Column("stored", "MB", ",.0f"),
+]
+
+
+def _measured(mem: dict, times: dict):
+    """(phase, variant, figures, seconds, reference seconds) for every measured row."""
     for phase in ("train", "train-gc", "generate"):
         variants = GEN_VARIANTS if phase == "generate" else TRAIN_VARIANTS
         for v in variants:
             m, t = mem.get((phase, v), {}), times.get((phase, v))
-            if not m and t is None:
-                continue
-            ref = times.get((phase, refs[phase]))
-            rows.append(
-                (
-                    phase,
-                    v,
-                    "-" if t is None else f"{t:.3f}",
-                    _ratio(t, ref),
-                    _mb(m.get("resident")),
-                    _mb(m.get("peak")),
-                    _mb(m.get("stored")),
-                )
+            if m or t is not None:
+                yield phase, v, m, t, times.get((phase, REFS[phase]))
+
+
+def raw_rows(mem: dict, times: dict) -> list[list]:
+    """The report's rows as numbers (seconds, ratio, MB), for the results file."""
+
+    def mib(x: float | None) -> float | None:
+        return None if x is None else x / 2**20
+
+    return [
+        [phase, v, t, None if t is None or not ref else t / ref,
+         mib(m.get("resident")), mib(m.get("peak")), mib(m.get("stored"))]
+        for phase, v, m, t, ref in _measured(mem, times)
+    ]  # fmt: skip
+
+
+def report(dtype_name: str, mem: dict, times: dict, args: argparse.Namespace) -> list[str]:
+    lines = [f"\n## {args.config} Llama, {dtype_name}"]
+    rows = [("phase", "variant", "time s", "vs ref", "resident MB", "peak MB", "stored MB")]
+    for phase, v, m, t, ref in _measured(mem, times):
+        rows.append(
+            (
+                phase,
+                v,
+                "-" if t is None else f"{t:.3f}",
+                _ratio(t, ref),
+                _mb(m.get("resident")),
+                _mb(m.get("peak")),
+                _mb(m.get("stored")),
             )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if args.markdown:
@@ -436,8 +471,8 @@ def report(dtype_name: str, mem: dict, times: dict, args: argparse.Namespace) ->
     return lines
 
 
-def goals(mem: dict, times: dict, dtype: torch.dtype, total_numel: int) -> list[str]:
-    """PASS/FAIL lines for the goals of issue 14 (n/a where a figure is missing)."""
+def goals(mem: dict, times: dict, dtype: torch.dtype, total_numel: int) -> list[Goal]:
+    """The goals of issue 14 (passed None, printed "n/a", where a figure is missing)."""
 
     def get(phase: str, variant: str, key: str) -> float | None:
         return mem.get((phase, variant), {}).get(key)
@@ -451,30 +486,61 @@ def goals(mem: dict, times: dict, dtype: torch.dtype, total_numel: int) -> list[
     if lora and nf4 and numel:
         packed = nf4 - lora + numel * dtype.itemsize  # the projections' packed bytes
         bits = 8 * packed / numel
-        out.append(_goal(bits <= NF4_BITS_GOAL, f"NF4 layers: {bits:.3f} bits/param (<= 4.2)"))
+        out.append(
+            Goal(bits <= NF4_BITS_GOAL, f"NF4 layers: {bits:.3f} bits/param (<= 4.2)",
+                 "NF4 layers: bits per parameter (codes and scales)", bits, NF4_BITS_GOAL)
+        )  # fmt: skip
         # embeddings and head stay in the model's dtype: compare with the bf16 model
         share = nf4 / (2 * total_numel) if dtype == torch.bfloat16 else None
         if share is not None:
             out.append(
-                _goal(share <= RESIDENT_GOAL, f"stored NF4 model {share:.2f}x bf16 (<= 0.5x)")
-            )
+                Goal(share <= RESIDENT_GOAL, f"stored NF4 model {share:.2f}x bf16 (<= 0.5x)",
+                     "stored model, every projection NF4, vs the bf16 model", share,
+                     RESIDENT_GOAL, "x")
+            )  # fmt: skip
     else:
-        out.append(_goal(None, "NF4 bits/param (qlora-nf4 or lora not measured)"))
+        out.append(
+            Goal(None, "NF4 bits/param (qlora-nf4 or lora not measured)",
+                 "NF4 layers: bits per parameter (codes and scales)", None, NF4_BITS_GOAL)
+        )  # fmt: skip
     for phase in ("train", "train-gc"):
         for variant in ("qlora-nf4", "qlora-nf4-torch"):
             out += _qlora_goals(phase, variant, mem, times, dtype, numel, packed)
     peak_o, peak_p = get("generate", "lora", "peak"), get("generate", "peft", "peak")
     if peak_o and peak_p:
         out.append(
-            _goal(
+            Goal(
                 peak_o <= EVAL_PEAK_GOAL * peak_p,
                 f"generate peak ours {peak_o / peak_p:.3f}x PEFT's (<= 1.05x)",
+                "generation with LoRA on: peak RSS, ours vs PEFT's",
+                peak_o / peak_p,
+                EVAL_PEAK_GOAL,
+                "x",
             )
         )
     t_o, t_p = times.get(("generate", "lora")), times.get(("generate", "peft"))
     if t_o and t_p:
-        out.append(_goal(t_o <= t_p, f"generate time ours {t_o / t_p:.2f}x PEFT's (<= 1.00x)"))
+        out.append(
+            Goal(t_o <= t_p, f"generate time ours {t_o / t_p:.2f}x PEFT's (<= 1.00x)",
+                 "generation with LoRA on: time, ours vs PEFT's", t_o / t_p, 1.0, "x")
+        )  # fmt: skip
     return out
+
+
+def cache_cost(mem: dict) -> str | None:
+    """What caching every projection's ``W + s·B·A`` adds to the generation peak (a line)."""
+    always = mem.get(("generate", "lora-cache-always"), {}).get("peak")
+    auto = mem.get(("generate", "lora"), {}).get("peak")
+    peft = mem.get(("generate", "peft"), {}).get("peak")
+    if not (always and auto):
+        return None
+    line = (
+        f"generate: the eval cache kept for every projection (set_eval_cache 'always') peaks "
+        f"{(always - auto) / 2**20:+,.0f} MB above the default 'auto' policy"
+    )
+    if peft:
+        line += f" ({(always - peft) / 2**20:+,.0f} MB above PEFT's)"
+    return line
 
 
 def _qlora_goals(
@@ -485,7 +551,7 @@ def _qlora_goals(
     dtype: torch.dtype,
     numel: int | None,
     packed: float | None,
-) -> list[str]:
+) -> list[Goal]:
     """The QLoRA step goals: peak memory saved vs our LoRA step, and time within 2x.
 
     The memory goal is stated for bf16: saved >= 0.65 of the packed layers' bf16 bytes. Where
@@ -505,15 +571,25 @@ def _qlora_goals(
             f"weights {overhead / 2**20:,.0f} MB"
         )
         if dtype == torch.bfloat16:
-            out.append(_goal(share >= QLORA_SAVING_GOAL, text + " (goal: share >= 0.65)"))
+            out.append(
+                Goal(share >= QLORA_SAVING_GOAL, text + " (goal: share >= 0.65)",
+                     f"{phase}: {variant} step peak saved vs LoRA's, share of the packed "
+                     "layers' bf16 bytes", share, QLORA_SAVING_GOAL, "", ">=")
+            )  # fmt: skip
         else:
             allowed = (2 - 2 * QLORA_SAVING_GOAL) * numel - packed
-            out.append(_goal(None, text + f" (the bf16 goal allows {allowed / 2**20:,.0f} MB)"))
+            out.append(
+                Goal(None, text + f" (the bf16 goal allows {allowed / 2**20:,.0f} MB)",
+                     f"{phase}: {variant} step: held beyond the packed weights (the goal is "
+                     "stated for bf16)", overhead / 2**20, allowed / 2**20, "MB")
+            )  # fmt: skip
     t_l, t_q = times.get((phase, "lora")), times.get((phase, variant))
     if t_l and t_q:
         out.append(
-            _goal(t_q <= QLORA_TIME_GOAL * t_l, f"{phase}: {variant} step {t_q / t_l:.2f}x ours")
-        )
+            Goal(t_q <= QLORA_TIME_GOAL * t_l, f"{phase}: {variant} step {t_q / t_l:.2f}x ours",
+                 f"{phase}: {variant} step time vs our LoRA step", t_q / t_l, QLORA_TIME_GOAL,
+                 "x")
+        )  # fmt: skip
     return out
 
 
@@ -549,6 +625,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="bf16 CPU matmuls in the fast operand order (auto: on CPUs without native bf16)",
     )
+    add_results_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.repeats, args.mem_steps, args.warmup = "quick", 1, 1, 0
@@ -567,10 +644,11 @@ def main(argv: list[str] | None = None) -> int:
             "# bf16: this CPU has no native bf16 matmul; bf16 steps run under "
             "_cpu_bf16.FastReducedPrecisionMatmul (operands copied into the fast order)"
         )
-    print(
-        f"# training batch {args.batch}x{args.seq}; generation batch 1, prompt {args.prompt}, "
+    setting = (
+        f"training batch {args.batch}x{args.seq}; generation batch 1, prompt {args.prompt}, "
         f"{args.new_tokens} new tokens; {args.repeats} timed repeats"
     )
+    print(f"# {setting}")
     chosen = set(args.variants or TRAIN_VARIANTS + GEN_VARIANTS)
     train_variants = [
         v for v in TRAIN_VARIANTS if v in chosen and (v != "peft-bnb-nf4" or _bnb_available())
@@ -578,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
     gen_variants = [v for v in GEN_VARIANTS if v in chosen]
     for dtype_name in args.dtype:
         t0 = time.perf_counter()
+        # one results file per dtype (their runs take very different times)
+        record = Results("bench_llm", __doc__, args, argv=argv, threads=args.threads,
+                         packages=("transformers", "peft", "bitsandbytes"), part=dtype_name)
+        record.note(f"{args.config} Llama, rank {RANK} on {', '.join(PROJECTIONS)}; {setting}")
         plan = [("generate", gen_variants)] if "generate" in args.phases else []
         plan += [(p, train_variants) for p in train_phases]
         mem = {} if args.no_memory else measure_memory(args, dtype_name, plan, log)
@@ -586,8 +668,28 @@ def main(argv: list[str] | None = None) -> int:
             time_plan.append((train_phases, train_variants))
         times = {} if args.no_time else measure_time(args, dtype_name, time_plan, log)
         print("\n".join(report(dtype_name, mem, times, args)))
-        print("\n".join(goals(mem, times, DTYPES[dtype_name], build_base_meta(args.config))))
+        found = goals(mem, times, DTYPES[dtype_name], build_base_meta(args.config))
+        print("\n".join(_goal(g.passed, g.text) for g in found))
+        cost = cache_cost(mem)
+        if cost:
+            print(cost)
+            record.note(f"{dtype_name}: {cost}")
         log(f"  {dtype_name}: {time.perf_counter() - t0:.0f} s")
+        fix = " (bf16 matmuls under the CPU fix)" if matmul_fix_applies(args, dtype_name) else ""
+        record.table(
+            f"llm-{dtype_name}",
+            RESULT_COLUMNS,
+            raw_rows(mem, times),
+            title=f"{args.config} Llama, {dtype_name}{fix}: time 'vs ref' is against our LoRA "
+            "step for training, PEFT's for generation",
+        )
+        for key, share in times.items():
+            if key[0] == "others":
+                record.note(f"{dtype_name} {key[1]}: other processes used {share:.0%} of the CPU")
+        record.add_goals(
+            g._replace(description=f"{dtype_name}: {g.description}") for g in found
+        )
+        record.write(args.results_dir)
     return 0
 
 

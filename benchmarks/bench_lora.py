@@ -47,8 +47,9 @@ if str(HERE) not in sys.path:
 if str(HERE.parent) not in sys.path:  # run from a checkout without installing
     sys.path.insert(1, str(HERE.parent))
 
-import _bench_models as bm
-import torch
+import _bench_models as bm  # noqa: E402
+import torch  # noqa: E402
+from _results import Column, Goal, Results, add_results_argument  # noqa: E402
 
 EVAL_GOAL = 1.05  # eval with LoRA on must be <= 1.05x the merged model
 MEM_TOL = 2**20  # memory goals: sub-MB RSS differences are allocator bookkeeping, not the library
@@ -59,12 +60,15 @@ BUSY_THRESHOLD = 0.10  # a timing round with other processes above this CPU shar
 
 
 _REPEATS: int | None = None  # --repeats
+_MAX_WAIT: float | None = None  # --max-wait
 
 
 def settings(quick: bool, family: str) -> dict:
     st = _settings(quick, family)
     if _REPEATS:
         st["repeats"] = _REPEATS
+    if _MAX_WAIT is not None:
+        st["max_wait_s"] = _MAX_WAIT
     return st
 
 
@@ -314,6 +318,63 @@ def build_rows(results, mem) -> list[list[str]]:
     return rows
 
 
+def _ms(s):
+    return None if s is None else s * 1e3
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or not b else a / b
+
+
+def _mib(b):
+    return None if b is None else b / 2**20
+
+
+RESULT_COLUMNS = [
+    Column("model"),
+    Column("variant"),
+    Column("trainable"),
+    Column("train", "ms"),
+    Column("train vs base", "x"),
+    Column("train vs PEFT", "x"),
+    Column("eval", "ms"),
+    Column("eval vs merged", "x"),
+    Column("train RSS", "MB", ",.0f"),
+    Column("train Δ", "MB", ",.0f"),
+    Column("eval RSS", "MB", ",.0f"),
+    Column("eval Δ", "MB", ",.0f"),
+]
+
+
+def build_raw_rows(results, mem) -> list[list]:
+    """The table's values as numbers (ms, ratios, MB), for the results file."""
+    rows = []
+    for r in results:
+        key = r["spec"]
+        tr = {v: d["median"] for v, d in r["train"].items()}
+        ev = {v: d["median"] for v, d in r["eval"].items()}
+        for v in dict.fromkeys(list(r["eval"]) + list(r["train"])):
+            mt = mem.get((key, v, "train"))
+            me = mem.get((key, v, "eval"))
+            rows.append(
+                [
+                    key,
+                    v,
+                    r["trainable"].get(v),
+                    _ms(tr.get(v)),
+                    _ratio(tr.get(v), tr.get("base")),
+                    _ratio(tr.get(v), tr.get("peft")),
+                    _ms(ev.get(v)),
+                    _ratio(ev.get(v), ev.get("merged")),
+                    _mib(mt[0]) if mt else None,
+                    _mib(mt[1]) if mt else None,
+                    _mib(me[0]) if me else None,
+                    _mib(me[1]) if me else None,
+                ]
+            )
+    return rows
+
+
 HEADER = [
     "model",
     "variant",
@@ -363,9 +424,9 @@ def _range(xs):
     return f"{min(xs) / 2**20:.0f}-{max(xs) / 2**20:.0f}"
 
 
-def goals(results, mem) -> list[tuple[bool, str]]:
-    """(passed, text) per goal. Time verdicts are strict (a note says when a miss is within the
-    IQR); memory verdicts allow MEM_TOL (1 MB)."""
+def goals(results, mem) -> list[Goal]:
+    """One Goal per goal. Time verdicts are strict (a note says when a miss is within the IQR);
+    memory verdicts allow MEM_TOL (1 MB)."""
     lines = []
     for r in results:
         key = r["spec"]
@@ -376,12 +437,16 @@ def goals(results, mem) -> list[tuple[bool, str]]:
             noise = max(f["q3"] - f["q1"], p["q3"] - p["q1"]) / p["median"]
             note = "; a tie: the miss is within the IQR" if ratio > 1 and ratio - 1 <= noise else ""
             lines.append(
-                (
+                Goal(
                     f["median"] <= p["median"],
                     (
                         f"{key}: train step factored {fmt_ms(f['median'])} ms <= PEFT {fmt_ms(p['median'])} ms "
                         f"({ratio:.3f}×, IQR ±{noise * 100:.0f}%{note})"
                     ),
+                    f"{key}: training step, factored vs PEFT",
+                    ratio,
+                    1.0,
+                    "x",
                 )
             )
         mf, mp_ = mem.get((key, "factored", "train")), mem.get((key, "peft", "train"))
@@ -395,17 +460,25 @@ def goals(results, mem) -> list[tuple[bool, str]]:
                         f"PEFT {_range(mp_[i + 3])}]"
                     )
                 lines.append(
-                    (
+                    Goal(
                         diff <= MEM_TOL,
                         f"{key}: {what} factored {_mb1(mf[i])} MB <= PEFT {_mb1(mp_[i])} MB{note}",
+                        f"{key}: {what}, factored vs PEFT's + 1 MB",
+                        mf[i] / 2**20,
+                        (mp_[i] + MEM_TOL) / 2**20,
+                        "MB",
                     )
                 )
         if "factored" in ev and "merged" in ev:
             f, m = ev["factored"]["median"], ev["merged"]["median"]
             lines.append(
-                (
+                Goal(
                     f <= EVAL_GOAL * m,
                     f"{key}: eval factored {fmt_ms(f)} ms <= {EVAL_GOAL}× merged {fmt_ms(m)} ms ({f / m:.3f}×)",
+                    f"{key}: evaluation with LoRA on (factored) vs merged",
+                    f / m,
+                    EVAL_GOAL,
+                    "x",
                 )
             )
     return lines
@@ -425,6 +498,14 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     ap.add_argument("--repeats", type=int, default=None, help="override repeats per variant")
+    ap.add_argument(
+        "--max-wait",
+        type=float,
+        default=None,
+        help="longest wait (s) for a quiet machine before a timing round (default 60; a busy "
+        "shared machine is never quiet: a small value keeps the run short, the summary says "
+        "how busy it was)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
     ap.add_argument(
@@ -434,11 +515,16 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--json", type=Path, default=None, help="write raw results to this file")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a goal FAILs")
+    add_results_argument(ap)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, file=sys.stderr, flush=True)
     t_start = time.perf_counter()
+    record = Results(
+        "bench_lora", __doc__, args, argv=argv, threads=args.threads,
+        packages=("peft", "torchvision"),
+    )  # fmt: skip
     print(
         f"# lora_param benchmark{' (--quick: reduced sizes, few repeats; not for reporting)' if args.quick else ''}"
     )
@@ -448,8 +534,8 @@ def main(argv=None) -> int:
     eval_variants = [v for v in bm.EVAL_VARIANTS if bm.variant_available(v)]
     all_specs = bm.make_specs(args.quick)
     specs = [s for fam in args.models for s in all_specs[fam]]
-    global _REPEATS
-    _REPEATS = args.repeats
+    global _REPEATS, _MAX_WAIT
+    _REPEATS, _MAX_WAIT = args.repeats, args.max_wait
     for s in specs:
         print(f"- {s.key}: {s.desc}, LoRA rank {s.rank}")
     print("variants: " + "; ".join(f"{v} = {bm.VARIANT_HELP[v]}" for v in eval_variants))
@@ -484,11 +570,13 @@ def main(argv=None) -> int:
 
     print("\nconsistency (max |out - ref| / max |ref|; ~1e-6 is float rounding):")
     peft_mismatch = False
+    checks = []
     for r in results:
         for name, d in r["checks"].items():
             flag = "" if "LoRA effect" in name else ("  ok" if d < 1e-4 else "  MISMATCH")
             peft_mismatch |= flag == "  MISMATCH" and name.startswith("peft")
             print(f"  {r['spec']}: {name}: {d:.2e}{flag}")
+            checks.append([r["spec"], name, d, flag.strip() or "—"])
     if peft_mismatch:
         print(
             "  note: PEFT's LoRA lives in forward(); code that reads .weight directly without calling the\n"
@@ -497,7 +585,7 @@ def main(argv=None) -> int:
 
     print("\ngoals:")
     g = goals(results, mem)
-    for ok, text in g:
+    for ok, text, *_ in g:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     if not g:
         print("  (none checkable: lora_param's add_lora or peft missing)")
@@ -523,16 +611,35 @@ def main(argv=None) -> int:
     kept, dropped = sum(x["kept"] for x in rounds), sum(x["discarded"] for x in rounds)
     worst = max((x["others_max"] for x in rounds), default=0.0)
     if others is not None:
-        print(
+        busy = (
             f"other processes used {others * 100:.0f}% of the machine's CPU during the timing phase; "
             f"timing rounds kept {kept}, thrown away and rerun {dropped} (other processes > "
             f"{BUSY_THRESHOLD * 100:.0f}% CPU); worst kept round: {worst * 100:.0f}%"
         )
+        print(busy)
+        record.note(busy)
         if worst > BUSY_THRESHOLD:
-            print(
-                "WARNING: the machine was not idle; timings are not reliable (rerun on an idle machine)"
-            )
-    return 1 if args.strict and not all(ok for ok, _ in g) else 0
+            warning = "WARNING: the machine was not idle; timings are not reliable (rerun on an idle machine)"
+            print(warning)
+            record.note(warning)
+
+    record.note(
+        "times: median ms per call (train = forward + backward + AdamW step; eval = no_grad "
+        "forward); RSS: ru_maxrss of a fresh process after the steps; Δ: what the steps added "
+        "over the built model"
+    )
+    for s in specs:
+        record.note(f"{s.key}: {s.desc}, LoRA rank {s.rank}")
+    record.table("timings", RESULT_COLUMNS, build_raw_rows(results, mem), title="Time and memory")
+    record.table(
+        "consistency",
+        [Column("model"), Column("check"), Column("max rel. diff", fmt=".2e"), Column("verdict")],
+        checks,
+        title="Outputs against the merged model (max |out - ref| / max |ref|)",
+    )
+    record.add_goals(g)
+    record.write(args.results_dir)
+    return 1 if args.strict and not all(goal.passed for goal in g) else 0
 
 
 if __name__ == "__main__":

@@ -35,11 +35,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 if str(HERE.parent) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.insert(1, str(HERE.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _results import Column, Goal, Results, add_results_argument  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lora_param import add_lora, iter_lora, mixed_adapters, set_active_adapters  # noqa: E402
@@ -180,23 +183,24 @@ def time_variants(fns: dict, repeats: int) -> dict[str, float]:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def check_outputs(fns: dict) -> str:
-    """Ours mixed vs PEFT mixed, and each ours mixed row vs its adapter alone."""
+def check_outputs(fns: dict) -> list[tuple[str, float]]:
+    """Ours mixed vs PEFT mixed, and each ours mixed row vs its adapter alone: (what, max diff)."""
     with torch.no_grad():
         prepare("ours one", fns["ours one"][0])
         mixed = fns["ours mixed"][1]()
         one = fns["ours one"][1]()
-        lines = [f"ours mixed rows of a0 vs ours one: max |diff| {_diff(mixed[0::8], one[0::8])}"]
+        checks = [("ours mixed rows of a0 vs ours one", _diff(mixed[0::8], one[0::8]))]
         if "peft mixed" in fns:
-            lines.append(
-                f"ours mixed vs peft mixed: max |diff| {_diff(mixed, fns['peft mixed'][1]())}"
-            )
-    return "\n".join(lines)
+            checks.append(("ours mixed vs peft mixed", _diff(mixed, fns["peft mixed"][1]())))
+    return checks
 
 
-def _diff(a: torch.Tensor, b: torch.Tensor) -> str:
-    d = float((a - b).abs().max())
-    return f"{d:.2e} ({'MATCH' if d < 1e-3 else 'MISMATCH'})"
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def _verdict(d: float) -> str:
+    return "MATCH" if d < 1e-3 else "MISMATCH"
 
 
 def memory_worker(name: str, quick: bool) -> None:
@@ -217,9 +221,10 @@ def memory_worker(name: str, quick: bool) -> None:
     if name == "ours mixed":
         from lora_param.routing.mixed import _ROUTERS
 
-        for route in _ROUTERS[model].routes.values():
-            if route._cache is not None:
-                stack += sum(t.numel() * t.element_size() for t in route._cache[1:])
+        for route in _ROUTERS[model].stacked.values():  # private: the stacked (A, B) per layer
+            stacks = route._stacks.value
+            if stacks is not None:
+                stack += sum(t.numel() * t.element_size() for t in stacks)
     print(json.dumps({"peak_mb": (peak - before) / 2**20, "stack_mb": stack / 2**20}))
 
 
@@ -247,14 +252,15 @@ def measure_memory(names: list[str], quick: bool, threads: int) -> dict[str, dic
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, few repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (quick: 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process runs")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    add_results_argument(parser)
+    args = parser.parse_args(argv)
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
@@ -271,10 +277,15 @@ def main() -> None:
     size = SIZES["quick" if args.quick else "full"]
     repeats = args.repeats or (3 if args.quick else 5)
     threads_now = torch.get_num_threads()
+    record = Results("bench_mixed", __doc__, args, argv=argv, threads=threads_now,
+                     packages=("peft",))  # fmt: skip
+    record.note(f"setting: {size}, 8 adapters, {repeats} timed repeats")
     print(f"setting: {size}, 8 adapters, torch {torch.__version__}, threads {threads_now}, "
           f"{os.cpu_count()} logical cores")  # fmt: skip
     fns = variants(size, with_peft)
-    print(check_outputs(fns))
+    checks = check_outputs(fns)
+    for what, d in checks:
+        print(f"{what}: max |diff| {d:.2e} ({_verdict(d)})")
     times = time_variants(fns, repeats)
     memory = (
         {} if args.no_memory else measure_memory(list(fns), args.quick, torch.get_num_threads())
@@ -283,19 +294,45 @@ def main() -> None:
     print(
         f"\n{'variant':<12} {'ms/forward':>11} {'vs ours one':>12} {'peak +MB':>9} {'stack MB':>9}"
     )
+    rows = []
     for name, t in times.items():
         mem = memory.get(name, {})
         peak = f"{mem['peak_mb']:.0f}" if "peak_mb" in mem else "-"
         stack = f"{mem['stack_mb']:.1f}" if mem.get("stack_mb") else "-"
         print(f"{name:<12} {t * 1e3:>11.1f} {t / one:>11.2f}x {peak:>9} {stack:>9}")
+        rows.append([name, t * 1e3, t / one, mem.get("peak_mb"), mem.get("stack_mb") or None])
+    goals = []
     ratio = times["ours mixed"] / one
-    print(f"\n{'PASS' if ratio <= GOAL_VS_ONE else 'FAIL'} ours mixed / ours one = {ratio:.2f}x "
-          f"(goal <= {GOAL_VS_ONE}x)")  # fmt: skip
+    goals.append(Goal(ratio <= GOAL_VS_ONE,
+                      f"ours mixed / ours one = {ratio:.2f}x (goal <= {GOAL_VS_ONE}x)",
+                      "8 adapters mixed in one batch vs one adapter (ours)",
+                      ratio, GOAL_VS_ONE, "x"))  # fmt: skip
     if with_peft:
         vs_peft = times["ours mixed"] / times["peft mixed"]
         peft_ratio = times["peft mixed"] / times["peft one"]
-        print(f"{'PASS' if vs_peft < 1 else 'FAIL'} ours mixed / peft mixed = {vs_peft:.2f}x "
-              f"(goal < 1; peft mixed / peft one = {peft_ratio:.2f}x)")  # fmt: skip
+        goals.append(Goal(vs_peft < 1,
+                          f"ours mixed / peft mixed = {vs_peft:.2f}x "
+                          f"(goal < 1; peft mixed / peft one = {peft_ratio:.2f}x)",
+                          "mixed-adapter forward: ours vs PEFT's (adapter_names=)",
+                          vs_peft, 1.0, "x", "<"))  # fmt: skip
+    print()
+    for g in goals:
+        print(f"{'PASS' if g.passed else 'FAIL'} {g.text}")
+    record.table(
+        "forward",
+        [Column("variant"), Column("forward", "ms", ".1f"), Column("vs ours one", "x"),
+         Column("peak +", "MB", ".0f"), Column("stack", "MB", ".1f")],
+        rows,
+        title="One forward, eval mode under no_grad",
+    )  # fmt: skip
+    record.table(
+        "checks",
+        [Column("check"), Column("max |diff|", fmt=".2e"), Column("verdict")],
+        [[what, d, _verdict(d)] for what, d in checks],
+        title="Outputs",
+    )
+    record.add_goals(goals)
+    record.write(args.results_dir)
 
 
 if __name__ == "__main__":

@@ -39,12 +39,15 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 if str(HERE.parent) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.insert(1, str(HERE.parent))
 
-import torch
-from torch import nn
-from torch.nn.utils import parametrize
+import torch  # noqa: E402
+from _results import Column, Results, add_results_argument  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
 
 QUICK_PRETRAIN_STEPS = 300
 
@@ -218,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         help="run N busy-looping processes alongside (emulates a machine shared with other jobs)",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_results_argument(p)
     args = p.parse_args(argv)
+    args.argv = argv
     import multiprocessing as mp
 
     stop = mp.Event()
@@ -236,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
 def _bench(args: argparse.Namespace) -> int:
     steps = args.pretrain_steps or (QUICK_PRETRAIN_STEPS if args.quick else None)
     default_threads = torch.get_num_threads()
+    argv = args.argv
+    del args.argv
+    # a shortened recipe (--pretrain-steps) is not the benchmark: it goes to a -quick file
+    record = Results("bench_mnist_pipeline", __doc__, args, argv=argv,
+                     quick=args.quick or args.pretrain_steps is not None,
+                     packages=("torchvision",))  # fmt: skip
 
     results: dict[str, Any] = {}
     if args.only != "naive":
@@ -264,6 +275,7 @@ def _bench(args: argparse.Namespace) -> int:
             line += f"   {results['naive']['seconds'][ph] / results['ours']['seconds'][ph]:>7.1f}x"
         print(line)
     print(f"{'threads (train)':<16}" + "".join(f"{results[s]['threads']:>12}" for s in results))
+    quality = []
     for side, r in results.items():
         same = r["lora_off"]["wrong_per_digit"] == r["pretrained"]["wrong_per_digit"]
         print(
@@ -271,17 +283,43 @@ def _bench(args: argparse.Namespace) -> int:
             f"9s wrong {r['pretrained']['wrong_per_digit'][9]} -> {r['lora_on']['wrong_per_digit'][9]} with LoRA, "
             f"accuracy {r['lora_on']['accuracy']:.4f} with LoRA, LoRA off = pretrained: {same}"
         )
+        quality.append(
+            [side, r["threads"], r["pretrained"]["accuracy"], r["lora_on"]["accuracy"],
+             r["pretrained"]["wrong_per_digit"][9], r["lora_on"]["wrong_per_digit"][9], same]
+        )  # fmt: skip
+    sides = list(results)
+    record.table(
+        "phases",
+        [Column("phase"), *(Column(side, "s", ".1f") for side in sides),
+         *([Column("speed-up (naive / ours)", "x")] if len(sides) == 2 else [])],
+        [[ph, *(results[s]["seconds"].get(ph) for s in sides),
+          *([results["naive"]["seconds"][ph] / results["ours"]["seconds"][ph]]
+            if len(sides) == 2 else [])] for ph in phases],
+        title=f"Seconds per phase, pretraining {what} of batch 10, {args.busy} busy process(es) "
+        "alongside",
+    )  # fmt: skip
+    record.table(
+        "quality",
+        [Column("side"), Column("training threads"), Column("pretrained accuracy", fmt=".4f"),
+         Column("LoRA-on accuracy", fmt=".4f"), Column("9s wrong, pretrained"),
+         Column("9s wrong, LoRA on"), Column("LoRA off = pretrained")],
+        quality,
+        title="Both recipes' results on the 10,000 test images (the data order differs)",
+    )  # fmt: skip
     if len(results) == 2:
         ratio = results["naive"]["seconds"]["total"] / results["ours"]["seconds"]["total"]
         results["speedup_total"] = ratio
-        print(
+        line = (
             f"end to end: ours is {ratio:.1f}x faster ({results['ours']['seconds']['total']:.1f} s vs "
             f"{results['naive']['seconds']['total']:.1f} s)"
         )
+        print(line)
+        record.note(line)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"pretrain_steps": steps, "busy": args.busy, **results}, indent=2) + "\n"
         )
+    record.write(args.results_dir)
     return 0
 
 

@@ -33,6 +33,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import Column, Results, add_results_argument
 
 from lora_param import add_lora
 
@@ -90,11 +93,13 @@ def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable
     return train, evaluate
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=64)
-    args = parser.parse_args()
+    add_results_argument(parser)
+    args = parser.parse_args(argv)
+    record = Results("bench_trainable_copies", __doc__, args, argv=argv, packages=("peft",))
     repeats, calls = (3, 2) if args.quick else (15, 5)
     torch.manual_seed(0)
     base = MLP()
@@ -116,12 +121,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     print(f"{'variant':10} {'train ms':>9} {'vs in-place':>12} {'eval ms':>9} {'vs in-place':>12}")
     ref = {p: statistics.median(times[("in-place", p)]) for p in ("train", "eval")}
+    rows = []
     for name in fns:
         t, e = (statistics.median(times[(name, p)]) for p in ("train", "eval"))
         print(
             f"{name:10} {t * 1e3:9.2f} {t / ref['train']:11.2f}x {e * 1e3:9.2f} "
             f"{e / ref['eval']:11.2f}x"
         )
+        rows.append([name, t * 1e3, t / ref["train"], e * 1e3, e / ref["eval"]])
+    record.table(
+        "copies",
+        [Column("variant"), Column("train", "ms", ".2f"), Column("train vs in-place", "x"),
+         Column("eval", "ms", ".2f"), Column("eval vs in-place", "x")],
+        rows,
+        title=f"Batch {args.batch}, {repeats} repeats of {calls} calls (median)",
+    )  # fmt: skip
+    record.write(args.results_dir)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ access, so ``import lora_param`` never imports transformers (and it is not in ``
 
 from typing import TYPE_CHECKING, Any
 
+from . import interop as _interop  # noqa: F401  (registers the format codecs)
+
 # The core knows only protocols; the plug-ins register themselves when imported here.
 from . import quant as _quant  # noqa: F401  (registers NF4/int8 and bitsandbytes layers)
 from . import variants as _variants  # noqa: F401  (registers LoRA, DoRA, per-expert LoRA)
@@ -40,7 +42,13 @@ from .core.strength import adapter_scale, set_adapter_scale
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
 from .core.targets import LayerSpec
 from .core.toggles import disable_lora, enable_lora, lora_disabled, set_active_adapters
-from .core.variant import AdapterVariant, VariantConfig, register_variant, variant_names
+from .core.variant import (
+    AdapterVariant,
+    VariantConfig,
+    register_init,
+    register_variant,
+    variant_names,
+)
 from .interop.kohya import export_kohya, import_kohya
 from .interop.peft import export_peft, import_peft
 from .interop.transformers import LoRATrainerMixin
@@ -52,11 +60,18 @@ from .routing import (
     mixed_adapters,
     prepare_hotswap,
 )
+from .training import lora_plus_param_groups
 from .variants import (
     DoRAConfig,
     DoRAParametrization,
     ExpertLoRAParametrization,
     LoRAParametrization,
+    OFTConfig,
+    OFTParametrization,
+    PiSSAConfig,
+    PiSSADoRAConfig,
+    PiSSADoRAParametrization,
+    PiSSAParametrization,
     PlainLoRAConfig,
 )
 
@@ -82,7 +97,13 @@ __all__ = [
     "LoRAParametrization",
     "LoRATrainerMixin",
     "NF4Config",
+    "OFTConfig",
+    "OFTParametrization",
     "ParameterCounts",
+    "PiSSAConfig",
+    "PiSSADoRAConfig",
+    "PiSSADoRAParametrization",
+    "PiSSAParametrization",
     "PlainLoRAConfig",
     "QuantizationConfig",
     "RequantizationWarning",
@@ -111,6 +132,7 @@ __all__ = [
     "load_base_state_dict",
     "load_lora",
     "lora_disabled",
+    "lora_plus_param_groups",
     "lora_state_dict",
     "merge_lora",
     "merged_state_dict",
@@ -118,6 +140,7 @@ __all__ = [
     "parameter_counts",
     "prepare_hotswap",
     "quantize_base",
+    "register_init",
     "register_variant",
     "remove_lora",
     "save_lora",

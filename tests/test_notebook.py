@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,15 @@ def test_install_cell_is_first_and_guarded() -> None:
     first = next(c for c in nb.cells if c.cell_type == "code")
     assert "%pip install" in first.source
     assert 'find_spec("lora_param") is None' in first.source
+    # no release on PyPI yet: the default installs from the git repository, with the extras
+    # the notebook uses (a valid PEP 508 requirement, as pip reads it)
+    from packaging.requirements import Requirement
+
+    spec = re.search(r'"LORA_PARAM_SPEC", "([^"]+)"', first.source)
+    assert spec, first.source
+    req = Requirement(spec.group(1))
+    assert req.name == "lora_param" and req.extras == {"mnist", "plot"}
+    assert req.url == "git+https://github.com/lora_param/lora_param"
 
 
 @pytest.mark.skipif(

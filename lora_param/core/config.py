@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import LoRAError
 from .matching import Targets
-from .variant import VariantConfig, variant_config
+from .variant import VariantConfig, init_variant, variant_config
 
 if TYPE_CHECKING:
     from .targets import AdaptTarget, ExpertLayout
@@ -105,8 +105,8 @@ class LoRAConfig:
         exclude: Patterns removing matches.
         layer_types: Only layers of these classes.
         dropout: Dropout probability on the adapter's input.
-        init: Initialisation of the factors (``"kaiming"``, ``"gaussian"``; variants may add
-            more).
+        init: Initialisation of the factors (``"kaiming"``, ``"gaussian"``; from the weight:
+            ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"``; variants may add more).
         use_rslora: Scale by ``alpha / sqrt(rank)``.
         variant: The adapter variant: a name (``"lora"``, ``"dora"``, ...) or its options
             object (``lora_param.DoRAConfig()``).
@@ -216,7 +216,8 @@ class LoRAConfig:
             if data.get(key)
         ]
         init = data.get("init_lora_weights", True)
-        if init not in (True, "gaussian"):
+        from_weight = isinstance(init, str) and init_variant("lora", init) != "lora"  # PiSSA
+        if init not in (True, "gaussian") and not from_weight:
             unmodelled.append(f"init_lora_weights={init!r}")
         if unmodelled:
             raise LoRAError(
@@ -237,7 +238,7 @@ class LoRAConfig:
             rank=int(data.get("r", 8)),
             alpha=float(data.get("lora_alpha", 8)),
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
-            init="gaussian" if init == "gaussian" else "kaiming",
+            init=init if isinstance(init, str) else "kaiming",
             use_rslora=bool(data.get("use_rslora", False)),
             variant="dora" if data.get("use_dora", False) else "lora",
             trainable=suffixes(data.get("modules_to_save")),

@@ -35,7 +35,7 @@ from .targets import (
     parameter_target,
     tensor_names,
 )
-from .variant import AdapterVariant, VariantConfig, variant_class
+from .variant import AdapterVariant, VariantConfig, init_variant, variant_class
 
 __all__ = [
     "ADAPTER_NAME",
@@ -301,6 +301,7 @@ def inject(
     *,
     adapter: str,
     mode: Mode,
+    from_file: bool = False,
 ) -> list[AdapterVariant]:
     """Register one adapter entry per planned tensor; undo everything on failure.
 
@@ -310,6 +311,9 @@ def inject(
             variant's settings, as an adapter file records them).
         adapter: The adapter's name.
         mode: ``"factored"`` installs the adapted forward on layers where it is exact.
+        from_file: The caller fills every tensor of the new entries from a file next
+            (``load_lora``): variants that :attr:`~AdapterVariant.loads_without_weight` get no
+            weight.
 
     Returns:
         The entries registered, in plan order.
@@ -322,7 +326,8 @@ def inject(
             cls = variant_class(str(fields.get("variant", "lora")), target.kind, target.path)
             like = base_tensor(module, name)
             current: Tensor | None = None
-            if cls.needs_weight or not like.is_floating_point():
+            skip = from_file and cls.loads_without_weight
+            if (cls.needs_weight and not skip) or not like.is_floating_point():
                 with torch.no_grad():  # the weight as the layer sees it now (dequantized)
                     current = getattr(module, name)
                 like = current if not like.is_floating_point() else like
@@ -332,7 +337,7 @@ def inject(
                 adapter=adapter,
                 device=like.device,
                 dtype=like.dtype,
-                base_weight=current,
+                base_weight=None if skip else current,
             )
             register_entry(module, name, entry)
             done.append((target, entry))
@@ -403,7 +408,10 @@ def add_lora(
         adapter: Name of this adapter; several adapters with different names can coexist.
         dropout: Dropout probability on the adapter's input.
         init: ``"kaiming"`` (as loralib/PEFT: uniform, N(0, 1) for embeddings) or
-            ``"gaussian"`` (A ~ N(0, 1), as the tutorial); variants may offer more.
+            ``"gaussian"`` (A ~ N(0, 1), as the tutorial); from the weight, with LoRA or DoRA:
+            ``"pissa"`` (its top singular vectors; ``"pissa_niter_<K>"``: a fast randomized
+            SVD), ``"olora"`` (its QR), which keep the weight untouched (see the variants
+            guide); variants may offer more.
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
         freeze: Freeze every parameter except what the adapters train.
         trainable: Module patterns trained in full by this adapter (a classifier head). The
@@ -500,11 +508,12 @@ def _plan_layers(
 ) -> tuple[list[tuple[AdaptTarget, dict[str, Any]]], list[str]]:
     """Each target's entry fields; the layers whose rank was lowered to fit (for a warning)."""
     options = config.variant_options()
+    name = init_variant(options.name, config.init)  # e.g. init="pissa": the pissa variant
     named = {p for p in as_patterns(config.targets, "targets") if is_literal(p)}
     plan = []
     lowered: list[str] = []
     for target in found:
-        cls = variant_class(options.name, target.kind, target.path)
+        cls = variant_class(name, target.kind, target.path)
         names = [target.module_name, target.path]
         r = pick(config.rank, names, "rank")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -525,7 +534,7 @@ def _plan_layers(
         a = pick(config.alpha, names, "alpha")
         a = r if a is None else _check_number(a, "alpha", target.path)
         fields: dict[str, Any] = {
-            "variant": options.name,
+            "variant": name,
             "rank": r,
             "alpha": float(a),
             "dropout": float(config.dropout),

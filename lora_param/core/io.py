@@ -331,7 +331,7 @@ def load_lora(
             register_copies(copy_plans[name], name)
             copied.append(name)
             if plans[name]:
-                inject(model, plans[name], adapter=name, mode=mode)
+                inject(model, plans[name], adapter=name, mode=mode, from_file=True)
                 injected.append(name)
     except BaseException:
         for name in injected:

@@ -50,6 +50,8 @@ __all__ = [
     "AdapterVariant",
     "BaseOutput",
     "VariantConfig",
+    "init_variant",
+    "register_init",
     "register_variant",
     "require",
     "variant_class",
@@ -111,6 +113,10 @@ class AdapterVariant(AdapterEntry):
     lowrank_exact: ClassVar[bool] = False
     #: :meth:`from_fields` needs the weight as the layer sees it (DoRA's magnitude, PiSSA).
     needs_weight: ClassVar[bool] = False
+    #: Everything :meth:`from_fields` derives from the weight is among :meth:`tensors` (saved
+    #: in files): ``load_lora``, which fills every tensor from the file, then passes
+    #: ``base_weight=None`` and skips the work (PiSSA's SVD).
+    loads_without_weight: ClassVar[bool] = False
 
     def __init__(self, spec: LayerSpec, *, adapter: str = "default", dropout: float = 0.0) -> None:
         super().__init__(adapter)
@@ -357,6 +363,37 @@ def register_variant(config: type[VariantConfig], *classes: type[AdapterVariant]
         raise ValueError(f"variant classes must all have variant == {name!r}")
     _CONFIGS[name] = config
     _CLASSES[name] = list(classes)
+
+
+_INITS: list[tuple[str, Callable[[object], bool], str]] = []
+
+
+def register_init(variant: str, accepts: Callable[[object], bool], implemented_by: str) -> None:
+    """Let variant ``implemented_by`` build ``variant``'s adapters for some ``init`` values.
+
+    An initialization that changes what an entry holds (PiSSA and OLoRA keep a frozen copy of
+    their start) is a variant of its own in files and codecs, while users ask for it as an
+    ``init`` of the variant they use: ``add_lora(init="pissa")`` builds entries of the variant
+    registered for ``("lora", "pissa")``.
+
+    Args:
+        variant: The variant users name (``"lora"``, ``"dora"``).
+        accepts: Whether an ``init`` value is one of these initializations.
+        implemented_by: The registered variant whose entries implement them.
+    """
+    _INITS.append((variant, accepts, implemented_by))
+
+
+def init_variant(variant: str, init: object) -> str:
+    """The variant whose entries ``add_lora(variant=variant, init=init)`` builds.
+
+    Returns:
+        ``variant`` itself unless :func:`register_init` gave that init to another variant.
+    """
+    for name, accepts, implemented_by in _INITS:
+        if name == variant and accepts(init):
+            return implemented_by
+    return variant
 
 
 def variant_names() -> list[str]:

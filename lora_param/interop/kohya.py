@@ -7,11 +7,14 @@ replaced by ``_``, after a prefix naming the model part):
   for a convolution (LoCon: the layer's own kernel, stride and padding);
 * ``<prefix>_<name>.lora_up.weight``: ``B``, ``(out, r)`` or ``(out, r, 1, 1)`` (a 1x1 conv);
 * ``<prefix>_<name>.alpha``: a scalar; the scale is ``alpha / r``, and ``alpha = r`` when absent;
-* ``<prefix>_<name>.dora_scale`` (LyCORIS DoRA): the magnitude, ``(out, 1, ...)``.
+* ``<prefix>_<name>.dora_scale`` (LyCORIS DoRA): the magnitude, ``(out, 1, ...)``;
+* ``<prefix>_<name>.oft_blocks`` (LyCORIS diag-OFT, kohya OFT) with ``alpha`` (the norm limit)
+  and ``rescale``: output-side OFT (:mod:`lora_param.interop.kohya_oft`).
 
 Prefixes: ``lora_unet`` (the UNet), ``lora_te`` / ``lora_te1`` (the first text encoder),
-``lora_te2`` (SDXL's second). A file holding several parts is loaded with one call per model,
-each with its prefix; keys of the other known prefixes are ignored by that call.
+``lora_te2`` (SDXL's second), ``oft_unet`` (the UNet in files of kohya's OFT trainer). A file
+holding several parts is loaded with one call per model, each with its prefix; keys of the other
+known prefixes are ignored by that call.
 
 Underscores are ambiguous (module names contain them), so names are resolved against the
 model's own modules (``path.replace('.', '_') -> path``). SDXL files use the original
@@ -54,7 +57,7 @@ from .kohya_codecs import codec_for_parts, codec_for_variant, known_families
 
 __all__ = ["KOHYA_PREFIXES", "export_kohya", "import_kohya", "read_kohya_file"]
 
-KOHYA_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
+KOHYA_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2", "oft_unet")
 _TEXT_WRAPPER = "text_model_"
 _EXTRA_HINT = 'pip install "lora_param[peft]"  (for safetensors)'
 
@@ -264,7 +267,7 @@ def import_kohya(
     freeze: bool = True,
     mode: Mode = "factored",
 ) -> nn.Module:
-    """Load a kohya / A1111 LoRA (or LoCon, or LyCORIS DoRA) file into a model as an adapter.
+    """Load a kohya / A1111 LoRA (LoCon, LyCORIS DoRA, LyCORIS or kohya OFT) file into a model.
 
     Every key is checked against the model before anything changes; on error the model is
     exactly as it was. For a file holding UNet and text-encoder parts, call once per model::
@@ -276,8 +279,8 @@ def import_kohya(
         model: The model the ``prefix`` part of the file belongs to (a diffusers
             ``UNet2DConditionModel``, a ``CLIPTextModel``, any module).
         path_or_state_dict: A ``.safetensors`` file or an already loaded state dict.
-        prefix: ``"lora_unet"``, ``"lora_te"``, ``"lora_te1"`` or ``"lora_te2"``. Keys of the
-            other kohya prefixes are ignored.
+        prefix: ``"lora_unet"``, ``"lora_te"``, ``"lora_te1"``, ``"lora_te2"`` or
+            ``"oft_unet"`` (kohya's OFT trainer). Keys of the other kohya prefixes are ignored.
         adapter: Name of the new adapter.
         strict: Refuse keys of other methods (LyCORIS ``hada_*``, ``lokr_*``, ...), keys of no
             module of the model, and keys of no known prefix. With ``strict=False`` they are
@@ -389,6 +392,8 @@ def export_kohya(
     ``text_model_`` spelling of real files. Convolutions are written LoCon-style. The adapter's
     own ``alpha`` is written (rsLoRA converted exactly to ``alpha * sqrt(r)``); a strength set
     with ``set_adapter_scale`` is not. DoRA adapters add ``dora_scale`` ``(out, 1, ...)``.
+    Output-side OFT adapters are written as LyCORIS diag-OFT / kohya OFT entries
+    (``oft_blocks``, ``alpha``, ``rescale``; see :mod:`lora_param.interop.kohya_oft`).
 
     Args:
         model: A model with adapters on Linear / Conv / HF Conv1D layers.

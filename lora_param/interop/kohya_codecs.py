@@ -7,7 +7,9 @@ knows the suffixes of one family and turns an entry into an adapter entry's fiel
 * LoRA / LoCon (kohya): ``lora_down.weight`` (``A``; a conv keeps its kernel), ``lora_up.weight``
   (``B``; ``(out, r)`` or a 1x1 conv), ``alpha`` (scale ``alpha / r``; absent: ``r``);
 * DoRA (LyCORIS ``weight_decompose``): LoRA's keys and ``dora_scale``, the magnitude
-  ``(out, 1, ...)``.
+  ``(out, 1, ...)``;
+* LoRA and DoRA started from the weight (PiSSA, OLoRA): written as the plain LoRA (DoRA) of
+  rank ``2r`` they equal, read back as such.
 
 :func:`register_kohya_codec` adds a family (LyCORIS LoHa, LoKr, OFT, ...). On a sharded (FSDP2)
 model :meth:`KohyaCodec.write` runs on every rank and returns whole tensors: read the entry's
@@ -76,11 +78,13 @@ class KohyaCodec:
     #: Suffixes the entry must hold, and those it may hold.
     required: ClassVar[frozenset[str]] = frozenset({"lora_down.weight", "lora_up.weight"})
     optional: ClassVar[frozenset[str]] = frozenset({"alpha"})
+    #: Files are read into this variant (False: it writes another family's entries).
+    reads: ClassVar[bool] = True
 
     def claims(self, parts: Mapping[str, Tensor]) -> bool:
         """Whether an entry's suffixes are exactly this family's."""
         keys = set(parts)
-        return self.required <= keys and keys <= self.required | self.optional
+        return self.reads and self.required <= keys and keys <= self.required | self.optional
 
     def read(
         self, stem: str, parts: Mapping[str, Tensor], target: AdaptTarget, module: nn.Module
@@ -91,12 +95,18 @@ class KohyaCodec:
         fields = plain_fields(self.variant, rank, read_alpha(stem, parts.get("alpha"), rank))
         return fields, {"lora_A": lora_a, "lora_B": lora_b}
 
-    def write(self, p: AdapterVariant) -> dict[str, Tensor]:
-        """The entry for an adapter entry, by suffix (whole tensors: shards are all-gathered)."""
+    def factors(self, p: AdapterVariant) -> tuple[Tensor, Tensor, int, float]:
+        """The LoRA ``(A, B, rank, alpha)`` written for the entry (our layout; whole tensors:
+        shards are all-gathered)."""
         tensors = p.tensors()
         fields = p.fields()
-        rank, alpha = int(fields["rank"]), float(fields["alpha"])
         a, b = full_tensor(tensors["lora_A"]), full_tensor(tensors["lora_B"])
+        return a, b, int(fields["rank"]), float(fields["alpha"])
+
+    def write(self, p: AdapterVariant) -> dict[str, Tensor]:
+        """The entry for an adapter entry, by suffix."""
+        fields = p.fields()
+        a, b, rank, alpha = self.factors(p)
         shape = tuple(p.weight_shape)
         if p.kind == "conv":
             a = a.reshape(rank, *shape[1:])
@@ -132,6 +142,24 @@ class KohyaDoRACodec(KohyaCodec):
         m = full_tensor(p.tensors()["lora_magnitude"])
         ones = [1] * (len(p.weight_shape) - 1)
         return {**super().write(p), "dora_scale": m.reshape(-1, *ones)}
+
+
+class KohyaPiSSACodec(KohyaCodec):
+    """LoRA started from the weight (PiSSA, OLoRA), written as the plain LoRA of rank ``2r``
+    it equals (``[A; A0]``, ``[B, -B0]``); files read back as plain LoRA."""
+
+    variant: ClassVar[str] = "pissa"
+    reads: ClassVar[bool] = False
+
+    def factors(self, p: AdapterVariant) -> tuple[Tensor, Tensor, int, float]:
+        a, b, rank, alpha = cast(Any, p).equivalent_lora()
+        return a, b, int(rank), float(alpha)
+
+
+class KohyaPiSSADoRACodec(KohyaPiSSACodec, KohyaDoRACodec):
+    """DoRA started from the weight: the rank-``2r`` LoRA and ``dora_scale``."""
+
+    variant: ClassVar[str] = "pissa_dora"
 
 
 def _check_pair(
@@ -201,9 +229,13 @@ def codec_for_variant(p: AdapterVariant, path: str) -> KohyaCodec:
 def known_families() -> str:
     """The suffixes every registered codec reads, for messages."""
     return "; ".join(
-        f"{c.variant}: {'/'.join(sorted(c.required | c.optional))}" for c in _CODECS.values()
+        f"{c.variant}: {'/'.join(sorted(c.required | c.optional))}"
+        for c in _CODECS.values()
+        if c.reads
     )
 
 
 register_kohya_codec(KohyaCodec())
 register_kohya_codec(KohyaDoRACodec())
+register_kohya_codec(KohyaPiSSACodec())
+register_kohya_codec(KohyaPiSSADoRACodec())

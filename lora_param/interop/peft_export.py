@@ -71,11 +71,14 @@ def _exact_regex(paths: list[str]) -> str:
 
 
 def _peft_tensors(
-    module_path: str, module: nn.Module, tensor_name: str, p: Any
+    module_path: str, module: nn.Module, tensor_name: str, p: Any, a: Tensor, b: Tensor
 ) -> tuple[str, dict[str, Tensor]]:
-    """PEFT keys and tensors for one adapted tensor, and the target kind ('module'|'param')."""
+    """PEFT keys and tensors for one adapted tensor, and the target kind ('module'|'param').
+
+    ``a`` and ``b`` are the LoRA factors the codec gives for the entry (our layout).
+    """
     kind = p.kind
-    a, b = full_tensor(p.lora_A), full_tensor(p.lora_B)  # all-gathered if sharded (FSDP2)
+    rank = int(a.shape[-2])
     where = f"'{module_path}.{tensor_name}'" if module_path else f"'{tensor_name}'"
     if not module_path:
         raise LoRAError(
@@ -111,8 +114,8 @@ def _peft_tensors(
                 "with zeros and would compute something else. Exclude this layer to export."
             )
         shape = tuple(p.weight_shape)
-        a4 = a.reshape(p.rank, *shape[1:])
-        b4 = b.reshape(p.fan_out, p.rank, *([1] * (len(shape) - 2)))
+        a4 = a.reshape(rank, *shape[1:])
+        b4 = b.reshape(p.fan_out, rank, *([1] * (len(shape) - 2)))
         return "module", {f"{pre}.lora_A.weight": a4, f"{pre}.lora_B.weight": b4}
     if kind == "embedding":
         # PEFT: delta = (B_peft @ A_peft).T with A_peft (r, num), B_peft (dim, r);
@@ -210,6 +213,8 @@ def _build_export(
         raise LoRAError(f"no adapter named {adapter!r} in this model; it has {names}.")
 
     entries = []  # (module path, target kind, parametrization, tensor path)
+    ranks: list[int] = []
+    codec_alphas: list[float] = []
     tensors: dict[str, Tensor] = {}
     owners: dict[str, str] = {}
     nested = _nested_parameters(model, adapter)
@@ -218,7 +223,8 @@ def _build_export(
             continue
         module_path = tensor_path[: -len(tensor_name)].rstrip(".")
         codec = codec_for_entry(p, tensor_path)
-        target_kind, pair = _peft_tensors(module_path, module, tensor_name, p)
+        a, b, rank, alpha = codec.factors(p)
+        target_kind, pair = _peft_tensors(module_path, module, tensor_name, p, a, b)
         pair.update(codec.export_extra(p, module_path, target_kind))
         if tensor_path in nested:  # PEFT nests one wrapper per adapted parameter
             depth = f".{BASE_LAYER}" * nested[tensor_path]
@@ -234,6 +240,8 @@ def _build_export(
             )
         owners[module_path] = tensor_path
         entries.append((module_path, target_kind, p, tensor_path))
+        ranks.append(rank)
+        codec_alphas.append(float(alpha))
         for key, t in pair.items():
             tensors[key] = t.contiguous().clone()
 
@@ -260,10 +268,9 @@ def _build_export(
     rslora_values = {bool(p.use_rslora) for p in ps}
     use_rslora = rslora_values == {True}
     if len(rslora_values) == 1:
-        alphas = [float(p.alpha) for p in ps]
+        alphas = codec_alphas
     else:  # mixed: express every layer's scale as alpha / r
-        alphas = [float(p.scale) * p.rank for p in ps]
-    ranks = [int(p.rank) for p in ps]
+        alphas = [float(p.scale) * r for p, r in zip(ps, ranks, strict=True)]
     default_r = Counter(ranks).most_common(1)[0][0]
     default_alpha = Counter(alphas).most_common(1)[0][0]
 

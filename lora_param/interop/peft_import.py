@@ -313,7 +313,7 @@ def import_peft(
         use_rslora=use_rslora,
         freeze=freeze,
         mode=mode,
-        variant=codec.variant,
+        **codec.add_lora_options(config),
     )
     loaded = set()
     factors = {tp: (a, b) for tp, _, a, b, _, _ in plan}

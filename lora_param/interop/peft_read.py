@@ -39,6 +39,9 @@ _UNSUPPORTED_FIELDS: dict[str, Any] = {
     "velora_config": None,
     "monteclora_config": None,
 }
+# Initializations for which PEFT rewrites the base weight and lora_param has no variant that
+# computes the same start again (PiSSA and OLoRA have one: lora_param.variants.pissa).
+_BASE_REWRITING_INITS = ("corda", "loftq", "lora_ga")
 _FIELD_HINT = {
     "lora_bias": "a bias on lora_B is not part of lora_param's adapters",
     "trainable_token_indices": "trainable tokens are not LoRA",
@@ -152,8 +155,11 @@ def check_config(config: dict[str, Any], where: Path) -> None:
     """A LORA adapter that sets no field import_peft cannot honour, and a known ``bias``."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
+        from .peft_codecs import folder_types  # peft_codecs builds on this module's checks
+
         raise LoRAError(
-            f"'{where}' holds a PEFT {peft_type!r} adapter; only LORA adapters can be imported."
+            f"'{where}' holds a PEFT {peft_type!r} adapter; import_peft reads the folder types "
+            f"{['LORA', *folder_types()]}."
         )
     for field, ok in _UNSUPPORTED_FIELDS.items():
         value = config.get(field, ok)
@@ -162,6 +168,14 @@ def check_config(config: dict[str, Any], where: Path) -> None:
         hint = _FIELD_HINT.get(field, "lora_param does not implement it")
         raise LoRAError(
             f"'{where}' sets {field}={value!r}, which import_peft does not support ({hint})."
+        )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() in _BASE_REWRITING_INITS:
+        raise LoRAError(
+            f"'{where}' was trained from init_lora_weights={init!r}, for which PEFT rewrites the "
+            "base weights: its factors fit that rewritten base, not the pretrained model. "
+            "Convert it to plain LoRA in PEFT first (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)), then import it."
         )
     bias = config.get("bias", "none")
     if bias not in ("none", None, "all", "lora_only"):

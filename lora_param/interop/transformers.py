@@ -36,6 +36,7 @@ from torch import nn
 from ..core.errors import LoRAError
 from ..core.io import load_lora, save_lora
 from ..core.lookup import list_adapters
+from ..training.loraplus import LR_EMBEDDING, lora_plus_param_groups
 from .engine_state import adapters_from_state_dict, adapters_sharded, gathered_adapters
 from .peft_export import export_peft
 from .peft_format import unwrap_model
@@ -87,7 +88,8 @@ def _trainer_class() -> type:
         from transformers import Trainer
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "LoRATrainer needs transformers; install it with `pip install transformers`."
+            'LoRATrainer needs transformers; install it with `pip install "lora_param[hf]"` '
+            "(or `pip install transformers accelerate`)."
         ) from exc
     return Trainer
 
@@ -106,18 +108,31 @@ class LoRATrainerMixin:
     adapter parameters alone are gathered for the save. A ``state_dict`` that the Trainer hands
     to ``_save`` (a gathered full state dict) is where the adapters are read from.
 
+    With ``loraplus_ratio`` the Trainer's optimizer (``args.optim``, or
+    ``optimizer_cls_and_kwargs``) is built from :func:`lora_param.lora_plus_param_groups`: ``B``
+    learns at ``loraplus_ratio * args.learning_rate``, ``A`` at ``args.learning_rate``, the
+    weight decay is ``args.weight_decay`` (none on biases and norms); the scheduler scales
+    every group alike.
+
     Args:
         *args: As the Trainer class it is combined with.
         save_peft: Also write PEFT's ``adapter_config.json`` / ``adapter_model.safetensors``.
+        loraplus_ratio: Train with LoRA+ (``B``'s learning rate over ``A``'s, 16 in the paper);
+            None: the Trainer's own parameter groups.
+        loraplus_lr_embedding: With LoRA+, the learning rate of adapters on embedding layers
+            (PEFT's default, 1e-6).
         **kwargs: As the Trainer class it is combined with.
 
     Raises:
         LoRAError: the model has no adapters, accelerate is set up for FSDP1 (its flattened
-            parameters hide the adapters; use ``fsdp_version: 2``), or the model was sharded
-            with ``fully_shard`` while the Trainer is not set up for FSDP.
+            parameters hide the adapters; use ``fsdp_version: 2``), the model was sharded
+            with ``fully_shard`` while the Trainer is not set up for FSDP, or
+            ``loraplus_ratio`` comes with an optimizer of your own (``optimizers=``).
     """
 
     save_peft: bool = True
+    loraplus_ratio: float | None = None
+    loraplus_lr_embedding: float = LR_EMBEDDING
     # Set by transformers.Trainer, which this mixin is combined with (annotations only).
     args: Any
     model: Any  # nn.Module (Trainer declares it more loosely)
@@ -129,8 +144,30 @@ class LoRATrainerMixin:
     is_fsdp_enabled: bool
     is_deepspeed_enabled: bool
 
-    def __init__(self, *args: Any, save_peft: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        save_peft: bool = True,
+        loraplus_ratio: float | None = None,
+        loraplus_lr_embedding: float = LR_EMBEDDING,
+        **kwargs: Any,
+    ) -> None:
         self.save_peft = save_peft
+        if loraplus_ratio is not None:
+            for name, value in (
+                ("loraplus_ratio", loraplus_ratio),
+                ("loraplus_lr_embedding", loraplus_lr_embedding),
+            ):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise LoRAError(f"{name} must be a positive number, got {value!r}.")
+            if (kwargs.get("optimizers") or (None, None))[0] is not None:
+                raise LoRAError(
+                    "pass either loraplus_ratio= or optimizers=: LoRA+ builds the optimizer's "
+                    "parameter groups (for your own optimizer, give it "
+                    "lora_param.lora_plus_param_groups(model, lr, ratio))."
+                )
+        self.loraplus_ratio = loraplus_ratio
+        self.loraplus_lr_embedding = loraplus_lr_embedding
         super().__init__(*args, **kwargs)
         model = unwrap_model(self.model)
         if not list_adapters(model):
@@ -151,6 +188,32 @@ class LoRATrainerMixin:
                 "with accelerate's FSDP2 config (fsdp_version: 2), or pass the unsharded model "
                 "and let accelerate shard it."
             )
+
+    def create_optimizer(self, model: nn.Module | None = None) -> Any:
+        """The Trainer's optimizer; with ``loraplus_ratio``, on LoRA+'s parameter groups."""
+        if self.loraplus_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)  # type: ignore[misc]
+        opt_model = self.model if model is None else model
+        trainer: Any = self
+        given = getattr(trainer, "optimizer_cls_and_kwargs", None)
+        if given is None:
+            given = trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_cls, kwargs = given[0], dict(given[1])
+        if _is_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(kwargs):
+            raise LoRAError(
+                f"loraplus_ratio needs an optimizer built from parameter groups; "
+                f"optim={self.args.optim!r} builds its own. Use an optimizer such as "
+                "'adamw_torch', or leave loraplus_ratio out."
+            )
+        groups = lora_plus_param_groups(
+            unwrap_model(opt_model),
+            lr=self.args.learning_rate,
+            ratio=self.loraplus_ratio,
+            lr_embedding=self.loraplus_lr_embedding,
+            weight_decay=self.args.weight_decay,
+        )
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the adapters (every rank takes part when they are sharded or partitioned).
@@ -305,6 +368,9 @@ if TYPE_CHECKING:  # what type checkers and the API reference see; built on firs
         Args:
             *args: As ``transformers.Trainer``.
             save_peft: Also write PEFT's ``adapter_config.json`` / ``adapter_model.safetensors``.
+            loraplus_ratio: Train with LoRA+: ``B`` at this many times ``args.learning_rate``
+                (see :class:`LoRATrainerMixin`); None: the Trainer's own parameter groups.
+            loraplus_lr_embedding: With LoRA+, the learning rate of adapters on embeddings.
             **kwargs: As ``transformers.Trainer``.
 
         Raises:
@@ -312,7 +378,23 @@ if TYPE_CHECKING:  # what type checkers and the API reference see; built on firs
             ImportError: transformers is not installed (``pip install "lora_param[hf]"``).
         """
 
-        def __init__(self, *args: Any, save_peft: bool = True, **kwargs: Any) -> None: ...
+        def __init__(
+            self,
+            *args: Any,
+            save_peft: bool = True,
+            loraplus_ratio: float | None = None,
+            loraplus_lr_embedding: float = ...,
+            **kwargs: Any,
+        ) -> None: ...
+
+
+def _is_factory(optimizer_cls: Any) -> bool:
+    """Whether transformers returned an optimizer factory (Muon, Dion), not a class."""
+    try:
+        from transformers.trainer_optimizer import is_optimizer_factory
+    except ImportError:  # pragma: no cover - older transformers have no factories
+        return False
+    return bool(is_optimizer_factory(optimizer_cls))
 
 
 def _frozen_not_missing(module: nn.Module, incompatible: Any) -> None:
@@ -363,6 +445,9 @@ adapters alone. Other ``Trainer`` subclasses get the same behaviour from
 Args:
     *args: As ``transformers.Trainer``.
     save_peft: Also write PEFT's ``adapter_config.json`` / ``adapter_model.safetensors``.
+    loraplus_ratio: Train with LoRA+: ``B`` at this many times ``args.learning_rate``
+        (see :class:`LoRATrainerMixin`); None: the Trainer's own parameter groups.
+    loraplus_lr_embedding: With LoRA+, the learning rate of adapters on embeddings.
     **kwargs: As ``transformers.Trainer``.
 
 Raises:

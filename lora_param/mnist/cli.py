@@ -280,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LoRAError, FileNotFoundError) as exc:
         print(f"lora-param-mnist: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        if "lora_param[" not in str(exc):  # not one of ours saying which extra to install
+            raise
+        print(f"lora-param-mnist: error: {exc}", file=sys.stderr)
+        return 2
     report = run.report
     return 0 if report["lora_off_identical"] and report["frozen_unchanged"] else 1
 

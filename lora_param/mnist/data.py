@@ -109,7 +109,7 @@ def load_split(
         from torchvision.datasets import MNIST
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the MNIST pipeline needs torchvision: pip install 'lora_param[mnist]'"
+            'the MNIST pipeline needs torchvision: pip install "lora_param[mnist]"'
         ) from exc
     try:
         dataset = MNIST(os.fspath(root), train=train, download=download)

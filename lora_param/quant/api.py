@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -54,6 +55,12 @@ class NF4Config(QuantizationConfig):
         compute_dtype: Dtype the weights are dequantized to; None keeps each weight's dtype.
         kernel: ``"auto"``, ``"torch"`` or ``"bitsandbytes"`` (see
             :mod:`lora_param.quant.kernels`); the values are the same whichever runs.
+        residual_rank: Keep each weight's best rank-``r`` part in float32 and quantize only
+            the rest (QPiSSA's residual): a smaller quantization error where a few directions
+            carry the largest values, for ``r * (out + in)`` more float32 numbers per weight.
+            0: plain NF4.
+        residual_niter: Find that part with a randomized SVD of this many iterations (fast on
+            large weights) instead of a full SVD; None: full SVD.
     """
 
     name: ClassVar[str] = "nf4"
@@ -61,6 +68,8 @@ class NF4Config(QuantizationConfig):
     double_quant: bool = True
     compute_dtype: torch.dtype | None = None
     kernel: Kernel = "auto"
+    residual_rank: int = 0
+    residual_niter: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,10 +78,15 @@ class Int8Config(QuantizationConfig):
 
     Attributes:
         compute_dtype: Dtype the weights are dequantized to; None keeps each weight's dtype.
+        residual_rank: As :class:`NF4Config`'s: quantize only what the best rank-``r`` part
+            leaves.
+        residual_niter: As :class:`NF4Config`'s.
     """
 
     name: ClassVar[str] = "int8"
     compute_dtype: torch.dtype | None = None
+    residual_rank: int = 0
+    residual_niter: int | None = None
 
 
 def _options(config: QuantizationConfig) -> dict[str, Any]:
@@ -84,9 +98,16 @@ def _options(config: QuantizationConfig) -> dict[str, Any]:
             "double_quant": config.double_quant,
             "compute_dtype": config.compute_dtype,
             "kernel": config.kernel,
+            "residual_rank": config.residual_rank,
+            "residual_niter": config.residual_niter,
         }
     assert isinstance(config, Int8Config)
-    return {"method": "int8", "compute_dtype": config.compute_dtype}
+    return {
+        "method": "int8",
+        "compute_dtype": config.compute_dtype,
+        "residual_rank": config.residual_rank,
+        "residual_niter": config.residual_niter,
+    }
 
 
 def pack_with(
@@ -129,6 +150,21 @@ def _check_target(target: AdaptTarget) -> None:
             f"'{target.path}' already has parametrizations {entries}; the packed weight must be "
             f"the first one: {hint}."
         )
+
+
+def _check_residual(chosen: Sequence[AdaptTarget], rank: object, niter: object) -> None:
+    """A residual rank every chosen weight can hold, and a valid iteration count."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise LoRAError(f"residual_rank must be an integer >= 0, got {rank!r}.")
+    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+        raise LoRAError(f"residual_niter must be None or an integer >= 0, got {niter!r}.")
+    for target in chosen:
+        rows, cols = target.shape[0], math.prod(target.shape[1:])
+        if rank > min(rows, cols):
+            raise LoRAError(
+                f"residual_rank={rank} exceeds what '{target.path}' ({rows}x{cols} as a matrix) "
+                f"can hold, {min(rows, cols)}; lower it or exclude that layer."
+            )
 
 
 def _quantizable(found: Sequence[AdaptTarget], explicit: bool) -> list[AdaptTarget]:
@@ -176,6 +212,8 @@ def quantize_targets(
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
     kernel: Kernel = "auto",
+    residual_rank: int = 0,
+    residual_niter: int | None = None,
     explicit: bool = False,
     root: nn.Module | None = None,
 ) -> Callable[[], None]:
@@ -184,6 +222,7 @@ def quantize_targets(
     Args:
         found: Targets from :func:`lora_param.find_targets`.
         method, block_size, double_quant, compute_dtype, kernel: As :func:`quantize_base`.
+        residual_rank, residual_niter: As :class:`NF4Config`'s.
         explicit: The caller named these layers: a target that cannot be packed is an error
             (otherwise it is skipped).
         root: The model (its ``load_state_dict`` then checks packed tensors before loading).
@@ -211,6 +250,7 @@ def quantize_targets(
         )
     for target in chosen:
         _check_target(target)
+    _check_residual(chosen, residual_rank, residual_niter)
     undos: list[Callable[[], None]] = []
     try:
         for target in chosen:
@@ -224,6 +264,8 @@ def quantize_targets(
                 compute_dtype=compute_dtype or weight.dtype,
                 kind=target.kind,
                 kernel=kernel,
+                residual_rank=residual_rank,
+                residual_niter=residual_niter,
             ).to(weight.device)
             undos.append(_register(target, quant))
             install_load_checks(target.module)

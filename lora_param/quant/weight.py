@@ -71,6 +71,13 @@ class QuantizedWeight(BaseStore):
         kernel: ``"auto"`` (ours on the CPU; on CUDA bitsandbytes' compiled kernel where it is
             installed and checked to give our values), ``"torch"`` or ``"bitsandbytes"``: the
             same values either way (see :mod:`lora_param.quant.kernels`).
+        residual_rank: Keep the weight's best rank-``r`` part ``L R`` (its top singular
+            vectors, float32) beside the codes and quantize only the residual ``W - L R``
+            (QPiSSA's residual, LQ-LoRA's decomposition): the stored weight is
+            ``dequantize(codes) + L R``, closer to ``W`` where a few directions carry its
+            largest values. 0: none.
+        residual_niter: Compute ``L R`` with ``torch.svd_lowrank`` and this many subspace
+            iterations (fast, approximate, random) instead of a full SVD; None: full SVD.
     """
 
     def __init__(
@@ -83,10 +90,14 @@ class QuantizedWeight(BaseStore):
         compute_dtype: torch.dtype = torch.float32,
         kind: str = "param",
         kernel: Kernel = "auto",
+        residual_rank: int = 0,
+        residual_niter: int | None = None,
     ) -> None:
         super().__init__()
         check_method(method, block_size)
         self.shape = tuple(shape)
+        self.residual_rank = int(residual_rank)
+        self.residual_niter = residual_niter
         self.method: Method = method
         self.block_size = block_size
         self.double_quant = bool(double_quant) and method == "nf4"
@@ -101,6 +112,13 @@ class QuantizedWeight(BaseStore):
 
     def storage_layout(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each stored tensor, in ``original0, original1, ...`` order."""
+        layout = self._codes_layout()
+        if self.residual_rank:  # L and R, float32 stored bit-cast as int32
+            rows, cols, r = self.shape[0], math.prod(self.shape[1:]), self.residual_rank
+            layout += [((rows, r), torch.int32), ((r, cols), torch.int32)]
+        return layout
+
+    def _codes_layout(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         if self.method == "int8":
             rows, scales = int8_storage_sizes(self.shape)
             return [(rows, torch.int8), (scales, torch.int32)]
@@ -109,6 +127,18 @@ class QuantizedWeight(BaseStore):
         if not self.double_quant:
             dtypes = [torch.uint8, torch.int32]
         return list(zip(shapes, dtypes, strict=True))
+
+    def principal_part(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """``(L, R)``, float32 (float64 stays float64): the best rank-``residual_rank`` part of
+        ``weight`` seen as ``(shape[0], rest)``, ``L = U_r S_r``, ``R = V_r^T``."""
+        matrix = weight.detach().reshape(self.shape[0], -1)
+        matrix = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+        r = self.residual_rank
+        if self.residual_niter is None:
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            return u[:, :r] * s[:r], vh[:r].contiguous()
+        u, s, v = torch.svd_lowrank(matrix, q=r, niter=self.residual_niter)
+        return u * s, v.t().contiguous()
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
         """Pack a floating weight of this shape into the stored tensors."""
@@ -119,6 +149,15 @@ class QuantizedWeight(BaseStore):
             )
         with torch.no_grad():
             weight = weight.detach()
+            if self.residual_rank:
+                left, right = (t.float() for t in self.principal_part(weight))
+                principal = (left @ right).view(self.shape)
+                codes = self._pack_codes(weight.to(principal.dtype) - principal)
+                return (*codes, _as_int(left), _as_int(right))
+            return self._pack_codes(weight)
+
+    def _pack_codes(self, weight: Tensor) -> tuple[Tensor, ...]:
+        with torch.no_grad():
             if self.method == "int8":
                 codes, absmax = quantize_int8(weight)
                 return codes, _as_int(absmax)
@@ -138,14 +177,22 @@ class QuantizedWeight(BaseStore):
         return _as_float(stored[1])
 
     def forward(self, *stored: Tensor) -> Tensor:
-        """Dequantize the stored tensors to the compute dtype."""
+        """Dequantize the stored tensors to the compute dtype (the principal part added)."""
+        if self.residual_rank:
+            *codes, left, right = stored
+            wide = torch.promote_types(self.compute_dtype, torch.float32)
+            residual = self._dequantize(*codes, dtype=wide)  # one rounding, at the end
+            principal = (_as_float(left) @ _as_float(right)).view(self.shape)
+            return (residual + principal).to(self.compute_dtype)
+        return self._dequantize(*stored, dtype=self.compute_dtype)
+
+    def _dequantize(self, *stored: Tensor, dtype: torch.dtype) -> Tensor:
         absmax = self.absmax(*stored)
         if self.method == "int8":
-            return dequantize_int8(stored[0], absmax, self.shape, self.compute_dtype)
+            return dequantize_int8(stored[0], absmax, self.shape, dtype)
         return nf4_dequantizer(
-            self.kernel, dequantize_nf4, stored[0], absmax, self.shape, self.compute_dtype,
-            self.block_size,
-        )  # fmt: skip
+            self.kernel, dequantize_nf4, stored[0], absmax, self.shape, dtype, self.block_size
+        )
 
     def dequantize_fp32(self, *stored: Tensor) -> Tensor:
         """The weight as the model sees it (compute dtype), widened to float32."""
@@ -187,8 +234,10 @@ class QuantizedWeight(BaseStore):
 
     def extra_repr(self) -> str:
         extra = f", block_size={self.block_size}, double_quant={self.double_quant}"
+        residual = f", residual_rank={self.residual_rank}" if self.residual_rank else ""
         return (
             f"method={self.method!r}, shape={self.shape}"
             + (extra if self.method == "nf4" else "")
+            + residual
             + f", compute_dtype={self.compute_dtype}"
         )

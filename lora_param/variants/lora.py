@@ -332,7 +332,7 @@ class LoRAParametrization(AdapterVariant):
         for subclasses that need it: :attr:`needs_weight`)."""
         extra: dict[str, Any] = {}
         if cls.needs_weight:
-            if base_weight is None:
+            if base_weight is None and not cls.loads_without_weight:
                 raise ValueError(f"a {cls.variant} adapter needs the base weight to start from")
             extra["base_weight"] = base_weight
         return cls(
