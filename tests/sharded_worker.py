@@ -407,6 +407,19 @@ def entry_points_phase(rank: int, out: Path) -> dict:
         export_kohya(dora_ref, out / "ep_dora_ref.safetensors")
     dist.barrier()
 
+    # PiSSA: its frozen start is a buffer (never sharded) beside sharded factors
+    pissa = make_plain()
+    add_lora(pissa, ["0", "2"], rank=2, init="pissa")
+    perturb(pissa, seed=11)
+    pissa_ref = copy.deepcopy(pissa)
+    shard(pissa, mesh)
+    export_kohya(pissa, out / "ep_pissa.safetensors")
+    save_merged(pissa, out / "ep_pissa_merged")
+    if rank == 0:
+        export_kohya(pissa_ref, out / "ep_pissa_ref.safetensors")
+        save_merged(pissa_ref, out / "ep_pissa_ref_merged")
+    dist.barrier()
+
     # a packed base: nothing reads the packed shards outside a forward
     packed = shard(make_qlora("nf4"), mesh)
     rec["packed_add_lora"] = _refusal(lambda: add_lora(packed, ["0"], adapter="more"))

@@ -411,3 +411,15 @@ def test_fsdp2_dora_writers_gather_the_magnitude(dist_run):
     kohya = st.load_file(out / "ep_dora.safetensors")
     assert any(k.endswith("dora_scale") for k in kohya)
     _assert_same(kohya, st.load_file(out / "ep_dora_ref.safetensors"))
+
+
+def test_fsdp2_pissa_exports_gather_factors_beside_the_start(dist_run):
+    """PiSSA keeps its start as buffers (not sharded) beside sharded factors: export_kohya and
+    save_merged write what one process writes."""
+    st = pytest.importorskip("safetensors.torch")
+    out, results = dist_run
+    _phase(results, "entry_points")
+    _assert_same(
+        st.load_file(out / "ep_pissa.safetensors"), st.load_file(out / "ep_pissa_ref.safetensors")
+    )
+    _assert_same(_safetensors(out / "ep_pissa_merged"), _safetensors(out / "ep_pissa_ref_merged"))
