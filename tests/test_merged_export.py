@@ -229,3 +229,9 @@ def test_save_merged_of_a_transformers_model_is_save_pretrained_layout(tmp_path)
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_save_merged_looks_through_a_compile_wrapper(tmp_path):
+    model = _trained(SETUPS["lora"](_base()))
+    lp.save_merged(torch.compile(model), tmp_path)  # keys without "_orig_mod."
+    assert set(_load(tmp_path)) == set(_base().state_dict())

@@ -49,6 +49,7 @@ from .paths import check_output_folder
 from .safetensors_stream import SafetensorsStream, TensorSpec
 from .targets import join
 from .variant import AdapterVariant
+from .wrappers import unwrap_model
 
 __all__ = ["save_merged"]
 
@@ -287,7 +288,8 @@ def save_merged(
     should be written.
 
     Args:
-        model: A model with (or without) adapters; FSDP2-sharded or not.
+        model: A model with (or without) adapters; FSDP2-sharded or not (a DDP or
+            ``torch.compile`` wrapper is looked through).
         save_directory: Folder to write (created if needed); each file is replaced atomically.
         adapter: Merge only this adapter (whether enabled or not) into the base; None merges
             every enabled adapter: the checkpoint computes what the model computes now.
@@ -304,6 +306,7 @@ def save_merged(
             and merge in one process); rank 0's failure is raised on every rank, and no file is
             left half written.
     """
+    model = unwrap_model(model)
     if adapter is not None:
         check_adapters_exist(model, [adapter])
     limit = _size_bytes(max_shard_size)
