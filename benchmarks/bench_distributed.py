@@ -4,6 +4,7 @@
     python benchmarks/bench_distributed.py            # 8-layer Llama, hidden 768 (~100 M params)
     python benchmarks/bench_distributed.py --quick    # smoke run (tiny Llama, 2 steps)
     python benchmarks/bench_distributed.py --markdown # also print the markdown table (docs)
+    python benchmarks/bench_distributed.py --nf4-only # only the rows with an NF4 (QLoRA) base
 
 Each setup runs in fresh processes: ``one process`` (``python`` on this script) and ``FSDP2``
 (``torchrun --standalone --nproc-per-node 2``: ``fully_shard`` on every decoder layer, then on
@@ -23,7 +24,9 @@ Per rank (the largest over ranks), in MB:
 - "step s": the median step time (CPU, one thread per rank; for orientation only).
 
 Both setups run twice: with glibc's default allocator settings and with
-``MALLOC_MMAP_THRESHOLD_=1048576``. FSDP2 allocates and frees every layer's gathered weights
+``MALLOC_MMAP_THRESHOLD_=1048576``; then once more each with a QLoRA base (``quantize="nf4"``
+on q/k/v/o and the MLP projections: the order is quantize, add_lora, fully_shard) under the
+second setting. FSDP2 allocates and frees every layer's gathered weights
 in each forward and backward; by default glibc keeps freed blocks under 32 MB in the heap
 (its mmap threshold grows with use), so RSS keeps them and the peak reflects the allocator as
 much as the sharding. With blocks of 1 MiB and more mapped and unmapped directly, RSS follows
@@ -69,7 +72,11 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def worker(size: str, steps: int, out: Path) -> None:
+#: Layers a QLoRA run stores packed (NF4): the adapted projections and the MLP.
+PACKED = [*TARGETS, "*.gate_proj", "*.up_proj", "*.down_proj"]
+
+
+def worker(size: str, steps: int, out: Path, quantize: str | None = None) -> None:
     """One rank (or the single process): build, adapt, shard, train; write its numbers."""
     import gc
 
@@ -80,7 +87,7 @@ def worker(size: str, steps: int, out: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from lora_param import adapter_parameters, add_lora
+    from lora_param import adapter_parameters, add_lora, quantize_base
 
     torch.set_num_threads(1)
     llama, llama_config = transformers.LlamaForCausalLM, transformers.LlamaConfig  # lazy imports
@@ -102,6 +109,9 @@ def worker(size: str, steps: int, out: Path) -> None:
     )
     torch.manual_seed(0)
     model = llama(config)
+    total_params = sum(p.numel() for p in model.parameters())  # before any packing
+    if quantize is not None:
+        quantize_base(model, PACKED, method=quantize)
     add_lora(model, TARGETS, rank=RANK)
     if distributed:
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -133,7 +143,7 @@ def worker(size: str, steps: int, out: Path) -> None:
     record = {
         "rank": rank,
         "params_bytes": held,
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": total_params,
         "imports_kb": imports,
         "after_setup_kb": after_setup,
         "peak_kb": peak,
@@ -145,7 +155,9 @@ def worker(size: str, steps: int, out: Path) -> None:
         dist.destroy_process_group()
 
 
-def _run(setup: str, size: str, steps: int, mmap_threshold: int | None) -> list[dict]:
+def _run(
+    setup: str, size: str, steps: int, mmap_threshold: int | None, quantize: str | None = None
+) -> list[dict]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -154,6 +166,8 @@ def _run(setup: str, size: str, steps: int, mmap_threshold: int | None) -> list[
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     with tempfile.TemporaryDirectory() as tmp:
         args = [__file__, "--worker", "--size", size, "--steps", str(steps), "--out", tmp]
+        if quantize is not None:
+            args += ["--quantize", quantize]
         if setup == "fsdp2":
             launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
             command = [sys.executable, *launcher, *args]
@@ -194,37 +208,50 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny Llama, 2 steps")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--nf4-only", action="store_true", help="only the NF4-base rows (mmap >= 1 MiB)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
     writer = _results_writer()
     if writer is not None:
         writer.add_results_argument(parser)
     args = parser.parse_args()
     if args.worker:
-        worker(args.size, args.steps, args.out)
+        worker(args.size, args.steps, args.out, args.quantize)
         return
     size = "quick" if args.quick else "default"
     steps = args.steps or (2 if args.quick else 4)
     s = SIZES[size]
     rows: list[dict[str, Any]] = []
     runs = [("single", "one process", 1), ("fsdp2", "FSDP2, 2 ranks", 2)]
-    for threshold, allocator in ((None, "glibc default"), (MMAP_THRESHOLD, "mmap >= 1 MiB")):
-        for setup, label, ranks in runs:
-            records = _run(setup, size, steps, threshold)
-            assert len(records) == ranks, records
-            rows.append(
-                {
-                    "setup": label,
-                    "malloc": allocator,
-                    "params": max(r["params_bytes"] for r in records) / 2**20,
-                    "after setup": max(r["after_setup_kb"] for r in records) / 1024,
-                    "peak training": max(r["peak_kb"] for r in records) / 1024,
-                    "peak - imports": max(r["peak_kb"] - r["imports_kb"] for r in records) / 1024,
-                    "step": max(r["step_s"] for r in records),
-                }
-            )
-            total = records[0]["total_params"]
+    plan = [
+        (threshold, allocator, setup, label, ranks, None)
+        for threshold, allocator in ((None, "glibc default"), (MMAP_THRESHOLD, "mmap >= 1 MiB"))
+        for setup, label, ranks in runs
+    ]
+    plan = [] if args.nf4_only else plan
+    plan += [
+        (MMAP_THRESHOLD, "mmap >= 1 MiB", setup, f"{label}, NF4 base", ranks, "nf4")
+        for setup, label, ranks in runs
+    ]
+    for threshold, allocator, setup, label, ranks, quantize in plan:
+        records = _run(setup, size, steps, threshold, quantize)
+        assert len(records) == ranks, records
+        rows.append(
+            {
+                "setup": label,
+                "malloc": allocator,
+                "params": max(r["params_bytes"] for r in records) / 2**20,
+                "after setup": max(r["after_setup_kb"] for r in records) / 1024,
+                "peak training": max(r["peak_kb"] for r in records) / 1024,
+                "peak - imports": max(r["peak_kb"] - r["imports_kb"] for r in records) / 1024,
+                "step": max(r["step_s"] for r in records),
+            }
+        )
+        total = records[0]["total_params"]
     header = (
         f"Llama, hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']}: "
         f"{total / 1e6:.1f} M params float32; LoRA rank {RANK} on q/k/v/o; batch {BATCH} x "

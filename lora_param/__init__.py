@@ -36,6 +36,7 @@ from .core.lookup import (
     list_adapters,
 )
 from .core.merge import RequantizationWarning, merge_lora, remove_lora
+from .core.merged_export import save_merged
 from .core.store import BaseStore
 from .core.strength import adapter_scale, set_adapter_scale
 from .core.summary import ParameterCounts, parameter_counts, trainable_summary
@@ -151,6 +152,7 @@ __all__ = [
     "register_variant",
     "remove_lora",
     "save_lora",
+    "save_merged",
     "set_active_adapters",
     "set_adapter_scale",
     "set_eval_cache",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +31,9 @@ from lora_param import (
     set_active_adapters,
 )
 from lora_param.interop.peft import export_peft
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sharded_worker.py
+import sharded_worker  # noqa: E402
 
 STEPS = 4
 LR = 0.5
@@ -281,6 +285,14 @@ def one_rank_only_phase(rank: int, world: int) -> dict:
     return {"message": message}
 
 
+def fsdp2_available() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     out = Path(out_dir)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
@@ -293,10 +305,16 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             world_size=world,
             timeout=timedelta(seconds=60),
         )
-        results = {"ddp": ddp_phase(rank, world, out)}
+        results = {}
+        if fsdp2_available():  # first, in the fresh processes: it measures RSS
+            results["memory"] = sharded_worker.memory_phase(rank, out)
+        results["ddp"] = ddp_phase(rank, world, out)
         results["toggle"] = toggle_phase(rank, world)
         results["fsdp2"] = fsdp2_phase(rank, world, out)
         if "skipped" not in results["fsdp2"]:
+            results["qlora"] = sharded_worker.qlora_phase(rank, world, out)
+            results["merged"] = sharded_worker.merged_phase(rank, out)
+            results["entry_points"] = sharded_worker.entry_points_phase(rank, out)
             results["one_rank"] = one_rank_only_phase(rank, world)
         (out / f"result{rank}.json").write_text(json.dumps(results))
     except BaseException:

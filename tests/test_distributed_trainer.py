@@ -1,5 +1,5 @@
 """LoRATrainer (and TRL's SFTTrainer with LoRATrainerMixin) under accelerate's FSDP2 and under
-DeepSpeed ZeRO-3: 2 CPU processes, gloo, one torchrun launch per engine (tests/trainer_worker.py).
+DeepSpeed ZeRO-3: 2 CPU processes, gloo, one torchrun launch for both (tests/trainer_worker.py).
 
 What is checked: checkpoints hold the adapters (ours and PEFT's files) and no copy of the base;
 resuming from the step-2 checkpoint gives the loss curve of the uninterrupted run; the final
@@ -32,14 +32,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # trainer_worker.py, next to this file
 import trainer_worker  # noqa: E402
 
-TIMEOUT_S = 240
+#: One worker runs every multi-process launch, one after the other (see conftest.py).
+pytestmark = pytest.mark.xdist_group("launches")
+
+TIMEOUT_S = 360
 ADAPTER_FILE = "lora_adapters.pt"
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
-def _launch(engine: str, out: Path) -> tuple[dict, dict]:
-    """torchrun (a free port, 2 processes) on the worker; its whole process group is killed on
-    timeout."""
+def _launch(out: Path) -> None:
+    """torchrun (a free port, 2 processes) on the worker, both engines in one launch (the
+    imports of transformers, accelerate, TRL and DeepSpeed are paid once); its whole process
+    group is killed on timeout."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     env.update(
@@ -49,8 +53,8 @@ def _launch(engine: str, out: Path) -> tuple[dict, dict]:
         OMP_NUM_THREADS="1",
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", "2", str(HERE / "trainer_worker.py"), engine, str(out)]
-    log = out / f"{engine}.log"
+    command += ["--nproc-per-node", "2", str(HERE / "trainer_worker.py"), "all", str(out)]
+    log = out / "workers.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             command, cwd=out, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
@@ -60,26 +64,35 @@ def _launch(engine: str, out: Path) -> tuple[dict, dict]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the 2 workers it started
             proc.wait()
-            pytest.fail(f"{engine} workers did not finish within {TIMEOUT_S}s")
+            pytest.fail(f"the workers did not finish within {TIMEOUT_S}s")
     if code != 0:
         errors = "\n".join(p.read_text() for p in sorted(out.glob("error*.txt")))
-        pytest.fail(f"{engine} workers failed ({code}):\n{errors or log.read_text()[-4000:]}")
-    record = json.loads((out / f"{engine}.json").read_text())
-    tensors = torch.load(out / f"{engine}_tensors.pt", weights_only=True)
-    return record, tensors
+        pytest.fail(f"the workers failed ({code}):\n{errors or log.read_text()[-4000:]}")
+
+
+def _engine(out: Path, engine: str) -> tuple[Path, dict, dict]:
+    folder = out / engine
+    record = json.loads((folder / f"{engine}.json").read_text())
+    tensors = torch.load(folder / f"{engine}_tensors.pt", weights_only=True)
+    return folder, record, tensors
 
 
 @pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp2")
-    return (out, *_launch("fsdp2", out))
+def launched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines")
+    _launch(out)
+    return out
 
 
 @pytest.fixture(scope="module")
-def zero3(tmp_path_factory):
+def fsdp2(launched):
+    return _engine(launched, "fsdp2")
+
+
+@pytest.fixture(scope="module")
+def zero3(launched):
     pytest.importorskip("deepspeed")
-    out = tmp_path_factory.mktemp("zero3")
-    return (out, *_launch("zero3", out))
+    return _engine(launched, "zero3")
 
 
 def _file_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -210,3 +223,32 @@ def test_zero3_checkpoint_loads_into_partitioned_model(zero3):
     assert tensors["zero3_loaded_step2"].keys() == step2.keys()
     for key, value in step2.items():
         torch.testing.assert_close(tensors["zero3_loaded_step2"][key], value, msg=key)
+
+
+def test_save_merged_of_a_sharded_llama_loads_with_from_pretrained(fsdp2):
+    """save_merged on every rank of a Llama sharded with fully_shard: save_pretrained's layout
+    (tied lm_head written once), and from_pretrained gives the LoRA-on outputs."""
+    pytest.importorskip("safetensors")
+    import transformers
+
+    out, record, _ = fsdp2
+    assert record["merged"] == ["config.json", "generation_config.json", "model.safetensors"]
+    merged = transformers.LlamaForCausalLM.from_pretrained(out / "merged").eval()
+    ids = torch.randint(0, trainer_worker.VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = trainer_worker.trained_model().eval()(ids).logits
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(want, trainer_worker.make_base().eval()(ids).logits)
+
+
+def test_save_pretrained_on_a_sharded_model_points_to_save_merged(fsdp2):
+    _, record, _ = fsdp2
+    assert "save_merged(model, folder) on every rank" in record["save_pretrained_sharded"]
+    assert record["pretrained_written"] is False
+
+
+def test_save_merged_under_zero3_is_refused_with_the_fix(zero3):
+    _, record, _ = zero3
+    assert "DeepSpeed ZeRO-3 partitions" in record["save_merged_refused"]
+    assert "load_lora" in record["save_merged_refused"]
+    assert record["merged_written"] is False

@@ -295,3 +295,17 @@ def test_linear4bit_repacked_for_cpu_inference_reads_right():
         with lp.lora_disabled(model):
             off = model[0](x)
         torch.testing.assert_close(off, x @ read.t() + model[0].bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_bitsandbytes_layer_sharded_by_fsdp2_is_refused(kind):
+    """fully_shard turns bitsandbytes' packed parameter into a plain one without its
+    quantization state (torch.chunk returns plain tensors: bitsandbytes#1424); the forward then
+    raises LoRAError naming the fix instead of an AttributeError deep in bitsandbytes. The
+    plain Parameter below is what FSDP2 leaves there (checked on 2 gloo ranks when written)."""
+    model = _bnb_model(kind)
+    lp.add_lora(model, rank=4)
+    plist = model[0].parametrizations.weight
+    plist.original = nn.Parameter(plist.original.data.clone(), requires_grad=False)
+    with pytest.raises(LoRAError, match=r"sharded.*FSDP2.*quantize='nf4'"):
+        model(torch.randn(2, 64))

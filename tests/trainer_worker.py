@@ -1,16 +1,18 @@
 """Worker for tests/test_distributed_trainer.py: LoRATrainer under accelerate on 2 CPU processes.
 
-Started by ``torchrun --standalone --nproc-per-node 2 trainer_worker.py <engine> <out>``:
+Started by ``torchrun --standalone --nproc-per-node 2 trainer_worker.py <engine> <out>``, where
+``<engine>`` is ``fsdp2``, ``zero3`` or ``all`` (both, one after the other, in the same
+processes: the imports are paid once; ``zero3`` only where DeepSpeed is installed):
 
 * ``fsdp2``: accelerate's FSDP2 plugin, with ``SHARDED_STATE_DICT`` and ``FULL_STATE_DICT``;
   a gathered state dict handed to ``_save``; TRL's ``SFTTrainer`` with ``LoRATrainerMixin``;
-  the set-ups LoRATrainer refuses.
+  the set-ups LoRATrainer refuses; ``save_merged`` of a Llama sharded with ``fully_shard``.
 * ``zero3``: DeepSpeed ZeRO-3 with every parameter partitioned (no persistence threshold).
 
 Each run trains 4 steps with a checkpoint at step 2; a fresh model (other initial adapters)
 then resumes from that checkpoint. Rank 0 records losses, file listings and refusals in
-``out/<engine>.json`` and the full adapter tensors each trained model ended with, which the
-test compares with what was written. Any exception goes to ``out/error<rank>.txt``.
+``out/<engine>/<engine>.json`` and the full adapter tensors each trained model ended with,
+which the test compares with what was written. Any exception goes to ``out/error<rank>.txt``.
 
 accelerate's launcher refuses FSDP on the CPU, and DeepSpeed on the CPU sees one process: this
 harness sets accelerate's state up itself (:func:`fsdp2_on_cpu`, :func:`zero3_on_cpu`). The
@@ -220,6 +222,7 @@ def fsdp2_phases(out: Path, record: dict, tensors: dict) -> None:
     if importlib.util.find_spec("trl") is not None:
         trl_phase(out, record, tensors)
     refusals(out, record)
+    merged_export(out, record)
 
 
 def tiny_tokenizer():
@@ -303,6 +306,39 @@ def refusals(out: Path, record: dict) -> None:
     record["refusals"] = messages
 
 
+def trained_model(seed: int = 1):
+    """make_model with nonzero updates (B starts at zero), the same on every call."""
+    model = make_model(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    return model
+
+
+def merged_export(out: Path, record: dict) -> None:
+    """save_merged of a Llama sharded by hand (fully_shard): save_pretrained's layout."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lora_param import save_merged
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = trained_model()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    save_merged(model, out / "merged")  # every rank; rank 0 writes
+    try:  # transformers' own save would gather parametrize keys: refused, saying what to use
+        model.save_pretrained(str(out / "pretrained"))
+    except LoRAError as exc:
+        record["save_pretrained_sharded"] = str(exc)
+    dist.barrier()
+    record["merged"] = listing(out / "merged")
+    record["pretrained_written"] = (out / "pretrained").exists()
+
+
 def zero3_phases(out: Path, record: dict, tensors: dict) -> None:
     from lora_param.interop.transformers import ADAPTER_FILE, LoRATrainer
 
@@ -337,6 +373,13 @@ def zero3_phases(out: Path, record: dict, tensors: dict) -> None:
     trainer._load_from_checkpoint(str(out / "zero3" / "run" / "checkpoint-2"))
     tensors["zero3_loaded_step2"] = full_adapters(trainer.model)
     record["step2_file"] = str(out / "zero3" / "run" / "checkpoint-2" / ADAPTER_FILE)
+    from lora_param import save_merged
+
+    try:  # the partitions are empty tensors here: refused, not written as such
+        save_merged(trainer.model, out / "merged")
+    except LoRAError as exc:
+        record["save_merged_refused"] = str(exc)
+    record["merged_written"] = (out / "merged").exists()
 
 
 def main() -> None:
@@ -344,14 +387,20 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    record: dict = {}
-    tensors: dict = {}
+    engines = ["fsdp2", "zero3"] if engine == "all" else [engine]
+    if "zero3" in engines and importlib.util.find_spec("deepspeed") is None:
+        engines.remove("zero3")
     try:
-        (fsdp2_phases if engine == "fsdp2" else zero3_phases)(out, record, tensors)
-        dist.barrier()
-        if rank == 0:
-            torch.save(tensors, out / f"{engine}_tensors.pt")
-            (out / f"{engine}.json").write_text(json.dumps(record))
+        for name in engines:  # one process for both: the imports are paid once
+            folder = out / name
+            folder.mkdir(exist_ok=True)
+            record: dict = {}
+            tensors: dict = {}
+            (fsdp2_phases if name == "fsdp2" else zero3_phases)(folder, record, tensors)
+            dist.barrier()
+            if rank == 0:
+                torch.save(tensors, folder / f"{name}_tensors.pt")
+                (folder / f"{name}.json").write_text(json.dumps(record))
     except BaseException:
         (out / f"error{rank}.txt").write_text(traceback.format_exc())
         raise

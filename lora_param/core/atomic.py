@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "open_beside", "sync_close"]
 
 
 def _default_mode() -> int:
@@ -17,24 +17,48 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Write a file through a temporary file in the same folder and ``os.replace``.
+def open_beside(path: str | os.PathLike) -> tuple[BinaryIO, Path]:
+    """A new temporary file in ``path``'s folder (created if missing), open for writing.
 
-    A crash leaves either the old file or the new one, never half a file. The file gets the
-    permissions a plainly created file would get (``0o666`` less the umask, usually 0644):
-    the temporary file ``mkstemp`` makes is private (0600), and ``os.replace`` keeps its mode.
+    It gets the permissions a plainly created file would get (``0o666`` less the umask,
+    usually 0644): the temporary file ``mkstemp`` makes is private (0600), and ``os.replace``
+    keeps its mode.
+
+    Returns:
+        The open file and its path (``os.replace`` it onto ``path`` once written).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _default_mode())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        return os.fdopen(fd, "wb"), Path(tmp)
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sync_close(f: BinaryIO) -> None:
+    """Flush, fsync and close a file written through :func:`open_beside`."""
+    with f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> Path:
+    """Write a file through a temporary file in the same folder and ``os.replace``.
+
+    A crash leaves either the old file or the new one, never half a file.
+    """
+    path = Path(path)
+    f, tmp = open_beside(path)
+    try:
+        write(f)
+        sync_close(f)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        f.close()
+        tmp.unlink(missing_ok=True)
         raise
     return path

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from .entries import AdapterList, selection
 from .entry import AdapterEntry
-from .generated_class import own_class
+from .generated_class import class_before_parametrizations, layer_class, own_class
 from .layer_ops import OPS
 from .store import BaseStore
 from .variant import AdapterVariant
@@ -189,7 +189,7 @@ def factored_forward_applies(module: nn.Module, kind: str) -> bool:
     """
     if kind not in OPS:
         return False
-    cls: Any = parametrize.type_before_parametrizations(module)
+    cls: Any = class_before_parametrizations(module)
     if kind == "conv1d_hf":
         return True
     owners: tuple[type[nn.Module], ...] = {
@@ -212,7 +212,7 @@ def install_forward(module: nn.Module, kind: str) -> None:
 
 def is_installed(module: nn.Module) -> bool:
     """Whether the layer computes through :func:`layer_output`."""
-    return "_lora_kind" in type(module).__dict__
+    return "_lora_kind" in layer_class(module).__dict__
 
 
 def release_forward(module: nn.Module) -> None:

@@ -20,12 +20,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .distributed import refuse_sharded
 from .errors import LoRAError
 from .targets import join
 
 __all__ = ["guard_save_pretrained", "merged_state_dict"]
 
 _ORIGINAL = "_lora_param_save_pretrained"
+_GATHER_ALL = "would gather every merged weight of a sharded (FSDP2) model at once"
+_SHARDED_FIX = (
+    "Call lora_param.save_merged(model, folder) on every rank instead: rank 0 writes the "
+    "merged weights (config.json and model.safetensors for a transformers model), gathered "
+    "one layer at a time; or save the adapters alone with save_lora / export_peft."
+)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -36,7 +43,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     Returns:
         Plain keys (``fc.weight``) with the tensors the model computes with; no adapter keys.
+
+    Raises:
+        LoRAError: The model is sharded (FSDP2): every merged weight would be gathered into
+            one dict; :func:`lora_param.save_merged` writes them one layer at a time.
     """
+    refuse_sharded(model, "merged_state_dict", _SHARDED_FIX, _GATHER_ALL)
     state = model.state_dict()
     merged: dict[str, Tensor] = {}
     dropped: set[str] = set()
@@ -58,6 +70,7 @@ def _save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state = kwargs.get("state_dict")
     if state is None:
         if any(parametrize.is_parametrized(m) for m in self.modules()):
+            refuse_sharded(self, "save_pretrained", _SHARDED_FIX, _GATHER_ALL)
             if not _takes_state_dict(original):
                 raise LoRAError(
                     f"{type(self).__name__}.save_pretrained cannot be handed merged weights (it "

@@ -11,16 +11,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from .config import Bias, LoRAConfig, Mode, QuantizationConfig, pack_targets, quantization_config
 from .copies import drop_copies, plan_copies, register_copies
-from .distributed import is_sharded
+from .distributed import ORDER, fsdp_modules
 from .entries import drop_entries, register_entry
 from .entry import AdapterEntry
 from .errors import LoRAError
 from .forward import factored_forward_applies, install_forward
 from .freeze import freeze_base, trainable_modules
+from .generated_class import class_before_parametrizations
 from .hf_save import guard_save_pretrained
 from .lookup import list_adapters
 from .matching import Pattern, Targets, as_patterns, is_literal, matches, nearest, pick
@@ -101,7 +101,7 @@ def _tensor_paths(modules: list[tuple[str, nn.Module]]) -> dict[str, tuple[str, 
 
 
 def _unsupported(name: str, module: nn.Module) -> LoRAError:
-    cls = parametrize.type_before_parametrizations(module).__name__
+    cls = class_before_parametrizations(module).__name__
     if next(module.children(), None) is not None:
         hint = f"To adapt the layers inside it, use the glob '{join(name, '*')}'."
     else:
@@ -570,14 +570,16 @@ def _add(model: nn.Module, config: LoRAConfig, adapter: str) -> nn.Module:
             f"exclude={config.exclude!r} removes every layer targets={config.targets!r} matched."
         )
     plan, lowered = _plan_layers(found, config)
-    sharded = [t.path for t, _ in plan if is_sharded(base_tensor(t.module, t.param_name))]
+    keep = trainable_modules(model, config.trainable)
+    copies = plan_copies(model, keep, config.bias, [t.module for t in found])
+    managed = fsdp_modules(model)
+    sharded = [t.path for t, _ in plan if id(t.module) in managed]
+    sharded += [c.path for c in copies if id(c.module) in managed]
     if sharded:
         raise LoRAError(
             f"add_lora cannot adapt sharded (FSDP2) weights {sharded[:5]}: FSDP2 manages them. "
-            "Call add_lora before fully_shard (with the same seed on every rank)."
+            f"Call add_lora before fully_shard (with the same seed on every rank): {ORDER}"
         )
-    keep = trainable_modules(model, config.trainable)
-    copies = plan_copies(model, keep, config.bias, [t.module for t in found])
     undo_quantize = _quantize_for_lora(model, found, quant, keep)
     # Copies first: they replace the pretrained value, the updates add on top of them.
     try:

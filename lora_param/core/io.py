@@ -22,8 +22,16 @@ from .copies import (
     iter_copies,
     register_copies,
 )
-from .distributed import check_in, copy_into, gather_full, is_sharded, write_once
-from .entries import entry_list
+from .distributed import (
+    ORDER,
+    check_in,
+    copy_into,
+    fsdp_modules,
+    gather_full,
+    is_sharded,
+    write_once,
+)
+from .entries import adapter_lists, entry_list
 from .errors import LoRAError
 from .freeze import freeze_base
 from .inject import Mode, check_adapter_name, inject
@@ -307,16 +315,14 @@ def load_lora(
         for tpath, layer in spec["layers"].items():
             if present:
                 _check_existing(existing[(name, tpath)], layer, name, tpath, str(path))
-    sharded = [
-        t.path
-        for plan in plans.values()
-        for t, _ in plan
-        if is_sharded(base_tensor(t.module, t.param_name))
-    ]
+    managed = fsdp_modules(model)
+    sharded = [t.path for plan in plans.values() for t, _ in plan if id(t.module) in managed]
+    sharded += [c.path for plan in copy_plans.values() for c in plan if id(c.module) in managed]
     if sharded:
         raise LoRAError(
             f"load_lora would add adapters to sharded (FSDP2) layers {sharded[:5]}; add them "
-            "before fully_shard (add_lora with the same targets and ranks), then load_lora."
+            "before fully_shard (add_lora with the same targets and ranks), then load_lora. "
+            f"With FSDP2, {ORDER}"
         )
     injected: list[str] = []
     copied: list[str] = []
@@ -352,6 +358,11 @@ def load_lora(
                 copy_into(c.value, copies[f"{name}.{tpath}"])
                 c.enabled = True
                 c.value.requires_grad_(trainable)
+    if managed:
+        # FSDP2 all-gathers into the same tensors without bumping their version counters: a
+        # value kept by an evaluation cache would not see the new shards.
+        for _, plist in adapter_lists(model):
+            plist.clear_cache()
     if freeze:
         freeze_base(model, [], "none")
     return model

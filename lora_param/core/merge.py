@@ -20,13 +20,19 @@ from .errors import LoRAError
 from .lookup import check_adapters_exist, iter_entries
 from .variant import AdapterVariant
 
-__all__ = ["RequantizationWarning", "merge_lora", "remove_lora"]
+__all__ = ["RequantizationWarning", "merge_chain", "merge_lora", "remove_lora"]
 
 Take = Callable[[AdapterEntry], bool]
 
 _UNSHARDED_COPY = (
     "Call save_lora on every rank, then on one rank load_lora the file into an unsharded copy "
     "of the base model and change that copy."
+)
+_SAVE_MERGED = (
+    "For a merged checkpoint call save_merged(model, folder) on every rank (rank 0 writes the "
+    "merged weights, gathered one layer at a time). To change the model itself, call "
+    "save_lora on every rank, then on one rank load_lora the file into an unsharded copy of "
+    "the base model and merge that copy."
 )
 
 
@@ -60,25 +66,48 @@ def _tensors_with_entries(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     return list(seen.values())
 
 
-def _chain(entries: list[nn.Module], x: Tensor | tuple[Tensor, ...], take: Take) -> Tensor:
+def merge_chain(
+    entries: list[nn.Module], x: Tensor | tuple[Tensor, ...], take: Take, owned: bool = False
+) -> Tensor:
     """Apply a list's entries in at least float32; adapter entries ``take`` selects apply.
 
     Updates compute through their :meth:`~AdapterVariant.merged` (float32, float64 for
     float64 weights); a trained copy replaces the value; other parametrizations (a store, a
-    user's own) apply as they are.
+    user's own) apply as they are. Once the value is a tensor of the chain's own (``owned``:
+    the caller's copy, or any intermediate result), updates are formed in it
+    (:meth:`~AdapterVariant.merged_inplace`): one weight-sized tensor at a time.
     """
     for p in entries:
         if isinstance(p, AdapterVariant):
-            x = p.merged(cast(Tensor, x)) if take(p) else x
+            if take(p):
+                w = cast(Tensor, x)
+                wide = p.compute_dtype_for(w)
+                if w.dtype != wide:
+                    w, owned = w.detach().to(wide), True
+                x = p.merged_inplace(w) if owned else p.merged(w)
+                owned = True
         elif isinstance(p, AdapterEntry):
             if take(p):
                 value = cast(TrainableCopy, p).value.detach()
                 x = value.to(torch.promote_types(value.dtype, torch.float32))
+                owned = x is not value
         else:
+            inputs = x if isinstance(x, tuple) else (x,)
             x = p(*x) if isinstance(x, tuple) else p(x)
+            # the result may be (a view of) an input: it is ours only if that input was
+            owned = owned or not any(_same_storage(x, t) for t in inputs)
             if isinstance(x, Tensor) and x.is_floating_point():
-                x = x.to(torch.promote_types(x.dtype, torch.float32))
+                wider = x.to(torch.promote_types(x.dtype, torch.float32))
+                owned, x = owned or wider is not x, wider
     return cast(Tensor, x)
+
+
+def _same_storage(a: Any, b: Any) -> bool:
+    return (
+        isinstance(a, Tensor)
+        and isinstance(b, Tensor)
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    )
 
 
 def _plan_merge_through(
@@ -106,7 +135,7 @@ def _plan_merge_through(
     originals = plist.stored()
     dtype = originals[0].dtype
     with torch.no_grad():
-        target = _chain(chain, originals if len(originals) > 1 else originals[0], take)
+        target = merge_chain(chain, originals if len(originals) > 1 else originals[0], take)
         if target.dtype != dtype and dtype.is_floating_point:
             target = target.to(dtype)
         value: Tensor | tuple[Tensor, ...] = target
@@ -119,7 +148,7 @@ def _plan_merge_through(
                 "no right_inverse to absorb the update. Use remove_lora, or remove them first."
             ) from None
         values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        check = _chain(prefix, values if len(values) > 1 else values[0], take)
+        check = merge_chain(prefix, values if len(values) > 1 else values[0], take)
         if check.shape != target.shape or not torch.allclose(
             check.to(target.dtype), target, rtol=1e-4, atol=1e-5
         ):
@@ -226,7 +255,7 @@ def _plan(
     store = plist.store()
     if store is not None:
         with torch.no_grad():
-            value = _chain(list(plist)[1:], store.weight_fp32(*plist.stored()), take)
+            value = merge_chain(list(plist)[1:], store.weight_fp32(*plist.stored()), take, True)
         if safe:
             _check_finite(path, value)
         install, error = store.merge_step(module, plist.stored(), value, requantize)
@@ -234,7 +263,7 @@ def _plan(
     if not plist.foreign():
         original = plist.stored()[0]
         with torch.no_grad():
-            value = _chain(list(plist), original, take).to(original.dtype)
+            value = merge_chain(list(plist), original, take).to(original.dtype)
         if safe:
             _check_finite(path, value)
         requires_grad = original.requires_grad
@@ -287,7 +316,7 @@ def merge_lora(
             cannot be merged alone exactly (another adapter holds its own copy of that tensor,
             or comes before it with an update that does not commute with it).
     """
-    refuse_sharded(model, "merge_lora", _UNSHARDED_COPY)
+    refuse_sharded(model, "merge_lora", _SAVE_MERGED)
     if adapter is not None:
         check_adapters_exist(model, [adapter])
     plans = [

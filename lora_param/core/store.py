@@ -58,11 +58,11 @@ class BaseStore(nn.Module):
         raise NotImplementedError
 
     def forward(self, *stored: Any) -> Tensor:
-        """The weight, dequantized to the compute dtype."""
+        """The weight, dequantized to the compute dtype (a new tensor, the caller's own)."""
         raise NotImplementedError
 
     def weight_fp32(self, *stored: Any) -> Tensor:
-        """The weight as the model sees it, widened to at least float32."""
+        """The weight as the model sees it, widened to at least float32 (a new tensor)."""
         weight = self.forward(*stored)
         return weight.to(torch.promote_types(weight.dtype, torch.float32))
 

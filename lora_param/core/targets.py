@@ -17,8 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .distributed import holds_shards
 from .errors import LoRAError
+from .generated_class import class_before_parametrizations
 from .layer_ops import LayerKind
+from .store import BaseStore
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -131,7 +134,7 @@ def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.Par
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """True for Hugging Face's ``Conv1D`` (weight stored (in, out)), no transformers import."""
-    cls = parametrize.type_before_parametrizations(module)
+    cls = class_before_parametrizations(module)
     return cls.__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
@@ -158,11 +161,18 @@ def tensor_names(module: nn.Module) -> list[str]:
 
 
 def base_tensor(module: nn.Module, name: str) -> Tensor:
-    """The tensor under ``name`` before any parametrization (``original`` if parametrized)."""
+    """The tensor under ``name`` before any parametrization (``original`` if parametrized).
+
+    A packed weight sharded by FSDP2 cannot be read outside a forward: a ``meta`` tensor of
+    its shape and compute dtype stands for it (the callers that would change it refuse).
+    """
     if parametrize.is_parametrized(module, name):
         plist = parametrization_list(module, name)
         if plist.is_tensor:
             return plist.original
+        head = plist[0]
+        if isinstance(head, BaseStore) and holds_shards(module, name):
+            return torch.empty(head.shape, dtype=head.compute_dtype, device="meta")
         with torch.no_grad():
             return getattr(module, name)
     return getattr(module, name)
@@ -174,7 +184,7 @@ def is_experts_module(module: nn.Module) -> bool:
     transformers' experts classes (``@use_experts_implementation``) carry ``is_transposed``;
     other classes qualify by a name containing ``Expert``.
     """
-    cls = parametrize.type_before_parametrizations(module)
+    cls = class_before_parametrizations(module)
     if not (hasattr(module, "is_transposed") or "Expert" in cls.__name__):
         return False
     return bool(expert_tensor_names(module))

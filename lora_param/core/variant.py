@@ -12,7 +12,8 @@ A variant maps the frozen weight ``W`` to the adapted weight ``W' = adapt(W)``. 
 * its tensors and their shapes (:meth:`~AdapterVariant.tensors`,
   :meth:`~AdapterVariant.tensor_shapes`), trainable or frozen, saved in adapter files;
 * ``W'`` in the weight's dtype for the forward (:meth:`~AdapterVariant.adapt`) and in at
-  least float32 for merging (:meth:`~AdapterVariant.merged`; float64 stays float64);
+  least float32 for merging (:meth:`~AdapterVariant.merged`; float64 stays float64;
+  optionally in place, :meth:`~AdapterVariant.merged_inplace`, for merged exports);
   *additive* variants (``W' = W + ΔW`` with ``ΔW`` independent of ``W``) also give ``ΔW``
   without ``W`` (:meth:`~AdapterVariant.delta`);
 * optionally a factored forward: an additive branch ``Δy(x)`` (:meth:`~AdapterVariant.add_branch`)
@@ -208,6 +209,16 @@ class AdapterVariant(AdapterEntry):
         """``W'`` computed in at least float32 (float64 stays float64), for merging."""
         with torch.no_grad():
             return self.adapt(weight.detach().to(self.compute_dtype_for(weight)))
+
+    def merged_inplace(self, weight: Tensor) -> Tensor:
+        """:meth:`merged`'s ``W'``, computed over ``weight`` where the variant can.
+
+        ``weight`` is float32 or wider and the caller's to overwrite (a gathered or dequantized
+        copy, never a model's parameter). A variant that can form ``W'`` in place overrides
+        this, so that a merged export holds one weight-sized tensor per layer instead of two;
+        the default returns :meth:`merged` (a new tensor).
+        """
+        return self.merged(weight)
 
     def delta(self, weight: Tensor | None = None) -> Tensor:
         """``ΔW = W' - W`` in at least float32; additive variants need no ``weight``."""

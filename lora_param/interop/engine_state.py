@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..core.distributed import is_sharded
+from ..core.distributed import is_partitioned, is_sharded
 from ..core.errors import LoRAError
 from ..core.lookup import adapter_parameters
 
@@ -35,12 +35,6 @@ __all__ = [
 
 #: Prefixes that wrappers add to state-dict keys (DDP / DeepSpeed engine, torch.compile).
 _WRAPPER_PREFIXES = ("", "module.", "_orig_mod.")
-
-
-def is_partitioned(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a DeepSpeed ZeRO-3 parameter whose data is not on this rank now."""
-    numel = getattr(tensor, "ds_numel", None)
-    return numel is not None and tensor.numel() != numel
 
 
 def adapters_sharded(model: nn.Module) -> bool:

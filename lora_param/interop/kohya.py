@@ -41,11 +41,20 @@ import torch
 from torch import Tensor, nn
 
 from ..core.atomic import atomic_write
+from ..core.distributed import (
+    IMPORT_BEFORE_SHARDING,
+    check_in,
+    full_tensor,
+    is_sharded,
+    refuse_sharded,
+    write_once,
+)
 from ..core.entry import AdapterEntry
 from ..core.errors import LoRAError
 from ..core.freeze import freeze_base
 from ..core.inject import Mode, inject
 from ..core.lookup import iter_lora, list_adapters
+from ..core.paths import check_output_file
 from ..core.targets import AdaptTarget, layer_kind, module_targets
 from .kohya_codecs import KohyaCodec, codec_for_parts, codec_for_variant, known_families
 
@@ -287,10 +296,12 @@ def import_kohya(
 
     Raises:
         LoRAError: A damaged file, unknown or unsupported keys (when strict), a shape that
-            does not fit, an adapter name already in use.
+            does not fit, an adapter name already in use, a sharded (FSDP2) model (import
+            before ``fully_shard``).
     """
     if not isinstance(model, nn.Module):
         raise LoRAError(f"import_kohya needs an nn.Module, got {type(model).__name__}.")
+    refuse_sharded(model, "import_kohya", IMPORT_BEFORE_SHARDING)
     if prefix not in KOHYA_PREFIXES:
         raise LoRAError(f"prefix must be one of {list(KOHYA_PREFIXES)}, got {prefix!r}.")
     if adapter in list_adapters(model):
@@ -407,6 +418,9 @@ def export_kohya(
         prefix: Key prefix for this model part (``"lora_unet"``, ``"lora_te"``, ...).
         adapter: The adapter to write; may be None when the model has exactly one.
 
+    On a sharded (FSDP2) model this is a collective: call it on every rank; the adapter is
+    gathered and rank 0 alone writes the file.
+
     Returns:
         The path written.
     """
@@ -421,14 +435,15 @@ def export_kohya(
         adapter = names[0]
     elif adapter not in names:
         raise LoRAError(f"no adapter named {adapter!r} in this model; it has {names}.")
-    out: dict[str, Tensor] = {}
-    codecs: list[KohyaCodec] = []
-    for tpath, module, tensor_name, p in iter_lora(model):
-        if p.adapter != adapter:
-            continue
-        codec = codec_for_variant(p, tpath)
-        codecs.append(codec)
-        module_path = tpath.rpartition(".")[0]
+    entries = [
+        (tpath, module, tensor_name, p)
+        for tpath, module, tensor_name, p in iter_lora(model)
+        if p.adapter == adapter
+    ]
+    stems = {}
+    codecs: dict[str, KohyaCodec] = {}
+    for tpath, module, tensor_name, p in entries:
+        codecs[tpath] = codec_for_variant(p, tpath)
         if tensor_name != "weight" or p.kind not in ("linear", "conv", "conv1d_hf"):
             raise LoRAError(
                 f"'{tpath}' ({p.kind}) cannot be written as a kohya entry: kohya files adapt "
@@ -436,10 +451,23 @@ def export_kohya(
             )
         if p.kind == "conv" and cast(Any, module).groups != 1:
             raise LoRAError(f"'{tpath}' is a grouped convolution; kohya files do not describe it.")
-        stem = _export_name(model, module_path, prefix)
-        for suffix, tensor in codec.write(p).items():
-            out[f"{stem}.{suffix}"] = tensor.detach().contiguous().cpu()
+        stems[tpath] = _export_name(model, tpath.rpartition(".")[0], prefix)
     st = _safetensors_torch()
-    metadata = {**_network_metadata(codecs), "lora_param_adapter": adapter}
-    data = st.save(out, metadata=metadata)
-    return atomic_write(path, lambda f: f.write(data))
+    sharded = any(is_sharded(p.anchor()) for *_, p in entries)
+    if sharded:
+        check_in("export_kohya")
+    else:
+        check_output_file(path, "kohya file")
+    out: dict[str, Tensor] = {}
+    for tpath, _, _, p in entries:
+        # Codecs hand back whole tensors (all-gathered when sharded: every rank takes part).
+        for suffix, tensor in codecs[tpath].write(p).items():
+            out[f"{stems[tpath]}.{suffix}"] = full_tensor(tensor)
+    metadata = {**_network_metadata(list(codecs.values())), "lora_param_adapter": adapter}
+
+    def write() -> None:
+        check_output_file(path, "kohya file")
+        data = st.save(out, metadata=metadata)
+        atomic_write(path, lambda f: f.write(data))
+
+    return write_once(path, write, collective=sharded)

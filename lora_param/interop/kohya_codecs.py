@@ -11,7 +11,9 @@ knows the suffixes of one family and turns an entry into an adapter entry's fiel
 * LoRA and DoRA started from the weight (PiSSA, OLoRA): written as the plain LoRA (DoRA) of
   rank ``2r`` they equal, read back as such.
 
-:func:`register_kohya_codec` adds a family (LyCORIS LoHa, LoKr, OFT, ...).
+:func:`register_kohya_codec` adds a family (LyCORIS LoHa, LoKr, OFT, ...). On a sharded (FSDP2)
+model :meth:`KohyaCodec.write` runs on every rank and returns whole tensors: read the entry's
+tensors through :func:`lora_param.core.distributed.full_tensor` (a collective per sharded tensor).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
+from ..core.distributed import full_tensor
 from ..core.errors import LoRAError
 from ..core.targets import AdaptTarget
 from ..core.variant import AdapterVariant
@@ -97,10 +100,11 @@ class KohyaCodec:
         return fields, {"lora_A": lora_a, "lora_B": lora_b}
 
     def factors(self, p: AdapterVariant) -> tuple[Tensor, Tensor, int, float]:
-        """The LoRA ``(A, B, rank, alpha)`` written for the entry (our layout)."""
+        """The LoRA ``(A, B, rank, alpha)`` written for the entry (our layout; whole tensors:
+        shards are all-gathered)."""
         tensors = p.tensors()
         fields = p.fields()
-        a, b = tensors["lora_A"].detach(), tensors["lora_B"].detach()
+        a, b = full_tensor(tensors["lora_A"]), full_tensor(tensors["lora_B"])
         return a, b, int(fields["rank"]), float(fields["alpha"])
 
     def write(self, p: AdapterVariant) -> dict[str, Tensor]:
@@ -139,7 +143,7 @@ class KohyaDoRACodec(KohyaCodec):
         return fields, {**tensors, "lora_magnitude": d.reshape(-1)}
 
     def write(self, p: AdapterVariant) -> dict[str, Tensor]:
-        m = p.tensors()["lora_magnitude"].detach()
+        m = full_tensor(p.tensors()["lora_magnitude"])
         ones = [1] * (len(p.weight_shape) - 1)
         return {**super().write(p), "dora_scale": m.reshape(-1, *ones)}
 

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
+
+from ..core.wrappers import unwrap_model
 
 __all__ = [
     "BIN_NAME",
@@ -69,22 +71,6 @@ def safetensors_module():
             f"`{EXTRA_HINT}` (or `pip install safetensors`)."
         ) from exc
     return st
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model under torch.compile's and DistributedDataParallel's wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in (
-            "DataParallel",
-            "DistributedDataParallel",
-        ):
-            model = cast(nn.Module, model.module)
-            continue
-        return model
 
 
 def module_names(model: nn.Module) -> list[str]:

@@ -21,6 +21,7 @@ from ..core.copies import (
     check_copyable,
     register_copies,
 )
+from ..core.distributed import IMPORT_BEFORE_SHARDING, refuse_sharded
 from ..core.errors import LoRAError
 from ..core.inject import Mode, add_lora
 from ..core.lookup import iter_lora, list_adapters
@@ -101,13 +102,15 @@ def import_peft(
 
     Raises:
         LoRAError: not a LoRA folder, a feature lora_param does not model (``lora_bias``,
-            trainable tokens, ...), a layer missing from the model, or shapes that do not match;
-            the model is left unchanged.
+            trainable tokens, ...), a layer missing from the model, or shapes that do not match,
+            a sharded (FSDP2) model (import before ``fully_shard``); the model is left
+            unchanged.
     """
 
     path = Path(directory)
     config, raw = read_folder(path)
     target = unwrap_model(model)
+    refuse_sharded(target, "import_peft", IMPORT_BEFORE_SHARDING)
     fmt = folder_format(peft_type=str(config.get("peft_type")))
     if fmt is not None and fmt.peft_type != "LORA":
         if adapter in list_adapters(target):

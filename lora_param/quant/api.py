@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.config import QuantizationConfig, quantization_config
+from ..core.distributed import ORDER, fsdp_modules, holds_shards
 from ..core.entries import register_entry
 from ..core.errors import LoRAError
 from ..core.matching import Targets
@@ -238,6 +239,15 @@ def quantize_targets(
             "no layer to quantize: quantize_base packs the weight of Linear, Conv1d/2d/3d, "
             "Embedding and Hugging Face Conv1D layers."
         )
+    managed = fsdp_modules(root) if root is not None else set()
+    sharded = [
+        t.path for t in chosen if id(t.module) in managed or holds_shards(t.module, t.param_name)
+    ]
+    if sharded:
+        raise LoRAError(
+            f"cannot quantize sharded (FSDP2) weights {sharded[:5]}: FSDP2 manages them and "
+            f"would keep gathering the unpacked ones. With FSDP2, {ORDER}"
+        )
     for target in chosen:
         _check_target(target)
     _check_residual(chosen, residual_rank, residual_niter)
@@ -319,7 +329,8 @@ def quantize_base(
 
     Raises:
         LoRAError: Unknown method, bad block size, a weight that is already packed or
-            already has LoRA, a non-floating or 1-D tensor, a pattern that matches nothing.
+            already has LoRA, a non-floating or 1-D tensor, a pattern that matches nothing, a
+            sharded (FSDP2) weight (quantize before ``add_lora`` and ``fully_shard``).
     """
     from ..core.inject import find_targets
 
@@ -356,8 +367,21 @@ def dequantize_base(model: nn.Module) -> nn.Module:
 
     Returns:
         The model.
+
+    Raises:
+        LoRAError: The packed weights are sharded (FSDP2): dequantize before ``fully_shard``,
+            or write a merged checkpoint with :func:`lora_param.save_merged`.
     """
     found = list(iter_quantized(model))
+    managed = fsdp_modules(model)
+    sharded = [path for path, module, _ in found if id(module) in managed]
+    if sharded:
+        raise LoRAError(
+            f"dequantize_base cannot unpack sharded (FSDP2) weights {sharded[:5]}: the plain "
+            "weights would be new parameters that FSDP2 does not manage. Dequantize before "
+            "fully_shard; for a merged checkpoint in the compute dtype call "
+            "save_merged(model, folder) on every rank."
+        )
     with torch.no_grad():
         values = [head(*stored_tensors(module)) for _, module, head in found]
     for (_, module, _), value in zip(found, values, strict=True):

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from ..core.entries import drop_entries, entry_list, register_entry, restore_order
 from ..core.errors import LoRAError
 from ..core.forward import install_forward
+from ..core.generated_class import class_before_parametrizations
 from ..core.store import BaseStore, MergeStep
 from ..core.targets import AdaptTarget, join
 
@@ -45,7 +46,7 @@ def bnb_kind(module: nn.Module) -> str | None:
 
     Decided from the class hierarchy, so models without bitsandbytes never import it.
     """
-    cls = parametrize.type_before_parametrizations(module)
+    cls = class_before_parametrizations(module)
     for base in cls.__mro__:
         if base.__module__.startswith("bitsandbytes"):
             if base.__name__ == "Linear4bit":
@@ -108,8 +109,21 @@ class BnbWeight(BaseStore):
         scb = getattr(original, "SCB", None)
         return scb if scb is not None else self._state.SCB
 
+    def _check_packed(self, original: Any) -> None:
+        """Refuse a weight that is no longer bitsandbytes' own parameter (sharded by FSDP2)."""
+        if not type(original).__module__.startswith("bitsandbytes"):
+            raise LoRAError(
+                f"this bitsandbytes {self.layer_kind} layer's weight is a plain "
+                f"{type(original).__name__} now, without its quantization state: the model was "
+                "sharded (FSDP2 fully_shard), and bitsandbytes' packed parameters do not survive "
+                "sharding (bitsandbytes#1424, #1945). Shard lora_param's own packed base "
+                "instead: load the model unquantized, add_lora(model, ..., quantize='nf4') (or "
+                "quantize_base, then add_lora), then fully_shard."
+            )
+
     def forward(self, original: Any) -> Tensor:
         """The dequantized weight, ``(out, in)``, in the compute dtype."""
+        self._check_packed(original)
         if self.layer_kind == "4bit":
             functional = _bitsandbytes().functional
             weight = functional.dequantize_4bit(original.data, original.quant_state)
@@ -121,6 +135,7 @@ class BnbWeight(BaseStore):
         """The layer's own bitsandbytes matmul (without its bias when ``bias`` is False)."""
         bnb = _bitsandbytes()
         original = stored[0]
+        self._check_packed(original)
         b = layer.bias if bias else None
         if self.layer_kind == "4bit":
             if not layer.compute_type_is_set:

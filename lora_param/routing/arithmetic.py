@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.copies import CopyPlan, TrainableCopy, iter_copies, register_copies
+from ..core.distributed import refuse_sharded
 from ..core.entries import entry_list
 from ..core.errors import LoRAError
 from ..core.forward import is_installed
@@ -242,9 +243,17 @@ def combine_adapters(
 
     Raises:
         LoRAError: Unknown or non-plain adapters, a taken or invalid name, bad method, rank or
-            density. Nothing is changed then.
+            density, a sharded (FSDP2) model (the new adapter's tensors would be parameters
+            FSDP2 does not manage). Nothing is changed then.
     """
     _check_args(model, weights, name, method, rank, density)
+    refuse_sharded(
+        model,
+        "combine_adapters",
+        "Combine before fully_shard; after distributed training, save_lora on every rank, "
+        "then in one process load_lora the file into the unsharded base model, combine there "
+        "and save_lora the result.",
+    )
     layers = _sources(model, weights, method)
     copies = _copies(model, weights)
     generator = torch.Generator().manual_seed(seed)

@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from ..core.adapter_file import read_lora_file
 from ..core.copies import TrainableCopy, iter_copies
+from ..core.distributed import copy_into, fsdp_modules, refuse_sharded
 from ..core.errors import LoRAError
-from ..core.lookup import check_adapters_exist, iter_lora, list_adapters
+from ..core.lookup import check_adapters_exist, clear_lora_cache, iter_lora, list_adapters
 from ..core.targets import base_tensor
 from ..core.variant import AdapterVariant, require
 
@@ -57,12 +58,22 @@ def prepare_hotswap(model: nn.Module, max_rank: int, adapter: str | None = None)
 
     Raises:
         LoRAError: ``max_rank`` is not a positive integer or is smaller than an adapter's
-            rank, an adapter is missing or its variant cannot be swapped. Nothing is changed
-            then.
+            rank, an adapter is missing or its variant cannot be swapped, the model is
+            sharded (FSDP2) and the adapters would need new tensors (prepare before
+            ``fully_shard``). Nothing is changed then.
     """
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
         raise LoRAError(f"max_rank must be a positive integer, got {max_rank!r}.")
     entries = _entries(model, adapter)
+    if fsdp_modules(model) and any(
+        p.swap_room() < max_rank or not p.swap_prepared() for p in entries.values()
+    ):
+        refuse_sharded(
+            model,
+            "prepare_hotswap",
+            "It pads the adapters into new, larger tensors: call prepare_hotswap before "
+            "fully_shard; hotswap_lora then works on the sharded model.",
+        )
     too_big = [
         f"{k} (rank {p.swap_room()})" for k, p in entries.items() if p.swap_room() > max_rank
     ]
@@ -151,7 +162,8 @@ def hotswap_lora(
     (``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA) into the scale buffer. Layers
     the adapter targets but the file does not get a zero update. Trainable tensors the file
     carries (a head, biases) are copied in place too. Outputs then equal a fresh model with
-    the file loaded; each adapter keeps its enabled state.
+    the file loaded; each adapter keeps its enabled state. On a sharded (FSDP2) model (prepared
+    before ``fully_shard``) each rank reads the file and keeps its own shards.
 
     Args:
         model: A model prepared with :func:`prepare_hotswap` (compiled or not).
@@ -176,7 +188,9 @@ def hotswap_lora(
         for step in steps:
             step()
         for c, value in copies:
-            c.value.copy_(value)
+            copy_into(c.value, value)
+    if fsdp_modules(model):
+        clear_lora_cache(model)  # FSDP2 gathers into the same tensors, versions unchanged
     return model
 
 

@@ -43,10 +43,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from ..core.distributed import fsdp_modules
 from ..core.entries import BASE, AdapterList, adapter_lists, selecting
 from ..core.errors import LoRAError
 from ..core.eval_cache import VersionedCache
 from ..core.forward import base_output, is_installed, layer_kind_of, layer_output, set_route
+from ..core.generated_class import class_before_parametrizations
 from ..core.layer_ops import OPS
 from ..core.lookup import list_adapters
 from ..core.targets import is_hf_conv1d
@@ -77,6 +79,9 @@ class MixState:
         names: Slot -> adapter name (slot 0: ``"__base__"``).
         index: ``(examples,)`` long tensor, the slot of each example (updated in place).
         mixed: Names of the adapters used by the current mix.
+        cache_stacks: Whether stacked factors may be kept across no_grad forwards: not on a
+            sharded (FSDP2) model, whose forward all-gathers into the same tensors without
+            bumping their version counters (a kept stack would miss an optimizer step).
     """
 
     def __init__(self, slots: dict[str, int], index: Tensor) -> None:
@@ -84,6 +89,7 @@ class MixState:
         self.names = [BASE, *slots]
         self.index = index
         self.mixed: frozenset[str] = frozenset()
+        self.cache_stacks = True
 
     def rows(self, n: int, layer: str) -> Tensor:
         """The slot of each of ``n`` rows: example ``j // k`` when ``n = k * examples``."""
@@ -131,7 +137,7 @@ class StackedRoute:
 
     def _stacked(self, entries: list[AdapterVariant]) -> tuple[Tensor, Tensor]:
         """``A`` stacked ``(slots, rank, fan_in)``, scaled ``B`` ``(slots, fan_out, rank)``."""
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or not self.state.cache_stacks:
             self._stacks.clear()
             return self._build(entries)
         tensors = [t for p in entries for t in p.cache_tensors()]
@@ -247,7 +253,7 @@ def _read_directly(model: nn.Module) -> set[int]:
 
 
 def _row_wise(module: nn.Module) -> bool:
-    cls = parametrize.type_before_parametrizations(module)
+    cls = class_before_parametrizations(module)
     if is_hf_conv1d(module):
         return True
     if issubclass(cls, nn.modules.batchnorm._BatchNorm) and module.training:
@@ -424,6 +430,7 @@ def mixed_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module
     else:
         state.index = index.to(device)
     state.mixed = mixed
+    state.cache_stacks = not fsdp_modules(model)
     handles: list[RemovableHandle] = []
     overridden: list[nn.Module] = []
     with ExitStack() as stack:

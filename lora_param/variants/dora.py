@@ -195,6 +195,17 @@ class DoRAParametrization(LoRAParametrization):
             ).to(weight.dtype)
         return merged * self._broadcast(self.lora_magnitude.to(weight.dtype) / norms)
 
+    def merged_inplace(self, weight: Tensor) -> Tensor:
+        """:meth:`adapt`'s ``m * (W + sBA) / ||W + sBA||`` formed in ``weight`` itself."""
+        if not weight.is_contiguous():
+            return self.merged(weight)
+        with torch.no_grad():
+            merged = self._add_update_(weight)
+            matrix = self._matrix(merged)
+            norms = torch.linalg.vector_norm(matrix, dim=1, dtype=self.compute_dtype_for(matrix))
+            scale = self.lora_magnitude.to(weight.dtype) / norms.to(weight.dtype)
+            return merged.mul_(self._broadcast(scale))
+
     def add_branch(self, ops: LayerOps, layer: Any, x: Tensor, y: Tensor) -> Tensor:
         """Not additive: DoRA computes the whole layer in :meth:`layer_forward`."""
         raise NotImplementedError

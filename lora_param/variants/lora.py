@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from ..core.distributed import copy_into
 from ..core.errors import LoRAError
 from ..core.layer_ops import LayerKind, LayerOps
 from ..core.targets import LayerSpec
@@ -184,6 +185,25 @@ class LoRAParametrization(AdapterVariant):
         matrix = weight.reshape(self.fan_out, self.fan_in)
         return torch.addmm(matrix, lora_b, lora_a, alpha=scale).view(weight.shape)
 
+    def merged_inplace(self, weight: Tensor) -> Tensor:
+        """``weight += scale * B @ A`` in place (float32 or wider; no second weight-sized tensor).
+
+        A subclass with its own :meth:`adapt` gets :meth:`merged` unless it overrides this too.
+        """
+        if type(self).adapt is not LoRAParametrization.adapt or not weight.is_contiguous():
+            return self.merged(weight)
+        return self._add_update_(weight)
+
+    def _add_update_(self, weight: Tensor) -> Tensor:
+        """``weight + scale * B @ A`` written into ``weight`` (contiguous, the update's dtype)."""
+        with torch.no_grad():
+            lora_a, lora_b, scale = self._factors(weight.dtype, dropout=False)
+            if self.fan_in_fan_out:
+                weight.addmm_(lora_a.t(), lora_b.t(), alpha=scale)
+            else:
+                weight.view(self.fan_out, self.fan_in).addmm_(lora_b, lora_a, alpha=scale)
+        return weight
+
     def add_branch(self, ops: LayerOps, layer: Any, x: Tensor, y: Tensor) -> Tensor:
         """``y + scale * B(A(dropout(x)))`` in the layer's geometry."""
         x_in = x if self.kind == "embedding" else self.dropout(x)
@@ -275,11 +295,13 @@ class LoRAParametrization(AdapterVariant):
 
         def copy_in() -> None:
             rank = 0 if lora_a is None else lora_a.shape[0]
-            self.lora_A[rank:].zero_()
-            self.lora_B[:, rank:].zero_()
+            padded_a = torch.zeros(self.lora_A.shape, dtype=self.lora_A.dtype)
+            padded_b = torch.zeros(self.lora_B.shape, dtype=self.lora_B.dtype)
             if lora_a is not None and lora_b is not None:
-                self.lora_A[:rank].copy_(lora_a)
-                self.lora_B[:, :rank].copy_(lora_b)
+                padded_a[:rank] = lora_a
+                padded_b[:, :rank] = lora_b
+            copy_into(self.lora_A, padded_a)  # this rank's shard of a sharded (FSDP2) factor
+            copy_into(self.lora_B, padded_b)
             self.scale.fill_(scale)  # type: ignore[union-attr]  # a tensor once prepared
             self.alpha = self._alpha_for(scale, self.swap_room())
             self.clear_cache()

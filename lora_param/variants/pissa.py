@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..core.distributed import full_tensor
 from ..core.errors import LoRAError
 from ..core.layer_ops import LayerOps
 from ..core.targets import LayerSpec
@@ -232,8 +233,10 @@ class _StartKept(LoRAParametrization):
         with rsLoRA), so that the scale is unchanged. Loaded onto the pretrained weight it
         gives ``W + s (B A - B0 A0)``.
         """
-        a = torch.cat([self.lora_A.detach(), self.lora_A0])
-        b = torch.cat([self.lora_B.detach(), -self.lora_B0], dim=1)
+        # whole tensors: a sharded (FSDP2) factor is all-gathered (a collective), the start
+        # is a buffer (never sharded)
+        a = torch.cat([full_tensor(self.lora_A), full_tensor(self.lora_A0)])
+        b = torch.cat([full_tensor(self.lora_B), -full_tensor(self.lora_B0)], dim=1)
         alpha = self.alpha * (2**0.5 if self.use_rslora else 2.0)
         return a, b, 2 * self.rank, alpha
 
