@@ -48,6 +48,7 @@ BLOCK = re.compile(r"(<!-- results: (?P<spec>[^\n]*?) -->\n)(?P<body>.*?)(<!-- /
 ORDER = (
     "bench_lora",
     "bench_dora",
+    "bench_variants",
     "bench_trainable_copies",
     "bench_compile",
     "bench_mixed",
@@ -56,6 +57,7 @@ ORDER = (
     "bench_mnist_pipeline",
     "bench_mnist_quantize",
     "search_balanced",
+    "mnist_variants",
 )
 _TIMES = "×"
 
