@@ -183,7 +183,7 @@ def test_a_docs_block_gets_the_table_and_where_it_comes_from(results_mod, render
         "Intro.\n\n<!-- results: bench_fake/main columns=variant,ratio -->\nstale\n"
         "<!-- /results -->\n\nAfter.\n"
     )
-    (text, rendered), = render_mod.render_docs(results, docs).values()
+    ((text, rendered),) = render_mod.render_docs(results, docs).values()
     assert text == page.read_text() and "stale" not in rendered
     assert "| variant | ratio |\n|---|---:|\n| a | 1.00× |\n| b | — |\n" in rendered
     assert "`python benchmarks/bench_fake.py --x 1`" in rendered
