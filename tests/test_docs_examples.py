@@ -194,8 +194,9 @@ def _check_command(words: list[str]) -> None:
         assert rest[:1] == ["install"], f"pip {rest[:1]}: only `pip install` is checked"
         _check_pip(rest[1:])
     elif head == "pytest":
-        for arg in rest:
-            if not arg.startswith("-"):
+        takes_value = {"-n", "-k", "-m", "-p", "--numprocesses", "--dist"}
+        for previous, arg in zip(["", *rest], rest, strict=False):
+            if not arg.startswith("-") and previous not in takes_value:
                 assert (ROOT / arg.split("::")[0]).exists(), f"no test path {arg}"
     elif head == "lora-param-mnist":
         _check_mnist(rest)
