@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Render docs/benchmarks.md from the result files the benchmark scripts wrote.
 
-    python benchmarks/render_results.py            # rewrite docs/benchmarks.md
-    python benchmarks/render_results.py --check    # exit 1 when the page is not what the files give
+    python benchmarks/render_results.py            # rewrite docs/benchmarks.md and the doc tables
+    python benchmarks/render_results.py --check    # exit 1 when a page is not what the files give
 
 Reads ``benchmarks/results/<script>-<device>.json`` (never the ``-quick`` files of smoke runs);
 one section per script (in the order of ``ORDER``, others after them alphabetically) with the
@@ -11,12 +11,24 @@ script ran on several devices (``cpu``, ``cuda-h100``, ...) the runs are listed 
 table is shown per device, and the goals sit side by side, one column per device. The page is
 never edited by hand: ``tests/test_benchmark_results.py`` checks that it is what this script
 renders from the committed files.
+
+Other pages show a results table where they need one, between two markers::
+
+    <!-- results: bench_variants/variants columns=model,variant,vs our LoRA -->
+    (rendered here)
+    <!-- /results -->
+
+``<script>/<table>`` names the table (the first one without ``/<table>``; the CPU run where a
+script ran on several devices), ``columns=`` optionally picks columns; the block gets the table
+and one line saying which run it comes from. This script rewrites those blocks in every page
+under docs/ too, and ``--check`` checks them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,10 +41,14 @@ if str(HERE) not in sys.path:
 from _results import DEFAULT_DIR, results_path, validate  # noqa: E402
 
 PAGE = HERE.parent / "docs" / "benchmarks.md"
+DOCS = HERE.parent / "docs"
+#: A results table in a docs page: ``<!-- results: script[/table][ columns=a,b] -->`` ... end.
+BLOCK = re.compile(r"(<!-- results: (?P<spec>[^\n]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 #: Sections in this order; scripts not listed follow alphabetically.
 ORDER = (
     "bench_lora",
     "bench_dora",
+    "bench_variants",
     "bench_trainable_copies",
     "bench_compile",
     "bench_mixed",
@@ -41,6 +57,7 @@ ORDER = (
     "bench_mnist_pipeline",
     "bench_mnist_quantize",
     "search_balanced",
+    "mnist_variants",
 )
 _TIMES = "×"
 
@@ -289,23 +306,80 @@ def render(results_dir: Path = DEFAULT_DIR) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_block(spec: str, results: Mapping[str, Mapping[tuple[str, str], Any]]) -> str:
+    """The Markdown of one ``<!-- results: ... -->`` block: the table and where it comes from."""
+    where, _, columns = spec.strip().partition(" columns=")
+    script, _, name = where.strip().partition("/")
+    if script not in results:
+        raise ValueError(f"docs ask for {script!r}: no results file of that script")
+    runs = results[script]
+    data = runs[sorted(runs, key=_run_key)[0]]
+    tables = data["tables"]
+    table = next((t for t in tables if t["name"] == name), None) if name else tables[0]
+    if table is None:
+        raise ValueError(f"{script} has no table {name!r} (it has {[t['name'] for t in tables]})")
+    if columns:
+        wanted = [c.strip() for c in columns.split(",")]
+        have = {c["name"]: c for c in table["columns"]}
+        unknown = [c for c in wanted if c not in have]
+        if unknown:
+            raise ValueError(f"{script}/{table['name']} has no columns {unknown}")
+        table = {
+            **table,
+            "columns": [have[c] for c in wanted],
+            "rows": [{c: row[c] for c in wanted} for row in table["rows"]],
+        }
+    load = _load(data["load_average"])
+    source = (
+        f"*Rendered from `benchmarks/results/{script}-{data['device']}.json`: "
+        f"`{data['command']}`, {data['date'][:10]}, {data['machine']['cpu']} "
+        f"({data['machine']['threads']} torch threads), load average {load}.*"
+    )
+    return "\n".join([*render_table(table), "", source]) + "\n"
+
+
+def render_docs(
+    results_dir: Path = DEFAULT_DIR, docs_dir: Path = DOCS
+) -> dict[Path, tuple[str, str]]:
+    """``{page: (current text, rendered text)}`` for every docs page with a results block."""
+    results = load_results(results_dir)
+    out = {}
+    for page in sorted(Path(docs_dir).rglob("*.md")):
+        text = page.read_text()
+        if "<!-- results: " not in text:
+            continue
+        new = BLOCK.sub(lambda m: m[1] + render_block(m["spec"], results) + m[4], text)
+        out[page] = (text, new)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--output", type=Path, default=PAGE, help="default: docs/benchmarks.md")
     parser.add_argument("--check", action="store_true", help="compare, do not write")
+    parser.add_argument("--docs-dir", type=Path, default=DOCS, help="pages with results blocks")
     args = parser.parse_args(argv)
     page = render(args.results_dir)
+    docs = render_docs(args.results_dir, args.docs_dir)
     if args.check:
         current = args.output.read_text() if args.output.is_file() else ""
+        stale = [p for p, (old, new) in docs.items() if old != new]
         if current != page:
-            print(f"{args.output} is not what the results give: run {Path(__file__).name}")
+            stale.insert(0, args.output)
+        for path in stale:
+            print(f"{path} is not what the results give: run {Path(__file__).name}")
+        if stale:
             return 1
-        print(f"{args.output} is up to date")
+        print(f"{args.output} and {len(docs)} docs page(s) with results tables are up to date")
         return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(page)
     print(f"wrote {args.output}")
+    for path, (old, new) in docs.items():
+        if old != new:
+            path.write_text(new)
+            print(f"wrote the results tables of {path}")
     return 0
 
 

@@ -161,3 +161,39 @@ def test_parts_of_one_script_share_its_section(results_mod, render_mod, tmp_path
     assert page.count("## Fake\n") == 1
     assert "Run on **cpu bf16**" in page and "Run on **cpu fp32**" in page
     assert "| bf16: a goal |" in page and "| fp32: a goal |" in page
+
+
+def test_docs_tables_are_what_the_renderer_makes_of_the_results(render_mod) -> None:
+    pages = render_mod.render_docs(RESULTS, ROOT / "docs")
+    assert {"mnist.md", "variants.md"} <= {p.name for p in pages}
+    for page, (text, rendered) in pages.items():
+        assert text == rendered, (
+            f"{page.relative_to(ROOT)}: its results tables differ from the results files: run "
+            "`python benchmarks/render_results.py` (never edit them by hand)"
+        )
+
+
+def test_a_docs_block_gets_the_table_and_where_it_comes_from(results_mod, render_mod, tmp_path):
+    results = tmp_path / "results"
+    _fake_run(results_mod, "cpu", 1.0, results)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    page = docs / "page.md"
+    page.write_text(
+        "Intro.\n\n<!-- results: bench_fake/main columns=variant,ratio -->\nstale\n"
+        "<!-- /results -->\n\nAfter.\n"
+    )
+    ((text, rendered),) = render_mod.render_docs(results, docs).values()
+    assert text == page.read_text() and "stale" not in rendered
+    assert "| variant | ratio |\n|---|---:|\n| a | 1.00× |\n| b | — |\n" in rendered
+    assert "`python benchmarks/bench_fake.py --x 1`" in rendered
+    assert rendered.startswith("Intro.\n\n<!-- results:") and rendered.endswith("\n\nAfter.\n")
+    assert render_mod.main(["--results-dir", str(results), "--docs-dir", str(docs),
+                            "--output", str(tmp_path / "b.md")]) == 0  # fmt: skip
+    assert page.read_text() == rendered
+    page.write_text(rendered.replace("| a |", "| z |"))
+    assert render_mod.main(["--results-dir", str(results), "--docs-dir", str(docs),
+                            "--output", str(tmp_path / "b.md"), "--check"]) == 1  # fmt: skip
+    page.write_text("<!-- results: bench_fake/nope -->\n<!-- /results -->\n")
+    with pytest.raises(ValueError, match="no table 'nope'"):
+        render_mod.render_docs(results, docs)

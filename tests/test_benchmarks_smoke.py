@@ -125,6 +125,25 @@ def test_bench_dora_quick_runs_and_prints_goals(tmp_path):
     assert goals and len(goals) == len(_goals(tmp_path)), out
 
 
+def test_bench_variants_quick_builds_each_variant_as_peft_does(tmp_path):
+    """bench_variants.py --quick on the MLP: ours and PEFT's variants timed, the same trainable
+    tensors on both sides, one goal per variant PEFT has."""
+    variants = ["lora", "dora", "loha", "lokr", "oft-input", "oft-output"]
+    out = _run_script(
+        "bench_variants.py", "--quick", "--models", "mlp", "--repeats", "1", "--no-memory",
+        "--variants", *variants, results=tmp_path,
+    ).stdout  # fmt: skip
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {r["variant"]: r for r in data["tables"][0]["rows"]}
+    import lora_param
+
+    have = [v for v in variants if v.removesuffix("-input").removesuffix("-output")
+            in lora_param.variant_names()]  # fmt: skip
+    assert list(rows) == have and len(_goals(tmp_path)) == len(have) - 1, out
+    for name, row in rows.items():  # PEFT adapts the same tensors, with the same sizes
+        assert row["PEFT trainable"] == (None if name == "oft-output" else row["trainable"])
+
+
 def test_bench_quantize_quick_times_the_dequantize(tmp_path):
     """bench_quantize.py --quick: packing memory per method, dequantize time per kernel."""
     out = _run_script("bench_quantize.py", "--quick", "--threads", "1", results=tmp_path).stdout

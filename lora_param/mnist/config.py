@@ -34,9 +34,16 @@ class PipelineConfig:
         digit: Digit to fine-tune on: 0-9, "worst" (the digit with the most errors before
             fine-tuning), or None: 9 as in the tutorial, or with `load_adapter` the digit recorded
             in the report.json beside the adapter.
-        rank: LoRA rank.
-        alpha: LoRA alpha (scale = alpha / rank).
+        rank: LoRA rank; with another `variant`, the LoRA rank whose trainable-parameter count
+            the variant's ranks match (see `lora_param.mnist.adapters`).
+        alpha: LoRA alpha (scale = alpha / rank; every variant is trained at this scale).
         ranks: Rank sweep: one fine-tune per rank from the same pretrained model.
+        variant: The adapter: a registered variant that adapts Linear layers, with its options
+            after a colon (``"lora"``, ``"dora"``, ``"oft:side=output"``).
+        init: ``"default"`` (the tutorial's A ~ N(0, 1) where the variant takes it, else the
+            variant's own), ``"pissa"`` or ``"olora"`` (from the weight, LoRA and DoRA).
+        lrs: Learning rates to choose from on the selection split (validation), one fine-tune
+            each; None trains once at the recipe's (or `finetune_lr`).
         recipe: Fine-tuning recipe ("tutorial" or "balanced"), see `train.RECIPES`.
         finetune_steps: Override the recipe's steps.
         finetune_batch_size: Override the recipe's batch size.
@@ -71,6 +78,9 @@ class PipelineConfig:
     rank: int = 1
     alpha: float = 1.0
     ranks: list[int] | None = None
+    variant: str = "lora"
+    init: str = "default"
+    lrs: list[float] | None = None
     recipe: str = "tutorial"
     finetune_steps: int | None = None
     finetune_batch_size: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import platform
 import time
@@ -15,7 +16,6 @@ from torch import Tensor, nn
 
 from lora_param import (
     LoRAError,
-    add_lora,
     iter_lora,
     load_lora,
     lora_disabled,
@@ -28,6 +28,7 @@ from lora_param import (
 )
 from lora_param.core.atomic import atomic_write
 
+from .adapters import add_adapter, init_value, parse_variant
 from .checkpoint import (
     base_state,
     check_checkpoint_split,
@@ -50,7 +51,16 @@ from .data import MNISTTensors, load_mnist
 from .evaluate import EvalResult, evaluate, worst_digit
 from .model import LINEAR_LAYERS, build_model
 from .quantized import quantize_pretrained, storage_line
-from .report import digit_changes, gain_stops_at, plot_errors, summary_text, sweep_table, write_json
+from .report import (
+    LR_MAX_DROP_POINTS,
+    choose_lr,
+    digit_changes,
+    gain_stops_at,
+    plot_errors,
+    summary_text,
+    sweep_table,
+    write_json,
+)
 from .runtime import PhaseTimer, available_cpus, num_threads, resolve_device
 from .split import hold_out_validation
 from .train import finetune, pretrain
@@ -94,10 +104,13 @@ def _finetune_once(
     timer: PhaseTimer,
     device: torch.device,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Add LoRA at `rank` to a copy of `base`, fine-tune (or load the adapter), evaluate on the
-    selection split (validation; the training images with the tutorial's data), never on test."""
+    """Add the adapter (LoRA at `rank`, or another variant at LoRA rank `rank`'s budget) to a
+    copy of `base`, fine-tune it (once per learning rate of ``config.lrs``, keeping the one
+    `choose_lr` picks) or load it, and evaluate on the selection split (validation; the
+    training images with the tutorial's data), never on test."""
     model = copy.deepcopy(base)
     recipe = config.finetune_recipe()
+    result: dict[str, Any] = {"rank": rank, "alpha": config.alpha}
     with timer("add_lora"):
         if config.load_adapter:
             load_lora(model, config.load_adapter)
@@ -105,41 +118,89 @@ def _finetune_once(
             torch.manual_seed(
                 config.seed + 1000 * rank + 1
             )  # LoRA A ~ N(0, 1): same draw for a given seed
-            add_lora(model, list(LINEAR_LAYERS), rank=rank, alpha=config.alpha, init="gaussian")
+            spec = parse_variant(config.variant)
+            budget = add_adapter(model, LINEAR_LAYERS, spec, config.init, rank, config.alpha)
+            result.update(
+                variant=spec.label,
+                init=config.init,
+                init_value=init_value(spec.name, config.init),
+                budget=budget.to_dict(),
+                variant_rank=budget.rank_text(),
+            )
         model.to(device)
     counts = parameter_counts(model)
-    result: dict[str, Any] = {"rank": rank, "alpha": config.alpha}
+    images, labels, split = data.selection()
+
+    def select(candidate: nn.Module, desc: str) -> EvalResult:
+        with timer("eval_lora_on"):
+            return evaluate(
+                candidate,
+                images,
+                labels,
+                batch_size=config.eval_batch_size,
+                desc=desc,
+                progress=config.progress,
+                split=split,
+            )
+
     if config.load_adapter:
-        ranks = sorted({int(p.fields()["rank"]) for *_, p in iter_lora(model)})
-        alphas = sorted({float(p.fields()["alpha"]) for *_, p in iter_lora(model)})
+        entries = [p for *_, p in iter_lora(model)]
+        ranks = sorted({int(p.fields()["rank"]) for p in entries})
+        alphas = sorted({float(p.fields().get("alpha") or 0.0) for p in entries})
         result["rank"] = ranks[0] if len(ranks) == 1 else ranks
         result["alpha"] = alphas[0] if len(alphas) == 1 else alphas
+        result["variant"] = ", ".join(sorted({p.variant for p in entries}))
         result["finetune"] = None
+        on = select(model, f"evaluate LoRA on ({split})")
     else:
-        gen = torch.Generator().manual_seed(config.seed + 1)
-        with timer("finetune"), num_threads(config.train_threads):
-            train = finetune(
-                model,
-                data.train_images,
-                data.train_labels,
-                target,
-                recipe,
-                teacher=lambda: lora_disabled(model),
-                generator=gen,
-                progress=config.progress,
-            )
-        result["finetune"] = train.to_dict()
-    images, labels, split = data.selection()
-    with timer("eval_lora_on"):
-        on = evaluate(
-            model,
-            images,
-            labels,
-            batch_size=config.eval_batch_size,
-            desc=f"evaluate LoRA on ({split})",
-            progress=config.progress,
-            split=split,
-        )
+        lrs = config.lrs or [recipe.lr]
+        tried: list[tuple[nn.Module, dict[str, Any], EvalResult]] = []
+        for lr in lrs:
+            candidate = copy.deepcopy(model) if len(lrs) > 1 else model
+            gen = torch.Generator().manual_seed(config.seed + 1)
+            with timer("finetune"), num_threads(config.train_threads):
+                train = finetune(
+                    candidate,
+                    data.train_images,
+                    data.train_labels,
+                    target,
+                    recipe.with_overrides(lr=lr),
+                    teacher=functools.partial(lora_disabled, candidate),
+                    generator=gen,
+                    progress=config.progress,
+                )
+            desc = f"evaluate LoRA on ({split})" + (f", lr {lr:g}" if len(lrs) > 1 else "")
+            on = select(candidate, desc)
+            row = {
+                "lr": lr,
+                "split": split,
+                "changes": digit_changes(pre_selection.to_dict(), on.to_dict(), target),
+                "accuracy": on.accuracy,
+                "finetune": train.to_dict(),
+            }
+            tried.append((candidate, row, on))
+        pick = choose_lr([row for _, row, _ in tried]) if len(tried) > 1 else 0
+        model, chosen, on = tried[pick]
+        result["finetune"] = chosen["finetune"]
+        result["lr"] = chosen["lr"]
+        if len(tried) > 1:
+            result["lr_choice"] = {
+                "value": chosen["lr"],
+                "split": split,
+                "rule": f"largest {split} cut within {LR_MAX_DROP_POINTS} points of accuracy, "
+                "else the smallest accuracy drop",
+                "candidates": [
+                    {
+                        "lr": row["lr"],
+                        "target_after": row["changes"]["target"]["after"],
+                        "target_cut": row["changes"]["target"]["reduction"],
+                        "accuracy": row["accuracy"],
+                        "accuracy_change_points": row["changes"]["accuracy_change_points"],
+                    }
+                    for _, row, _ in tried
+                ],
+            }
+        del tried
     result.update(
         {
             "selection": {
@@ -374,8 +435,10 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
         **recipe.to_dict(),
         "pretrain": asdict(config.pretrain),
         "target_digit": target,
-        "init": "gaussian",
+        "init": first.get("init_value", "gaussian"),
         "layers": list(LINEAR_LAYERS),
+        "variant": first.get("variant", "lora"),
+        "lr": first.get("lr", recipe.lr),
     }
     if config.load_adapter:  # the adapter's own recipe, as recorded beside it (if it was)
         recipe_info = sidecar.get("recipe") or {"name": "loaded adapter"}
@@ -389,6 +452,8 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
     }
     if gain_stop is not None or config.ranks:
         choices["gain_stops_at_rank"] = {"value": gain_stop, "split": sel_split}
+    if "lr_choice" in first:
+        choices["lr"] = first["lr_choice"]
     selection_block = {
         "pretrained": pre_selection.to_dict(),
         "lora_on": first["selection"]["lora_on"],
@@ -409,6 +474,11 @@ def _run(config: PipelineConfig, data: MNISTTensors | None, threads: int) -> Pip
         "worst_digit": worst,
         "rank": first["rank"],
         "alpha": first["alpha"],
+        "variant": first.get("variant", "lora"),
+        "init": first.get("init", "default"),
+        "variant_rank": first.get("variant_rank", str(first["rank"])),
+        "budget": first.get("budget"),
+        "lr": first.get("lr"),
         "lora_params": first["lora_params"],
         "base_params": first["base_params"],
         "trainable_params": first["trainable_params"],

@@ -88,9 +88,14 @@ def summary_text(report: Mapping[str, Any]) -> str:
     """The end-of-run summary: table, target and other digits, forgetting note, checks, counts."""
     target = report["target_digit"]
     rank, alpha = report["rank"], report["alpha"]
+    variant = report.get("variant") or "lora"
+    init = report.get("init") or "default"
+    adapter = f"r={rank}" if variant == "lora" else f"{variant}, r={report['variant_rank']}"
+    if init != "default":
+        adapter += f", init {init}"
     rows = [
         ("pretrained", report["pretrained"]),
-        (f"LoRA on (r={rank}, digit {target})", report["lora_on"]),
+        (f"LoRA on ({adapter}, digit {target})", report["lora_on"]),
         ("LoRA off", report["lora_off"]),
     ]
     width = max(len(label) for label, _ in [*rows, ("change vs pretrained", {})])
@@ -131,9 +136,17 @@ def summary_text(report: Mapping[str, Any]) -> str:
     )
     frozen = "PASS" if report["frozen_unchanged"] else "FAIL"
     lines.append(f"check: no frozen weight changed during fine-tuning: {frozen}")
+    budget = report.get("budget")
+    if (variant == "lora" and init == "default") or not budget:
+        at = f"at rank {rank}, alpha {alpha:g}"
+    else:
+        at = (
+            f"{variant} at rank {report['variant_rank']} (LoRA rank {budget['reference_rank']} "
+            f"has {budget['reference_trainable']:,}; scale {alpha / int(rank):g})"
+        )
     lines.append(
         f"parameters: {report['base_params']:,} base, {report['lora_params']:,} LoRA "
-        f"({report['lora_percent_of_base']:.3f}% of base) at rank {rank}, alpha {alpha:g}"
+        f"({report['lora_percent_of_base']:.3f}% of base) {at}"
     )
     sec = report["seconds"]
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sec.items()))
@@ -169,6 +182,13 @@ def _choice_lines(report: Mapping[str, Any]) -> list[str]:
             f"digit with the most {made_on} errors before fine-tuning: {worst} "
             f"({block['pretrained']['wrong_per_digit'][worst]} wrong)"
         )
+    lr = choices.get("lr")
+    if lr:
+        tried = ", ".join(
+            f"{c['lr']:g}: {100 * c['target_cut']:.0f}% cut, {c['accuracy_change_points']:+.2f}pt"
+            for c in lr["candidates"]
+        )
+        lines.append(f"learning rate chosen on {lr['split']}: {lr['value']:g} ({tried})")
     return lines
 
 
@@ -224,6 +244,44 @@ def gain_stops_at(rows: Sequence[Mapping[str, Any]], target: int, tolerance: int
         ):
             return int(prev["rank"])
     return int(rows[-1]["rank"])
+
+
+#: The learning-rate rule keeps candidates that lose at most this many accuracy points.
+LR_MAX_DROP_POINTS = 0.5
+
+
+def choose_lr(candidates: Sequence[Mapping[str, Any]]) -> int:
+    """Index of the learning rate to keep, by the rule fixed before any run (validation only).
+
+    Among the candidates whose accuracy drops by at most `LR_MAX_DROP_POINTS`, the largest cut
+    in target-digit errors (then the better accuracy change, then the smaller rate); when none
+    stays within it, the best accuracy change (then the larger cut, then the smaller rate). The
+    balanced recipe's settings were chosen by the same rule.
+
+    Args:
+        candidates: ``{"lr", "split", "changes"}`` per rate, "changes" from `digit_changes`.
+
+    Raises:
+        LoRAError: A candidate was evaluated on the test set.
+    """
+    if not candidates:
+        raise ValueError("no learning rate to choose from")
+    for c in candidates:
+        refuse_test_split(c.get("split"), "the learning rate")
+
+    def cut(c: Mapping[str, Any]) -> float:
+        return float(c["changes"]["target"]["reduction"])
+
+    def points(c: Mapping[str, Any]) -> float:
+        return float(c["changes"]["accuracy_change_points"])
+
+    order = range(len(candidates))
+    within = [i for i in order if points(candidates[i]) >= -LR_MAX_DROP_POINTS]
+    if within:
+        return max(within, key=lambda i: (cut(candidates[i]), points(candidates[i]),
+                                          -candidates[i]["lr"]))  # fmt: skip
+    return max(order, key=lambda i: (points(candidates[i]), cut(candidates[i]),
+                                     -candidates[i]["lr"]))  # fmt: skip
 
 
 def _jsonable(value: Any) -> Any:
