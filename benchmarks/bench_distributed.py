@@ -271,7 +271,9 @@ def main() -> None:
         for r in cells:
             print("| " + " | ".join(r) + " |")
     if writer is not None:
-        results = writer.Results("bench_distributed", __doc__, args, threads=1)
+        # --nf4-only writes its own part: it never replaces the full run's file.
+        part = "nf4" if args.nf4_only else None
+        results = writer.Results("bench_distributed", __doc__, args, threads=1, part=part)
         columns = [writer.Column(c, u, spec) for c, u, spec in COLUMNS]
         results.table("memory per rank", columns, rows, title=header)
         results.write(args.results_dir)

@@ -448,6 +448,8 @@ def test_benchmark_script_runs_both_sides(
                 "5",
                 "--json",
                 str(tmp_path / "b.json"),
+                "--results-dir",
+                str(tmp_path / "results"),  # never into the checkout
             ]
         )
         == 0

@@ -36,7 +36,7 @@ LayerKind = Literal["linear", "conv", "embedding", "conv1d_hf", "param", "expert
 BaseOp = Callable[[Any, Tensor, Tensor, "Tensor | None"], Tensor]
 LowRankOp = Callable[[Any, Tensor, Tensor, Tensor], Tensor]
 InputGradOp = Callable[[Any, Tensor, Tensor, "torch.Size"], Tensor]
-RoutedOp = Callable[[Any, Tensor, Tensor, Tensor, Tensor, "tuple[int, ...]"], Tensor]
+RoutedOp = Callable[[Any, Tensor, Tensor, Tensor, Tensor, "tuple[int, ...]", Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,11 @@ class LayerOps:
             where autograd recomputes it (convolutions) or there is none (embeddings).
         channel_dim: The output dimension holding the matrix rows' outputs (``-1``; ``1`` for
             convolutions): per-output scales (DoRA) broadcast along it.
-        routed: ``(layer, x, A_stack, B_stack, index, weight_shape) -> update``: per-example
-            low-rank updates, example ``i`` using ``A_stack[index[i]]`` and
-            ``B_stack[index[i]]`` (``(slots, r, fan_in)`` and ``(slots, fan_out, r)``).
+        routed: ``(layer, x, A_stack, B_stack, index, weight_shape, y) -> y + update``:
+            per-example low-rank updates added to the base output ``y``, example ``i`` using
+            ``A_stack[index[i]]`` and ``B_stack[index[i]]`` (``(slots, r, fan_in)`` and
+            ``(slots, fan_out, r)``). ``y`` must be the forward's fresh base output, which no
+            backward uses: the update is added into it in place.
     """
 
     kind: str
@@ -78,13 +80,21 @@ def _linear_input_grad(m: Any, grad: Tensor, w: Tensor, shape: torch.Size) -> Te
     return (grad.reshape(-1, grad.shape[-1]) @ w).view(shape)
 
 
+def _writable(y: Tensor) -> Tensor:
+    """``y``, or a copy where autograd forbids writing into it (a view a custom Function
+    returned, as a packed base's lean forward may; under torch.compile, which fuses the copy)."""
+    return y.clone() if torch.compiler.is_compiling() or y._is_view() else y
+
+
 def _linear_routed(
-    m: Any, x: Tensor, a: Tensor, b: Tensor, idx: Tensor, shape: tuple[int, ...]
+    m: Any, x: Tensor, a: Tensor, b: Tensor, idx: Tensor, shape: tuple[int, ...], y: Tensor
 ) -> Tensor:
     n = x.shape[0]
     z = torch.bmm(x.reshape(n, -1, x.shape[-1]), a[idx].transpose(1, 2))
-    out = torch.bmm(z, b[idx].transpose(1, 2))
-    return out.view(*x.shape[:-1], b.shape[1])
+    # Into y: no activation-sized update tensor, no second one for the sum.
+    out = _writable(y)
+    out.view(n, -1, y.shape[-1]).baddbmm_(z, b[idx].transpose(1, 2))
+    return out
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -107,7 +117,7 @@ def _conv_lowrank(m: Any, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _conv_routed(
-    m: Any, x: Tensor, a: Tensor, b: Tensor, idx: Tensor, shape: tuple[int, ...]
+    m: Any, x: Tensor, a: Tensor, b: Tensor, idx: Tensor, shape: tuple[int, ...], y: Tensor
 ) -> Tensor:
     # Each example gets its own kernels: fold the batch into conv groups.
     n, groups, rank = x.shape[0], m.groups, a.shape[1]
@@ -126,7 +136,7 @@ def _conv_routed(
     fan_out = b.shape[1]
     kb = b[idx].reshape(n * fan_out, rank, *([1] * (len(kernel) - 1)))
     out = conv(z, kb, None, 1, 0, 1, n * groups)
-    return out.view(n, fan_out, *out.shape[2:])
+    return _writable(y).add_(out.view(y.shape))
 
 
 def _embedding_base(m: Any, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
@@ -138,13 +148,13 @@ def _embedding_lowrank(m: Any, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _embedding_routed(
-    m: Any, x: Tensor, a: Tensor, b: Tensor, idx: Tensor, shape: tuple[int, ...]
+    m: Any, x: Tensor, a: Tensor, b: Tensor, idx: Tensor, shape: tuple[int, ...], y: Tensor
 ) -> Tensor:
     slots, vocab, rank = b.shape
     offset = (idx * vocab).view(-1, *([1] * (x.dim() - 1)))
     rows = F.embedding(x + offset, b.reshape(slots * vocab, rank))
     out = torch.bmm(rows.reshape(x.shape[0], -1, rank), a[idx])
-    return out.view(*x.shape, a.shape[2])
+    return _writable(y).add_(out.view(y.shape))
 
 
 def _conv1d_hf_base(m: Any, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:

@@ -132,8 +132,8 @@ class StackedRoute:
         idx = self.state.rows(x.shape[0], self.name)
         if len(self.state.names) > len(self.state.slots) + 1:  # grouped-only adapters' rows
             idx = idx.masked_fill(idx > len(self.state.slots), 0)
-        update = OPS[kind].routed(module, x, lora_a, lora_b, idx, plist_shape(plist))
-        return y + update.view(y.shape)
+        # y is this forward's fresh base output (no backward reads it): updated in place.
+        return OPS[kind].routed(module, x, lora_a, lora_b, idx, plist_shape(plist), y)
 
     def _stacked(self, entries: list[AdapterVariant]) -> tuple[Tensor, Tensor]:
         """``A`` stacked ``(slots, rank, fan_in)``, scaled ``B`` ``(slots, fan_out, rank)``."""
