@@ -503,6 +503,18 @@ def time_interleaved(
 
 
 def maxrss_bytes() -> int:
+    """The RSS high-water mark: Linux's VmHWM (which ``reset_peak_rss`` resets), else ru_maxrss.
+
+    Not ru_maxrss on Linux: it also keeps the peak of threads that have exited (torch's worker
+    threads), which resetting VmHWM does not clear, so a delta after a reset would read 0.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
 
