@@ -61,13 +61,13 @@ class VersionedCache:
 
     @staticmethod
     def _stamp_of(inputs: Sequence[Tensor], extra: Hashable) -> tuple:
-        return (*((t._version, t.data_ptr()) for t in inputs), extra)
+        # Identity by id(): the cache holds the input tensors themselves (``_inputs``), so no
+        # other object can take one of their ids while the stamp is compared against them.
+        return (*((id(t), t._version, t.data_ptr()) for t in inputs), extra)
 
     def get(self, inputs: Sequence[Tensor], extra: Hashable = None) -> Tensor | tuple | None:
         """The stored value if it was computed from exactly these inputs, else None."""
-        if self.value is None or len(inputs) != len(self._inputs):
-            return None
-        if not all(a is b for a, b in zip(inputs, self._inputs, strict=True)):
+        if self.value is None:
             return None
         return self.value if self._stamp_of(inputs, extra) == self._stamp else None
 

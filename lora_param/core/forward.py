@@ -99,9 +99,11 @@ def _bias(layer: Any) -> Tensor | None:
 
 def layer_output(layer: Any, x: Tensor) -> Tensor:
     """The adapted layer's output for ``x`` (see the module docstring for the cases)."""
-    select = selection()
     plist = _weight_list(layer)
     ops = OPS[layer._lora_kind]
+    if plist.cache_applies():  # evaluation at the merged model's speed: checked first, cheaply
+        return ops.base(layer, x, plist.cached_value(), _bias(layer))
+    select = selection()
     active: list[AdapterVariant] = []
     foreign = False
     store: BaseStore | None = None
@@ -121,8 +123,6 @@ def layer_output(layer: Any, x: Tensor) -> Tensor:
         return ops.base(layer, x, cast(Tensor, plist()), _bias(layer))
     if not active:
         return _base(layer, x, True, plist, store, copy)
-    if plist.cache_applies():
-        return ops.base(layer, x, plist.cached_value(), _bias(layer))
     if not torch.compiler.is_compiling() and plist._value_cache.value is not None:
         plist.clear_cache()  # training moves on: free the evaluation copy
     if all(p.has_branch() for p in active):

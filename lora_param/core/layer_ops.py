@@ -81,9 +81,14 @@ def _linear_input_grad(m: Any, grad: Tensor, w: Tensor, shape: torch.Size) -> Te
 
 
 def _writable(y: Tensor) -> Tensor:
-    """``y``, or a copy where autograd forbids writing into it (a view a custom Function
-    returned, as a packed base's lean forward may; under torch.compile, which fuses the copy)."""
-    return y.clone() if torch.compiler.is_compiling() or y._is_view() else y
+    """``y``, or a copy where autograd forbids writing into it: a view a custom Function
+    returned (a packed base's lean forward may), and under torch.compile (which fuses the copy).
+    Other views (``F.linear`` on a 3-D input returns one) take the update in place."""
+    if torch.compiler.is_compiling():
+        return y.clone()
+    if isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction) and y._is_view():
+        return y.clone()
+    return y
 
 
 def _linear_routed(
