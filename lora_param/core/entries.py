@@ -146,21 +146,13 @@ class AdapterList(ParametrizationList):
         store = self.store()
         return (store is None or store.cacheable) and not self.foreign()
 
-    def _cache_inputs(self) -> tuple[list[Tensor], tuple]:
-        tensors: list[Tensor] = list(self.stored())
-        key: list[Any] = []
-        for p in self._modules.values():
-            if isinstance(p, AdapterEntry):
-                key.append(p.cache_key())
-                if p._enabled:
-                    tensors += p.cache_tensors()
-        return tensors, tuple(key)
+    def cached(self) -> Tensor | None:
+        """The value through the evaluation cache, or None where the cache does not apply.
 
-    def cache_applies(self) -> bool:
-        """Whether a read now may use (and fill) the evaluation cache.
-
-        Under ``torch.no_grad()``, outside ``torch.compile`` and mixed batches, with the cache
-        on, some update enabled, and no enabled update dropping its input in training mode.
+        It applies under ``torch.no_grad()``, outside ``torch.compile`` and mixed batches, with
+        the cache on, some update enabled, and no enabled update dropping its input in training
+        mode. One pass over the entries: this runs in every evaluation forward of every
+        adapted layer, where it is all the time the adapter adds to the merged model's.
         """
         if (
             torch.compiler.is_compiling()
@@ -168,29 +160,34 @@ class AdapterList(ParametrizationList):
             or _SELECTION[0] is not None
             or torch.is_grad_enabled()
         ):
-            return False
+            return None
+        original = self._parameters.get("original")
+        tensors: list[Tensor] = [original] if original is not None else list(self.stored())
+        key: list[Any] = []
         applies = False
         for p in self._modules.values():
-            if isinstance(p, AdapterVariant) and p._enabled:
-                if p.training and p.dropout_p > 0:
-                    return False
-                applies = True
-        return applies
-
-    def cached_value(self) -> Tensor:
-        """The value through the evaluation cache (call only where :meth:`cache_applies`)."""
-        tensors, key = self._cache_inputs()
-        cached = self._value_cache.get(tensors, key)
-        if cached is not None:
-            return cast(Tensor, cached)
-        value = self.chain()
-        self._value_cache.put(tensors, key, value)
-        return value
+            if isinstance(p, AdapterEntry):
+                key.append(p.cache_key())
+                if p._enabled:
+                    if isinstance(p, AdapterVariant):
+                        if p.training and p.dropout_p > 0:
+                            return None
+                        applies = True
+                    tensors += p.cache_tensors()
+        if not applies:
+            return None
+        stamp = tuple(key)
+        value = self._value_cache.get(tensors, stamp)
+        if value is None:
+            value = self.chain()
+            self._value_cache.put(tensors, stamp, value)
+        return cast(Tensor, value)
 
     def forward(self) -> Tensor:
         """The tensor's value: the cached one when the eval cache applies, else computed."""
-        if self.cache_applies():
-            return self.cached_value()
+        value = self.cached()
+        if value is not None:
+            return value
         if not torch.compiler.is_compiling() and self._value_cache.value is not None:
             self._value_cache.clear()  # training moves on: free the evaluation copy
         return self.chain(_SELECTION[0])

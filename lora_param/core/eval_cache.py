@@ -63,7 +63,7 @@ class VersionedCache:
     def _stamp_of(inputs: Sequence[Tensor], extra: Hashable) -> tuple:
         # Identity by id(): the cache holds the input tensors themselves (``_inputs``), so no
         # other object can take one of their ids while the stamp is compared against them.
-        return (*((id(t), t._version, t.data_ptr()) for t in inputs), extra)
+        return (*[(id(t), t._version, t.data_ptr()) for t in inputs], extra)
 
     def get(self, inputs: Sequence[Tensor], extra: Hashable = None) -> Tensor | tuple | None:
         """The stored value if it was computed from exactly these inputs, else None."""

@@ -101,8 +101,9 @@ def layer_output(layer: Any, x: Tensor) -> Tensor:
     """The adapted layer's output for ``x`` (see the module docstring for the cases)."""
     plist = _weight_list(layer)
     ops = OPS[layer._lora_kind]
-    if plist.cache_applies():  # evaluation at the merged model's speed: checked first, cheaply
-        return ops.base(layer, x, plist.cached_value(), _bias(layer))
+    cached = plist.cached()  # evaluation at the merged model's speed: checked first, cheaply
+    if cached is not None:
+        return ops.base(layer, x, cached, _bias(layer))
     select = selection()
     active: list[AdapterVariant] = []
     foreign = False

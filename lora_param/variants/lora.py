@@ -351,7 +351,8 @@ class LoRAParametrization(AdapterVariant):
     def cache_tensors(self) -> list[Tensor]:
         """``A``, ``B`` (and a tensor scale)."""
         scale = self.scale
-        out: list[Tensor] = [self.lora_A, self.lora_B]
+        params = self._parameters  # not two nn.Module.__getattr__ calls: evaluation reads this
+        out: list[Tensor] = [params["lora_A"], params["lora_B"]]  # type: ignore[list-item]
         return [*out, scale] if isinstance(scale, Tensor) else out
 
     def cache_key(self) -> tuple:
