@@ -181,3 +181,24 @@ def test_peft_interchange_both_ways(net, batch, tmp_path):
     trained.save_pretrained(str(tmp_path / "peft"))
     ours = import_peft(copy.deepcopy(net), tmp_path / "peft")
     close(ours(*batch), want)
+
+
+def test_factored_input_gradients_equal_materialized():
+    """Factored DoRA on Linear layers (with and without bias): outputs and the gradients of the
+    input (3-D, as in a transformer) and of every adapter tensor equal the materialized DoRA's
+    (the magnitude's gradient goes through _RescaleShift's output-only backward)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8, bias=False))
+    fact = add_lora(copy.deepcopy(net), rank=4, use_dora=True)
+    perturb(fact)
+    mat = add_lora(copy.deepcopy(net), rank=4, use_dora=True, mode="materialized")
+    mat.load_state_dict(fact.state_dict())
+    x1 = torch.randn(3, 5, 16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    out_f, out_m = fact(x1), mat(x2)
+    close(out_f, out_m)
+    out_f.square().sum().backward()
+    out_m.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
+    for g, t in zip(adapter_parameters(fact), adapter_parameters(mat), strict=True):
+        torch.testing.assert_close(g.grad, t.grad, rtol=1e-4, atol=1e-6)
