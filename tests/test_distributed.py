@@ -27,9 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # ddp_worker.py, next 
 import ddp_worker  # noqa: E402
 import sharded_worker  # noqa: E402
 
-#: One worker runs every multi-process launch, one after the other (see conftest.py).
-pytestmark = pytest.mark.xdist_group("launches")
-
 WORLD = 2
 TIMEOUT_S = 150
 

@@ -32,9 +32,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # trainer_worker.py, next to this file
 import trainer_worker  # noqa: E402
 
-#: One worker runs every multi-process launch, one after the other (see conftest.py).
-pytestmark = pytest.mark.xdist_group("launches")
-
 TIMEOUT_S = 360
 ADAPTER_FILE = "lora_adapters.pt"
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
